@@ -1,0 +1,25 @@
+// Every lowrank op schema, one line each: this file is the API table. Backends register in their
+// family's files (quant/quant_cpu.cpp, quant/quant_cuda.cpp); Python wrappers, fake kernels and
+// docs live in lowrank/ops.py, the math in lowrank/reference.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowrank, m) {
+  // x [n] fp32/fp16/bf16 -> (packed uint8 [ceil(n/2)], absmax fp32 [ceil(n/blocksize)])
+  m.def("quantize_4bit(Tensor x, Tensor thresholds, Tensor code_of_rank, int blocksize, bool sign_magnitude) -> (Tensor, Tensor)");
+  // packed uint8 [ceil(numel/2)], absmax fp32 [n_blocks], values fp32 [16] -> [numel] dtype
+  m.def("dequantize_4bit(Tensor packed, Tensor absmax, Tensor values, int blocksize, int numel, ScalarType dtype) -> Tensor");
+  // as dequantize_4bit, absmax rebuilt in the same launch from its double quantization
+  m.def("dequantize_4bit_nested(Tensor packed, Tensor absmax_codes, Tensor nested_absmax, Tensor nested_qmap, Tensor offset, Tensor values, int blocksize, int nested_blocksize, int numel, ScalarType dtype) -> Tensor");
+  // x fp32 [n], qmap fp32 [256] sorted -> (codes uint8 [n], absmax fp32 [ceil(n/blocksize)])
+  m.def("quantize_8bit_blockwise(Tensor x, Tensor qmap, int blocksize) -> (Tensor, Tensor)");
+  // codes uint8 [n] -> fp32 [n] = qmap[codes] * absmax[i // blocksize] + offset (offset: fp32 scalar tensor)
+  m.def("dequantize_8bit_blockwise(Tensor codes, Tensor absmax, Tensor qmap, Tensor offset, int blocksize) -> Tensor");
+}
+
+// The extension is imported as lowrank._C only to run the registrations above; it has no
+// Python-level functions.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,67 @@
+// Parameter structs and launchers of the quantization kernels. This header is the whole
+// interface between the torch-facing C++ (quant_cuda.cpp) and the .cu files, which include no
+// torch header (a .cu with torch/extension.h took 58 s to compile on the GPU machine, 2 s without).
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace lowrank::quant {
+
+enum class FloatKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct Quantize4bitParams {
+  const void* x;                 // [numel] in x_kind, contiguous
+  FloatKind x_kind;
+  int64_t numel;
+  int blocksize;                 // power of two, 32..4096
+  const float* thresholds;       // [15] ascending (first 7 used in sign-magnitude mode)
+  const uint8_t* code_of_rank;   // [16]
+  bool sign_magnitude;
+  uint8_t* packed;               // [(numel + 1) / 2]
+  float* absmax;                 // [ceil(numel / blocksize)]
+};
+
+// Dequantize 4-bit codes. Exactly one absmax source: `absmax` (float32), or the double-quantized
+// triple `absmax_codes` / `nested_absmax` / `nested_qmap` with `offset` (fused: no float absmax
+// tensor is made).
+struct Dequantize4bitParams {
+  const uint8_t* packed;
+  int64_t numel;
+  int blocksize;
+  const float* values;           // [16]
+  const float* absmax;           // [n_blocks] or nullptr when nested
+  const uint8_t* absmax_codes;   // [n_blocks] (nested only)
+  const float* nested_absmax;    // [ceil(n_blocks / nested_blocksize)]
+  const float* nested_qmap;      // [256]
+  const float* offset;           // scalar on the device
+  int nested_blocksize;
+  void* out;                     // [numel] in out_kind
+  FloatKind out_kind;
+};
+
+struct Quantize8bitParams {
+  const float* x;
+  int64_t numel;
+  int blocksize;
+  const float* qmap;  // [256] sorted
+  uint8_t* codes;     // [numel]
+  float* absmax;      // [ceil(numel / blocksize)]
+};
+
+struct Dequantize8bitParams {
+  const uint8_t* codes;
+  const float* absmax;
+  const float* qmap;
+  const float* offset;  // scalar on the device
+  int64_t numel;
+  int blocksize;
+  float* out;
+};
+
+void launch_quantize_4bit(const Quantize4bitParams& p, cudaStream_t stream);
+void launch_dequantize_4bit(const Dequantize4bitParams& p, cudaStream_t stream);
+void launch_quantize_8bit_blockwise(const Quantize8bitParams& p, cudaStream_t stream);
+void launch_dequantize_8bit_blockwise(const Dequantize8bitParams& p, cudaStream_t stream);
+
+}  // namespace lowrank::quant

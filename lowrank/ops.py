@@ -1,0 +1,154 @@
+"""Typed Python wrappers of the lowrank ops, with their fake (meta) kernels.
+
+Per op, in order: the wrapper (shapes and dtypes in its docstring), then the
+``register_fake`` kernel, which mirrors the C++ checks of csrc/quant/quant_checks.h with
+``torch._check`` so that ``torch.compile`` traces the op and rejects the same inputs. The math of
+each op is in lowrank/reference.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the extension: registers every schema and backend)
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _check_blocksize(blocksize: int, name: str = "blocksize"):
+    torch._check(32 <= blocksize <= 4096 and (blocksize & (blocksize - 1)) == 0,
+                 lambda: f"{name} must be a power of two in [32, 4096], got {blocksize}")
+
+
+def _check_table(t: torch.Tensor, ref: torch.Tensor, n, dtype, name: str):
+    torch._check(t.dtype == dtype and t.dim() == 1 and t.shape[0] == n,
+                 lambda: f"{name} must be {dtype} of shape [{n}], got {t.dtype} {tuple(t.shape)}")
+    torch._check(t.device == ref.device, lambda: f"{name} must be on {ref.device} like the data, got {t.device}")
+
+
+def _check_offset(offset: torch.Tensor, ref: torch.Tensor):
+    torch._check(offset.dtype == torch.float32 and offset.numel() == 1,
+                 lambda: f"offset must be a float32 tensor of one element, got {offset.dtype} {tuple(offset.shape)}")
+    torch._check(offset.device == ref.device, lambda: f"offset must be on {ref.device} like the data")
+
+
+# --- quantize_4bit -----------------------------------------------------------------------------
+
+def quantize_4bit(x: torch.Tensor, thresholds: torch.Tensor, code_of_rank: torch.Tensor,
+                  blocksize: int, sign_magnitude: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization of a contiguous tensor, read flat.
+
+    x: [n] (any shape, contiguous) fp32/fp16/bf16; thresholds: fp32 [15]; code_of_rank: uint8 [16]
+    (a Codebook's tensors). Returns (packed uint8 [ceil(n/2)], absmax fp32 [ceil(n/blocksize)]).
+    """
+    return torch.ops.lowrank.quantize_4bit(x, thresholds, code_of_rank, blocksize, sign_magnitude)
+
+
+@torch.library.register_fake("lowrank::quantize_4bit")
+def _(x, thresholds, code_of_rank, blocksize, sign_magnitude):
+    torch._check(x.dtype in _FLOATS, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.numel() > 0, lambda: "x must not be empty")
+    torch._check(x.is_contiguous(), lambda: "x must be contiguous")
+    _check_blocksize(blocksize)
+    _check_table(thresholds, x, 15, torch.float32, "thresholds")
+    _check_table(code_of_rank, x, 16, torch.uint8, "code_of_rank")
+    n = x.numel()
+    return (x.new_empty((_ceil_div(n, 2),), dtype=torch.uint8),
+            x.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32))
+
+
+# --- dequantize_4bit ---------------------------------------------------------------------------
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, values: torch.Tensor, blocksize: int,
+                    numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """packed uint8 [ceil(numel/2)], absmax fp32 [ceil(numel/blocksize)], values fp32 [16]
+    -> [numel] in dtype (fp32/fp16/bf16)."""
+    return torch.ops.lowrank.dequantize_4bit(packed, absmax, values, blocksize, numel, dtype)
+
+
+def _check_dequantize_common(packed, values, blocksize, numel, dtype):
+    torch._check(numel > 0, lambda: f"numel must be positive, got {numel}")
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(packed.is_contiguous(), lambda: "packed must be contiguous")
+    torch._check(packed.numel() == _ceil_div(numel, 2),
+                 lambda: f"packed holds {packed.numel()} bytes but {numel} elements need {_ceil_div(numel, 2)}")
+    _check_blocksize(blocksize)
+    torch._check(dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _check_table(values, packed, 16, torch.float32, "values")
+
+
+@torch.library.register_fake("lowrank::dequantize_4bit")
+def _(packed, absmax, values, blocksize, numel, dtype):
+    _check_dequantize_common(packed, values, blocksize, numel, dtype)
+    _check_table(absmax, packed, _ceil_div(numel, blocksize), torch.float32, "absmax")
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+# --- dequantize_4bit_nested --------------------------------------------------------------------
+
+def dequantize_4bit_nested(packed: torch.Tensor, absmax_codes: torch.Tensor, nested_absmax: torch.Tensor,
+                           nested_qmap: torch.Tensor, offset: torch.Tensor, values: torch.Tensor,
+                           blocksize: int, nested_blocksize: int, numel: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """As dequantize_4bit, with the double-quantized absmax read directly (one launch on CUDA):
+    absmax = nested_qmap[absmax_codes] * nested_absmax[block // nested_blocksize] + offset.
+
+    absmax_codes uint8 [n_blocks]; nested_absmax fp32 [ceil(n_blocks/nested_blocksize)];
+    nested_qmap fp32 [256]; offset fp32 scalar tensor -> [numel] in dtype."""
+    return torch.ops.lowrank.dequantize_4bit_nested(packed, absmax_codes, nested_absmax, nested_qmap, offset,
+                                                    values, blocksize, nested_blocksize, numel, dtype)
+
+
+@torch.library.register_fake("lowrank::dequantize_4bit_nested")
+def _(packed, absmax_codes, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, numel,
+      dtype):
+    _check_dequantize_common(packed, values, blocksize, numel, dtype)
+    _check_blocksize(nested_blocksize, "nested_blocksize")
+    n_blocks = _ceil_div(numel, blocksize)
+    _check_table(absmax_codes, packed, n_blocks, torch.uint8, "absmax_codes")
+    _check_table(nested_absmax, packed, _ceil_div(n_blocks, nested_blocksize), torch.float32, "nested_absmax")
+    _check_table(nested_qmap, packed, 256, torch.float32, "nested_qmap")
+    _check_offset(offset, packed)
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+# --- quantize_8bit_blockwise -------------------------------------------------------------------
+
+def quantize_8bit_blockwise(x: torch.Tensor, qmap: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [n] (contiguous), qmap fp32 [256] sorted -> (codes uint8 [n], absmax fp32 [ceil(n/blocksize)])."""
+    return torch.ops.lowrank.quantize_8bit_blockwise(x, qmap, blocksize)
+
+
+@torch.library.register_fake("lowrank::quantize_8bit_blockwise")
+def _(x, qmap, blocksize):
+    torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
+    torch._check(x.numel() > 0, lambda: "x must not be empty")
+    torch._check(x.is_contiguous(), lambda: "x must be contiguous")
+    _check_blocksize(blocksize)
+    _check_table(qmap, x, 256, torch.float32, "qmap")
+    n = x.numel()
+    return x.new_empty((n,), dtype=torch.uint8), x.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
+
+
+# --- dequantize_8bit_blockwise -----------------------------------------------------------------
+
+def dequantize_8bit_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor,
+                              offset: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """codes uint8 [n] -> fp32 [n] = qmap[codes] * absmax[i // blocksize] + offset, rounded after
+    the product and after the sum (no fused multiply-add). offset: fp32 scalar tensor."""
+    return torch.ops.lowrank.dequantize_8bit_blockwise(codes, absmax, qmap, offset, blocksize)
+
+
+@torch.library.register_fake("lowrank::dequantize_8bit_blockwise")
+def _(codes, absmax, qmap, offset, blocksize):
+    torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
+    torch._check(codes.numel() > 0, lambda: "codes must not be empty")
+    torch._check(codes.is_contiguous(), lambda: "codes must be contiguous")
+    _check_blocksize(blocksize)
+    _check_table(absmax, codes, _ceil_div(codes.numel(), blocksize), torch.float32, "absmax")
+    _check_table(qmap, codes, 256, torch.float32, "qmap")
+    _check_offset(offset, codes)
+    return codes.new_empty((codes.numel(),), dtype=torch.float32)
