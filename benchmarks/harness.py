@@ -1,0 +1,70 @@
+"""Shared benchmark harness: CUDA-event timing over rotating inputs, environment tags, JSON output.
+
+Timing rule (see /work/.library/device/METHOD.md): warm up, then the median of many CUDA-event
+timed calls; inputs rotate through enough copies that the L2 cache (50 MB on H100) cannot serve
+them between calls.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+L2_ROTATION_BYTES = 256 * 2**20  # > 5x the H100's 50 MB L2
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, -(-L2_ROTATION_BYTES // max(nbytes, 1)))
+
+
+def time_cuda(fn, inputs: list, warmup: int = 5, reps: int = 50) -> dict:
+    """Median / min milliseconds of fn(*inputs[i % len(inputs)]) timed with CUDA events."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        args = inputs[i % len(inputs)]
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+
+
+def copy_ceiling_gbs(nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = time_cuda(lambda: b.copy_(a), [()], warmup=3, reps=20)["median_ms"]
+    return 2 * nbytes / (t * 1e-3) / 1e9
+
+
+def git(*args) -> str | None:
+    try:
+        return subprocess.check_output(["git", *args], stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return None
+
+
+def environment() -> dict:
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": os.environ.get("LOWRANK_COMMIT") or git("rev-parse", "HEAD"),
+        "csrc_tree": os.environ.get("LOWRANK_CSRC_TREE") or git("rev-parse", "HEAD:csrc"),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_json(path: str, payload: dict):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

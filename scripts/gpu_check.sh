@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU loop, one device call: build for sm_90a, run every test on CUDA, run the benchmarks,
+# run compute-sanitizer (memcheck, racecheck) over the quantization tests, and record it all in
+# benchmarks/results/gpu_run.json (+ the benchmark JSON/PNG), copied to $OUT.
+#
+#   LOWRANK_COMMIT=$(git rev-parse HEAD) LOWRANK_CSRC_TREE=$(git rev-parse HEAD:csrc) bash scripts/gpu_check.sh
+#
+# (the device machine gets a copy of the work tree without .git, so the commit comes in by env).
+# Steps: build | tests | bench | sanitizer; LOWRANK_STEPS picks a subset (default: all).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/lowrank_gpu_out}
+mkdir -p "$OUT" benchmarks/results
+export PYTHONUNBUFFERED=1
+STEPS=${LOWRANK_STEPS:-build,tests,bench,sanitizer}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+# Peers for the benchmarks only (carried wheels, e.g. bitsandbytes); the library never imports them.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+
+t0=$(date +%s)
+if has build; then
+  echo "== build (sm_90a, MAX_JOBS=16)"
+  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  echo "build rc=$? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/build.log"
+fi
+
+if has tests; then
+  echo "== tests"
+  t1=$(date +%s)
+  python3 -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/junit.xml" > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$? in $(( $(date +%s) - t1 )) s"; tail -15 "$OUT/pytest.log"
+fi
+
+if has bench; then
+  echo "== bench_quant"
+  python3 benchmarks/bench_quant.py --out benchmarks/results/bench_quant.json 2>&1 | tee "$OUT/bench_quant.log"
+fi
+
+if has sanitizer; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool"
+    HYPOTHESIS_PROFILE=sanitizer timeout 300 compute-sanitizer --tool "$tool" --target-processes all \
+      --error-exitcode 99 python3 -m pytest tests/test_quant_ops.py tests/test_golden.py -q -k cuda \
+      -p no:cacheprovider > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -3
+  done
+fi
+
+python3 scripts/record_gpu_run.py --out-dir "$OUT" --json benchmarks/results/gpu_run.json
+cp benchmarks/results/*.json benchmarks/results/*.png "$OUT/" 2>/dev/null
+echo "total $(( $(date +%s) - t0 )) s"

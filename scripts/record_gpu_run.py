@@ -1,0 +1,72 @@
+"""Writes benchmarks/results/gpu_run.json: what the GPU loop (scripts/gpu_check.sh) ran and saw.
+
+It merges with an existing record so that a run of a subset of steps keeps the other steps'
+results, and marks each part with the csrc tree it ran on."""
+import argparse
+import json
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import harness  # noqa: E402
+
+
+def pytest_summary(junit_path):
+    if not os.path.exists(junit_path):
+        return None
+    root = ET.parse(junit_path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    keys = ("tests", "failures", "errors", "skipped", "time")
+    summary = {k: float(suite.get(k, 0)) if k == "time" else int(suite.get(k, 0)) for k in keys}
+    summary["failed_tests"] = [f"{tc.get('classname')}::{tc.get('name')}" for tc in suite.iter("testcase")
+                               if tc.find("failure") is not None or tc.find("error") is not None]
+    cuda = [tc for tc in suite.iter("testcase") if "cuda" in tc.get("name", "")]
+    summary["cuda_tests"] = len(cuda)
+    summary["cuda_tests_skipped"] = sum(tc.find("skipped") is not None for tc in cuda)
+    return summary
+
+
+def sanitizer_summary(path):
+    if not os.path.exists(path):
+        return None
+    text = open(path, errors="replace").read()
+    m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    passed = re.findall(r"(\d+) passed", text)
+    return {"error_summary": [int(x) for x in m], "tests_passed": int(passed[-1]) if passed else 0,
+            "tail": text[-600:]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    record = {}
+    if os.path.exists(args.json):
+        with open(args.json) as f:
+            record = json.load(f)
+    env = harness.environment()
+    record.update({k: env[k] for k in ("gpu", "torch", "cuda", "commit", "csrc_tree", "time_utc")})
+    tests = pytest_summary(os.path.join(args.out_dir, "junit.xml"))
+    if tests is not None:
+        record["tests"] = {**tests, "csrc_tree": env["csrc_tree"]}
+    for tool in ("memcheck", "racecheck"):
+        s = sanitizer_summary(os.path.join(args.out_dir, f"sanitizer_{tool}.log"))
+        if s is not None:
+            record.setdefault("sanitizer", {})[tool] = {**s, "csrc_tree": env["csrc_tree"]}
+    bench = "benchmarks/results/bench_quant.json"
+    if os.path.exists(bench):
+        with open(bench) as f:
+            b = json.load(f)
+        if b["env"].get("csrc_tree") == env["csrc_tree"]:
+            record["bench_quant"] = {"copy_ceiling_gbs": b["copy_ceiling_gbs"], "csrc_tree": env["csrc_tree"], "rows": [
+                {k: r[k] for k in ("op", "impl", "shape", "median_ms", "gbs", "target_gbs", "meets_target") if k in r}
+                for r in b["rows"]]}
+    harness.write_json(args.json, record)
+    print(json.dumps({k: v for k, v in record.items() if k != "bench_quant"}, indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()
