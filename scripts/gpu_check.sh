@@ -12,13 +12,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lowrank_gpu_out}
 mkdir -p "$OUT" benchmarks/results
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# ../shared does not travel to the device: a carried copy of the golden file goes in .testdata/
+[ -f .testdata/bnb_4bit_golden.safetensors ] && export LOWRANK_GOLDEN="$PWD/.testdata/bnb_4bit_golden.safetensors"
 STEPS=${LOWRANK_STEPS:-build,tests,bench,sanitizer}
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 # Peers for the benchmarks only (carried wheels, e.g. bitsandbytes); the library never imports them.
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/nvidia_smi.csv" 2>&1
 
@@ -32,8 +35,20 @@ fi
 if has tests; then
   echo "== tests"
   t1=$(date +%s)
-  python3 -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/junit.xml" > "$OUT/pytest.log" 2>&1
-  echo "pytest rc=$? in $(( $(date +%s) - t1 )) s"; tail -15 "$OUT/pytest.log"
+  # one process per file: a crash in one file cannot hide the results of the others
+  rm -f "$OUT"/junit_*.xml "$OUT/pytest.log"
+  for f in tests/test_*.py; do
+    name=$(basename "$f" .py)
+    python3 -m pytest "$f" -q -p no:cacheprovider --junitxml="$OUT/junit_$name.xml" >> "$OUT/pytest.log" 2>&1
+    echo "$name rc=$?"
+  done
+  echo "tests in $(( $(date +%s) - t1 )) s"; grep -E "passed|failed|error" "$OUT/pytest.log" | tail -8
+fi
+
+if has debug; then  # native backtrace of one test: LOWRANK_DEBUG_TEST="file::name"
+  cuda-gdb -q -batch -ex run -ex bt --args python3 -m pytest "${LOWRANK_DEBUG_TEST}" -q -p no:cacheprovider \
+    > "$OUT/debug_backtrace.log" 2>&1
+  grep -E "^#|signal|Error" "$OUT/debug_backtrace.log" | head -40
 fi
 
 if has bench; then

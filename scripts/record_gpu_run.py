@@ -3,6 +3,7 @@
 It merges with an existing record so that a run of a subset of steps keeps the other steps'
 results, and marks each part with the csrc tree it ran on."""
 import argparse
+import glob
 import json
 import os
 import re
@@ -13,18 +14,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import harness  # noqa: E402
 
 
-def pytest_summary(junit_path):
-    if not os.path.exists(junit_path):
+def pytest_summary(out_dir):
+    """Totals over the per-file JUnit files; a test file whose process crashed has no file."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "junit_*.xml")))
+    if not paths:
         return None
-    root = ET.parse(junit_path).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    keys = ("tests", "failures", "errors", "skipped", "time")
-    summary = {k: float(suite.get(k, 0)) if k == "time" else int(suite.get(k, 0)) for k in keys}
-    summary["failed_tests"] = [f"{tc.get('classname')}::{tc.get('name')}" for tc in suite.iter("testcase")
-                               if tc.find("failure") is not None or tc.find("error") is not None]
-    cuda = [tc for tc in suite.iter("testcase") if "cuda" in tc.get("name", "")]
-    summary["cuda_tests"] = len(cuda)
-    summary["cuda_tests_skipped"] = sum(tc.find("skipped") is not None for tc in cuda)
+    summary = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0, "failed_tests": [],
+               "cuda_tests": 0, "cuda_tests_skipped": 0, "files": [os.path.basename(p) for p in paths]}
+    for path in paths:
+        root = ET.parse(path).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        for k in ("tests", "failures", "errors", "skipped"):
+            summary[k] += int(suite.get(k, 0))
+        summary["time"] += float(suite.get("time", 0))
+        for tc in suite.iter("testcase"):
+            if tc.find("failure") is not None or tc.find("error") is not None:
+                summary["failed_tests"].append(f"{tc.get('classname')}::{tc.get('name')}")
+            if "cuda" in tc.get("name", ""):
+                summary["cuda_tests"] += 1
+                summary["cuda_tests_skipped"] += tc.find("skipped") is not None
+    summary["passed"] = summary["tests"] - summary["failures"] - summary["errors"] - summary["skipped"]
     return summary
 
 
@@ -49,7 +58,7 @@ def main():
             record = json.load(f)
     env = harness.environment()
     record.update({k: env[k] for k in ("gpu", "torch", "cuda", "commit", "csrc_tree", "time_utc")})
-    tests = pytest_summary(os.path.join(args.out_dir, "junit.xml"))
+    tests = pytest_summary(args.out_dir)
     if tests is not None:
         record["tests"] = {**tests, "csrc_tree": env["csrc_tree"]}
     for tool in ("memcheck", "racecheck"):
