@@ -29,8 +29,8 @@ def torch_quantize(w):
     """Plain PyTorch (the reference's math, run as torch ops on the GPU)."""
     values, thr, cor = lowrank.NF4.tensors(w.device)
     packed, absmax = reference.quantize_4bit(w, thr, cor, 64, False)
-    offset = absmax.double().mean().float()
-    codes, nested = reference.quantize_8bit_blockwise(absmax - offset, lowrank.dynamic_map(w.device), 256)
+    offset = float(reference.absmax_mean(absmax))
+    codes, nested = reference.quantize_8bit_blockwise(absmax, lowrank.dynamic_map(w.device), 256, offset)
     return packed, codes, nested
 
 

@@ -11,8 +11,9 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("dequantize_4bit(Tensor packed, Tensor absmax, Tensor values, int blocksize, int numel, ScalarType dtype) -> Tensor");
   // as dequantize_4bit, absmax rebuilt in the same launch from its double quantization
   m.def("dequantize_4bit_nested(Tensor packed, Tensor absmax_codes, Tensor nested_absmax, Tensor nested_qmap, Tensor offset, Tensor values, int blocksize, int nested_blocksize, int numel, ScalarType dtype) -> Tensor");
-  // x fp32 [n], qmap fp32 [256] sorted -> (codes uint8 [n], absmax fp32 [ceil(n/blocksize)])
-  m.def("quantize_8bit_blockwise(Tensor x, Tensor qmap, int blocksize) -> (Tensor, Tensor)");
+  // x fp32 [n], qmap fp32 [256] sorted, offset fp32 scalar -> blockwise codes of (x - offset):
+  // (codes uint8 [n], absmax fp32 [ceil(n/blocksize)])
+  m.def("quantize_8bit_blockwise(Tensor x, Tensor qmap, Tensor offset, int blocksize) -> (Tensor, Tensor)");
   // codes uint8 [n] -> fp32 [n] = qmap[codes] * absmax[i // blocksize] + offset (offset: fp32 scalar tensor)
   m.def("dequantize_8bit_blockwise(Tensor codes, Tensor absmax, Tensor qmap, Tensor offset, int blocksize) -> Tensor");
 }

@@ -117,18 +117,22 @@ def _(packed, absmax_codes, nested_absmax, nested_qmap, offset, values, blocksiz
 
 # --- quantize_8bit_blockwise -------------------------------------------------------------------
 
-def quantize_8bit_blockwise(x: torch.Tensor, qmap: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x fp32 [n] (contiguous), qmap fp32 [256] sorted -> (codes uint8 [n], absmax fp32 [ceil(n/blocksize)])."""
-    return torch.ops.lowrank.quantize_8bit_blockwise(x, qmap, blocksize)
+def quantize_8bit_blockwise(x: torch.Tensor, qmap: torch.Tensor, offset: torch.Tensor,
+                            blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit codes of ``x - offset`` (float32 subtraction; the double quantization centres
+    the absmax on its mean in the same launch). x fp32 [n] (contiguous), qmap fp32 [256] sorted,
+    offset fp32 scalar tensor -> (codes uint8 [n], absmax fp32 [ceil(n/blocksize)])."""
+    return torch.ops.lowrank.quantize_8bit_blockwise(x, qmap, offset, blocksize)
 
 
 @torch.library.register_fake("lowrank::quantize_8bit_blockwise")
-def _(x, qmap, blocksize):
+def _(x, qmap, offset, blocksize):
     torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
     torch._check(x.numel() > 0, lambda: "x must not be empty")
     torch._check(x.is_contiguous(), lambda: "x must be contiguous")
     _check_blocksize(blocksize)
     _check_table(qmap, x, 256, torch.float32, "qmap")
+    _check_offset(offset, x)
     n = x.numel()
     return x.new_empty((n,), dtype=torch.uint8), x.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
 

@@ -259,20 +259,23 @@ def quantize_4bit(w: torch.Tensor, quant_type="nf4", blocksize: int = 64, double
     codebook = get_codebook(quant_type)
     if quant_storage not in (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"quantize_4bit: quant_storage must be a 1, 2 or 4 byte dtype, got {quant_storage}")
+    n_packed = (w.numel() + 1) // 2
+    if quant_storage != torch.uint8 and n_packed % torch.empty((), dtype=quant_storage).element_size():
+        raise ValueError(f"quantize_4bit: {n_packed} packed bytes do not fill whole {quant_storage} words")
     x = w.detach().contiguous()
     _, thresholds, code_of_rank = codebook.tensors(x.device)
     packed, absmax = ops.quantize_4bit(x, thresholds, code_of_rank, blocksize, codebook.sign_magnitude)
-    if not bool(torch.isfinite(absmax).all()):
+    # Every launch is queued before the one host sync below (the finiteness check), so the GPU never
+    # waits on Python. The mean is NaN/inf exactly when some absmax is (absmax >= 0, float64 sum).
+    offset = reference.absmax_mean(absmax)
+    if double_quant:
+        codes, nested_absmax = ops.quantize_8bit_blockwise(absmax, dynamic_map(x.device), offset, NESTED_BLOCKSIZE)
+    if not bool(torch.isfinite(offset)):
         bad = int(torch.nonzero(~torch.isfinite(absmax))[0])
         raise ValueError(f"quantize_4bit: w must be finite, but block {bad} (elements {bad * blocksize} to "
                          f"{min((bad + 1) * blocksize, x.numel()) - 1} of the flattened weight) holds NaN or inf")
-    if quant_storage != torch.uint8 and packed.numel() % torch.empty((), dtype=quant_storage).element_size():
-        raise ValueError(f"quantize_4bit: {packed.numel()} packed bytes do not fill whole {quant_storage} words")
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, blocksize, codebook, quant_storage=quant_storage)
-    # The offset stays on the device (no host sync): mean in float64, rounded to float32 once.
-    offset = absmax.to(torch.float64).mean().to(torch.float32)
-    codes, nested_absmax = ops.quantize_8bit_blockwise(absmax - offset, dynamic_map(x.device), NESTED_BLOCKSIZE)
     return QuantizedTensor(packed, codes, w.shape, w.dtype, blocksize, codebook, nested_absmax,
                            dynamic_map(x.device), offset, NESTED_BLOCKSIZE, quant_storage)
 

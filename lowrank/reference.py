@@ -169,10 +169,12 @@ def code_8bit(xn: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     return torch.where(go_upper, upper_idx, torch.where(go_lower, lower_idx, pivot))
 
 
-def quantize_8bit_blockwise(x: torch.Tensor, qmap: torch.Tensor,
-                            blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization of float32 x: (codes uint8 [n], absmax float32 [n_blocks])."""
+def quantize_8bit_blockwise(x: torch.Tensor, qmap: torch.Tensor, blocksize: int,
+                            offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of float32 ``x - offset`` (a float32 subtraction):
+    (codes uint8 [n], absmax float32 [n_blocks])."""
     n = x.numel()
+    x = x.to(torch.float32) - torch.tensor(offset, dtype=torch.float32, device=x.device)
     blocks = _blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)
     xn = blocks * torch.reciprocal(absmax)[:, None]
@@ -190,10 +192,12 @@ def dequantize_8bit_blockwise(q: torch.Tensor, absmax: torch.Tensor, qmap: torch
     return out + torch.tensor(offset, dtype=torch.float32, device=q.device)
 
 
-def absmax_mean(absmax: torch.Tensor) -> float:
-    """The double-quantization offset: mean of the float32 absmax, summed in float64 and rounded
-    to float32 once, so that CPU and CUDA agree (a float32 reduction depends on its order)."""
-    return float(absmax.to(torch.float64).mean().to(torch.float32))
+def absmax_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """The double-quantization offset (float32 scalar tensor): the mean of the float32 absmax,
+    summed in float64 and rounded to float32 once, so that CPU and CUDA agree (a float32 sum
+    depends on its order; a float64 one moves the float32 result only when the mean lies within
+    ~1e-16 of a float32 rounding boundary)."""
+    return (torch.sum(absmax, dtype=torch.float64) / absmax.numel()).to(torch.float32)
 
 
 def double_quantize(absmax: torch.Tensor, qmap: torch.Tensor, nested_blocksize: int = 256):
@@ -201,9 +205,8 @@ def double_quantize(absmax: torch.Tensor, qmap: torch.Tensor, nested_blocksize: 
 
     The absmax values are centred on their mean (float32 subtraction) and quantized blockwise to
     8 bits with the signed dynamic map."""
-    offset = absmax_mean(absmax)
-    centred = absmax - torch.tensor(offset, dtype=torch.float32, device=absmax.device)
-    codes, nested_absmax = quantize_8bit_blockwise(centred, qmap, nested_blocksize)
+    offset = float(absmax_mean(absmax))
+    codes, nested_absmax = quantize_8bit_blockwise(absmax, qmap, nested_blocksize, offset)
     return codes, nested_absmax, offset
 
 

@@ -211,7 +211,8 @@ def test_ops_reject_mismatched_sizes(device):
     with pytest.raises(RuntimeError, match="thresholds must be Float of shape \\[15\\]"):
         ops.quantize_4bit(torch.randn(64, device=device), values, cor, 64, False)
     with pytest.raises(RuntimeError, match="x must be float32"):
-        ops.quantize_8bit_blockwise(torch.randn(64, device=device).half(), lowrank.dynamic_map(device), 256)
+        ops.quantize_8bit_blockwise(torch.randn(64, device=device).half(), lowrank.dynamic_map(device),
+                                    torch.tensor(0.0, device=device), 256)
     with pytest.raises(RuntimeError, match="offset must be a float32 tensor of one element"):
         ops.dequantize_8bit_blockwise(packed, absmax, lowrank.dynamic_map(device), torch.ones(2, device=device), 64)
 
@@ -224,15 +225,15 @@ def _op_samples(device):
     x = torch.randn(1000, dtype=torch.bfloat16, device=device)
     packed, absmax = ops.quantize_4bit(x, thr, cor, 64, False)
     qmap = lowrank.dynamic_map(device)
-    codes, nested = ops.quantize_8bit_blockwise(absmax - 0.5, qmap, 256)
     off = torch.tensor(0.5, device=device)
+    codes, nested = ops.quantize_8bit_blockwise(absmax, qmap, off, 256)
     return [
         (torch.ops.lowrank.quantize_4bit.default, (x, thr, cor, 64, False)),
         (torch.ops.lowrank.quantize_4bit.default, (x.float()[:999], fthr, fcor, 32, True)),
         (torch.ops.lowrank.dequantize_4bit.default, (packed, absmax, values, 64, 1000, torch.float16)),
         (torch.ops.lowrank.dequantize_4bit_nested.default,
          (packed, codes, nested, qmap, off, values, 64, 256, 1000, torch.bfloat16)),
-        (torch.ops.lowrank.quantize_8bit_blockwise.default, (absmax - 0.5, qmap, 256)),
+        (torch.ops.lowrank.quantize_8bit_blockwise.default, (absmax, qmap, off, 256)),
         (torch.ops.lowrank.dequantize_8bit_blockwise.default, (codes, nested, qmap, off, 256)),
     ]
 

@@ -72,8 +72,8 @@ def test_quantize_matches_bitsandbytes(golden, case, device):
         ours, theirs = torch.tensor(q.nested_offset.item()), torch.tensor(meta["nested_offset"], dtype=torch.float32)
         assert (ours - theirs).abs() <= torch.finfo(torch.float32).eps * theirs.abs()  # <= 1 ulp
         # with bnb's offset, the nested quantization is identical
-        _, nested = ops.quantize_8bit_blockwise(
-            _float_absmax_undq(x, qt, bs) - theirs.to(device), dynamic_map(device), 256)
+        _, nested = ops.quantize_8bit_blockwise(_float_absmax_undq(x, qt, bs), dynamic_map(device),
+                                                theirs.to(device), 256)
         assert torch.equal(nested, golden[case + ".qs.nested_absmax"].to(device))
     else:
         assert torch.equal(q.absmax, golden[case + ".qs.absmax"].to(device))

@@ -80,8 +80,9 @@ def test_8bit_blockwise_matches_reference(device, n, blocksize, seed, kind):
     else:
         x = torch.randn(n, generator=g) * 0.01
     x = x.to(device)
-    codes, absmax = ops.quantize_8bit_blockwise(x, qmap, blocksize)
-    ref_codes, ref_absmax = reference.quantize_8bit_blockwise(x, qmap, blocksize)
+    centre = float(torch.randn(1, generator=g)) * 0.01 if kind == "normal" else 0.0
+    codes, absmax = ops.quantize_8bit_blockwise(x, qmap, torch.tensor(centre, device=device), blocksize)
+    ref_codes, ref_absmax = reference.quantize_8bit_blockwise(x, qmap, blocksize, centre)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
     offset = float(torch.randn(1, generator=g))
     out = ops.dequantize_8bit_blockwise(codes, absmax, qmap, torch.tensor(offset, device=device), blocksize)

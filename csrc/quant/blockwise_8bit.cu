@@ -22,12 +22,13 @@ __global__ void __launch_bounds__(kThreads) quantize_8bit_warp_per_block(Quantiz
   const int64_t start = block * p.blocksize;
   const int64_t remaining = p.numel - start;
   const int len = remaining < p.blocksize ? int(remaining) : p.blocksize;
+  const float offset = *p.offset;
   float m = 0.0f;
-  for (int i = lane; i < len; i += 32) m = max_propagate_nan(m, fabsf(p.x[start + i]));
+  for (int i = lane; i < len; i += 32) m = max_propagate_nan(m, fabsf(__fsub_rn(p.x[start + i], offset)));
   for (int o = 16; o > 0; o >>= 1) m = max_propagate_nan(m, __shfl_xor_sync(0xffffffffu, m, o));
   if (lane == 0) p.absmax[block] = m;
   const float inverse = __frcp_rn(m);
-  for (int i = lane; i < len; i += 32) p.codes[start + i] = uint8_t(code_8bit(__fmul_rn(p.x[start + i], inverse), s_qmap));
+  for (int i = lane; i < len; i += 32) p.codes[start + i] = uint8_t(code_8bit(__fmul_rn(__fsub_rn(p.x[start + i], offset), inverse), s_qmap));
 }
 
 __global__ void __launch_bounds__(kThreads) dequantize_8bit_elements(Dequantize8bitParams p) {

@@ -3,13 +3,27 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
+
 namespace lowrank::quant {
+
+// Integers and shapes reach TORCH_CHECK messages as std::string. Streaming an int64_t into the
+// message (std::ostream << long) crashed the process on the GPU machine (torch 2.11 + its gcc 13
+// toolchain: SIGSEGV in basic_ostream::_M_insert<long> inside our .so), so nothing here streams
+// a number.
+inline std::string num(int64_t v) { return std::to_string(v); }
+
+inline std::string shape(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + num(t.size(d));
+  return s + "]";
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline void check_blocksize(int64_t blocksize, const char* op, const char* name = "blocksize") {
   TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, op, ": ",
-              name, " must be a power of two in [32, 4096], got ", blocksize);
+              name, " must be a power of two in [32, 4096], got ", num(blocksize));
 }
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -35,14 +49,14 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 inline void check_table(const at::Tensor& t, const at::Tensor& ref, int64_t n, at::ScalarType dtype,
                         const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be ", dtype,
-              " of shape [", n, "], got ", t.scalar_type(), " ", t.sizes());
+              " of shape [", num(n), "], got ", t.scalar_type(), " ", shape(t));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   check_same_device(t, ref, op, name);
 }
 
 inline void check_scalar_offset(const at::Tensor& offset, const at::Tensor& ref, const char* op) {
   TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.numel() == 1, op,
-              ": offset must be a float32 tensor of one element, got ", offset.scalar_type(), " ", offset.sizes());
+              ": offset must be a float32 tensor of one element, got ", offset.scalar_type(), " ", shape(offset));
   check_same_device(offset, ref, op, "offset");
 }
 
@@ -57,11 +71,11 @@ inline void check_quantize_4bit(const at::Tensor& x, const at::Tensor& threshold
 
 inline void check_dequantize_4bit_common(const at::Tensor& packed, const at::Tensor& values, int64_t blocksize,
                                          int64_t numel, at::ScalarType dtype, const char* op) {
-  TORCH_CHECK(numel > 0, op, ": numel must be positive, got ", numel);
+  TORCH_CHECK(numel > 0, op, ": numel must be positive, got ", num(numel));
   TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
   check_input(packed, op, "packed");
-  TORCH_CHECK(packed.numel() == ceil_div(numel, 2), op, ": packed holds ", packed.numel(), " bytes but ", numel,
-              " elements need ", ceil_div(numel, 2));
+  TORCH_CHECK(packed.numel() == ceil_div(numel, 2), op, ": packed holds ", num(packed.numel()), " bytes but ",
+              num(numel), " elements need ", num(ceil_div(numel, 2)));
   check_blocksize(blocksize, op);
   TORCH_CHECK(is_supported_float(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
   check_table(values, packed, 16, at::kFloat, op, "values");
@@ -88,12 +102,14 @@ inline void check_dequantize_4bit_nested(const at::Tensor& packed, const at::Ten
   check_scalar_offset(offset, packed, op);
 }
 
-inline void check_quantize_8bit(const at::Tensor& x, const at::Tensor& qmap, int64_t blocksize) {
+inline void check_quantize_8bit(const at::Tensor& x, const at::Tensor& qmap, const at::Tensor& offset,
+                                int64_t blocksize) {
   constexpr const char* op = "lowrank::quantize_8bit_blockwise";
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   check_input(x, op, "x");
   check_blocksize(blocksize, op);
   check_table(qmap, x, 256, at::kFloat, op, "qmap");
+  check_scalar_offset(offset, x, op);
 }
 
 inline void check_dequantize_8bit(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,

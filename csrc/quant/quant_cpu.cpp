@@ -156,8 +156,9 @@ at::Tensor dequantize_4bit_nested_cpu(const at::Tensor& packed, const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cpu(const at::Tensor& x, const at::Tensor& qmap,
-                                                               int64_t blocksize) {
-  check_quantize_8bit(x, qmap, blocksize);
+                                                               const at::Tensor& offset, int64_t blocksize) {
+  check_quantize_8bit(x, qmap, offset, blocksize);
+  const float off = offset.item<float>();
   const int64_t n = x.numel();
   const int64_t n_blocks = ceil_div(n, blocksize);
   at::Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
@@ -171,10 +172,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cpu(const at::Tensor&
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       float m = 0.0f;
-      for (int64_t i = 0; i < len; ++i) m = max_propagate_nan(m, std::fabs(xp[start + i]));
+      for (int64_t i = 0; i < len; ++i) m = max_propagate_nan(m, std::fabs(xp[start + i] - off));
       ap[b] = m;
       const float inverse = 1.0f / m;
-      for (int64_t i = 0; i < len; ++i) cp[start + i] = uint8_t(code_8bit(xp[start + i] * inverse, map));
+      for (int64_t i = 0; i < len; ++i) cp[start + i] = uint8_t(code_8bit((xp[start + i] - off) * inverse, map));
     }
   });
   return {codes, absmax};

@@ -81,13 +81,13 @@ at::Tensor dequantize_4bit_nested_cuda(const at::Tensor& packed, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cuda(const at::Tensor& x, const at::Tensor& qmap,
-                                                                int64_t blocksize) {
-  check_quantize_8bit(x, qmap, blocksize);
+                                                                const at::Tensor& offset, int64_t blocksize) {
+  check_quantize_8bit(x, qmap, offset, blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
   at::Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({ceil_div(n, blocksize)}, x.options());
-  Quantize8bitParams p{x.const_data_ptr<float>(), n, int(blocksize), qmap.const_data_ptr<float>(),
+  Quantize8bitParams p{x.const_data_ptr<float>(), offset.const_data_ptr<float>(), n, int(blocksize), qmap.const_data_ptr<float>(),
                        codes.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>()};
   launch_quantize_8bit_blockwise(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

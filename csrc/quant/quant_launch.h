@@ -41,7 +41,8 @@ struct Dequantize4bitParams {
 };
 
 struct Quantize8bitParams {
-  const float* x;
+  const float* x;       // quantized as x - *offset (float32 subtraction)
+  const float* offset;  // scalar on the device
   int64_t numel;
   int blocksize;
   const float* qmap;  // [256] sorted

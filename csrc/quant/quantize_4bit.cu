@@ -21,59 +21,88 @@ __device__ __forceinline__ void load_tables(const Quantize4bitParams& p, float* 
   __syncthreads();
 }
 
-// Full quantization blocks, x 16-byte aligned. GROUP threads share one quantization block, each
-// owning CHUNKS consecutive runs of 8 elements held in registers: at least 2 runs (32 B of bf16
-// in flight per thread) so that the loads in flight cover HBM latency at full occupancy.
+// Magnitude max as integers: for |x| (sign bit cleared) the IEEE order is the unsigned order, and
+// every NaN pattern sorts above inf, so NaN propagates as torch.amax does, in 2 instructions per
+// element (a compare-and-select max with an explicit NaN test costs 3).
+__device__ __forceinline__ uint32_t magnitude_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+// The rank search of codes.h with its first levels in registers: thresholds 3, 7, 11 (or 1, 3, 5
+// in sign-magnitude mode) are held per thread and chosen by select, the last levels and the code
+// come from shared memory: 2-3 shared loads per element instead of 4, since shared-load issue
+// (one warp-wide load per clock per SM) bounds this kernel after DRAM.
+struct RegisterThresholds {
+  float t1, t3, t5, t7, t11;
+};
+
+template <bool SIGN_MAGNITUDE>
+__device__ __forceinline__ uint32_t code_4bit_fast(float xn, const RegisterThresholds& r, const float* s_thr,
+                                                   const uint8_t* s_cor) {
+  if constexpr (SIGN_MAGNITUDE) {
+    const float m = fabsf(xn);
+    const bool c1 = m > r.t3;
+    int k = c1 ? 4 : 0;
+    k += (m > (c1 ? r.t5 : r.t1)) ? 2 : 0;
+    k += (m > s_thr[k]) ? 1 : 0;
+    return s_cor[k] | (xn < 0.0f ? 8u : 0u);
+  } else {
+    const bool c1 = xn > r.t7;
+    int k = c1 ? 8 : 0;
+    k += (xn > (c1 ? r.t11 : r.t3)) ? 4 : 0;
+    k += (xn > s_thr[k + 1]) ? 2 : 0;
+    k += (xn > s_thr[k]) ? 1 : 0;
+    return s_cor[k];
+  }
+}
+
+// Full quantization blocks, x 16-byte aligned. GROUP threads share one quantization block; each
+// owns CHUNKS runs of 8 elements, run c * GROUP + member, so that every load instruction of a
+// warp reads whole 16-byte pieces side by side and every store writes 4-byte words side by side.
+// CHUNKS >= 2 keeps 32 B of bf16 in flight per thread.
 template <typename T, int GROUP, int CHUNKS, bool SIGN_MAGNITUDE>
 __global__ void __launch_bounds__(kThreads) quantize_4bit_full_blocks(Quantize4bitParams p,
                                                                      int64_t n_full_blocks) {
   __shared__ float s_thr[16];
   __shared__ uint8_t s_cor[16];
   load_tables(p, s_thr, s_cor);
+  const RegisterThresholds reg{s_thr[1], s_thr[3], s_thr[5], s_thr[7], s_thr[11]};
 
   const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t block = tid / GROUP;
   const int member = int(tid % GROUP);
   const bool active = block < n_full_blocks;  // inactive lanes still join the shuffles
-  const int64_t first = block * int64_t(GROUP * CHUNKS * 8) + int64_t(member) * CHUNKS * 8;
+  const int64_t block_start = block * int64_t(GROUP * CHUNKS * 8);
 
   float v[CHUNKS][8];
-  float m = 0.0f;
+  uint32_t m = 0;
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     if (active) {
-      load8_as_float(static_cast<const T*>(p.x) + first + c * 8, v[c]);
+      load8_as_float(static_cast<const T*>(p.x) + block_start + (c * GROUP + member) * 8, v[c]);
     } else {
 #pragma unroll
       for (int k = 0; k < 8; ++k) v[c][k] = 0.0f;
     }
 #pragma unroll
-    for (int k = 0; k < 8; ++k) m = max_propagate_nan(m, fabsf(v[c][k]));
+    for (int k = 0; k < 8; ++k) m = max(m, magnitude_bits(v[c][k]));
   }
-  m = warp_max_over(m, GROUP);
+#pragma unroll
+  for (int o = GROUP / 2; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
   if (!active) return;
-  if (member == 0) p.absmax[block] = m;
-  const float inverse = __frcp_rn(m);  // IEEE reciprocal, then a multiply: bitsandbytes' rule
+  const float absmax = __uint_as_float(m);
+  if (member == 0) p.absmax[block] = absmax;
+  const float inverse = __frcp_rn(absmax);  // IEEE reciprocal, then a multiply: bitsandbytes' rule
 
-  uint32_t words[CHUNKS];
+  uint32_t* out = reinterpret_cast<uint32_t*>(p.packed + block_start / 2);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     uint32_t w = 0;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const uint32_t hi = code_4bit(__fmul_rn(v[c][2 * k], inverse), s_thr, s_cor, SIGN_MAGNITUDE);
-      const uint32_t lo = code_4bit(__fmul_rn(v[c][2 * k + 1], inverse), s_thr, s_cor, SIGN_MAGNITUDE);
+      const uint32_t hi = code_4bit_fast<SIGN_MAGNITUDE>(__fmul_rn(v[c][2 * k], inverse), reg, s_thr, s_cor);
+      const uint32_t lo = code_4bit_fast<SIGN_MAGNITUDE>(__fmul_rn(v[c][2 * k + 1], inverse), reg, s_thr, s_cor);
       w |= ((hi << 4) | lo) << (8 * k);  // first element in the high nibble, bytes in order
     }
-    words[c] = w;
-  }
-  uint8_t* out = p.packed + first / 2;
-  if constexpr (CHUNKS == 2) {
-    *reinterpret_cast<uint2*>(out) = make_uint2(words[0], words[1]);
-  } else {
-#pragma unroll
-    for (int c = 0; c < CHUNKS; c += 4)
-      reinterpret_cast<uint4*>(out)[c / 4] = make_uint4(words[c], words[c + 1], words[c + 2], words[c + 3]);
+    out[c * GROUP + member] = w;
   }
 }
 
