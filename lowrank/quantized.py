@@ -241,12 +241,14 @@ def _expect(t: torch.Tensor, dtype: torch.dtype, numel: int, name: str):
 
 
 def quantize_4bit(w: torch.Tensor, quant_type="nf4", blocksize: int = 64, double_quant: bool = True,
-                  quant_storage: torch.dtype = torch.uint8) -> QuantizedTensor:
+                  quant_storage: torch.dtype = torch.uint8, check_finite: bool = True) -> QuantizedTensor:
     """Quantize a float weight to 4 bits, blockwise, as bitsandbytes does (same bytes for nf4).
 
     w: any shape, float32/float16/bfloat16, CPU or CUDA, finite; read in row-major order
     (a non-contiguous w is copied to contiguous first). quant_type: "nf4", "fp4" or a Codebook.
-    double_quant: also quantize the absmax to 8 bits (blocksize 256, mean offset)."""
+    double_quant: also quantize the absmax to 8 bits (blocksize 256, mean offset).
+    check_finite: raise on NaN/inf in w. It costs one host sync (the GPU work is all queued
+    first); pass False only where w is known finite and the sync matters (bulk quantization)."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize_4bit: w must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in _FLOAT_NAMES:
@@ -270,7 +272,7 @@ def quantize_4bit(w: torch.Tensor, quant_type="nf4", blocksize: int = 64, double
     offset = reference.absmax_mean(absmax)
     if double_quant:
         codes, nested_absmax = ops.quantize_8bit_blockwise(absmax, dynamic_map(x.device), offset, NESTED_BLOCKSIZE)
-    if not bool(torch.isfinite(offset)):
+    if check_finite and not bool(torch.isfinite(offset)):
         bad = int(torch.nonzero(~torch.isfinite(absmax))[0])
         raise ValueError(f"quantize_4bit: w must be finite, but block {bad} (elements {bad * blocksize} to "
                          f"{min((bad + 1) * blocksize, x.numel()) - 1} of the flattened weight) holds NaN or inf")

@@ -258,3 +258,19 @@ def test_compile_fullgraph_traces_quantize_and_dequantize(device):
     a, b = roundtrip(q, w)
     assert torch.equal(b, q.dequantize(torch.float32))
     assert torch.equal(a, lowrank.quantize_4bit(w, double_quant=False).dequantize(torch.float32))
+
+
+def test_check_finite_false_skips_the_check_but_not_the_work():
+    w = torch.randn(4096)
+    a = lowrank.quantize_4bit(w, check_finite=False)
+    b = lowrank.quantize_4bit(w)
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
+
+
+def test_report_command(capsys):
+    from lowrank.__main__ import main
+    main(["report", "--shape", "256", "512", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "nf4, blocksize 64, double quant True" in out
+    err = float(out.split("relative Frobenius ")[1].split()[0])
+    assert 0.08 < err < 0.10
