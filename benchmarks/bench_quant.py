@@ -74,6 +74,9 @@ def main():
                 "lowrank": (lambda w: lowrank.quantize_4bit(w), [(w,) for w in ws]),
                 # the same GPU work without the finiteness check's host sync
                 "lowrank-nosync": (lambda w: lowrank.quantize_4bit(w, check_finite=False), [(w,) for w in ws]),
+                # the 4-bit kernel alone (no absmax mean, no 8-bit pass): where the time goes
+                "lowrank-4bit-kernel": (lambda w: lowrank.ops.quantize_4bit(w, *lowrank.NF4.tensors("cuda")[1:], 64,
+                                                                            False), [(w,) for w in ws]),
                 "torch": (torch_quantize, [(w,) for w in ws[:1]]),
             },
             "dequantize": {
