@@ -121,7 +121,7 @@ def plot(payload, path):
         print("matplotlib missing: no plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    impls = ["lowrank", "lowrank-nosync", "bitsandbytes", "torch"]
+    impls = ["lowrank", "lowrank-nosync", "lowrank-4bit-kernel", "bitsandbytes", "torch"]
     for ax, op in zip(axes, ["quantize", "dequantize"]):
         shapes = [tuple(s) for s in dict.fromkeys(tuple(r["shape"]) for r in payload["rows"])]
         width = 0.8 / len(impls)
