@@ -22,19 +22,24 @@ def copies_for(nbytes: int) -> int:
 
 
 def time_cuda(fn, inputs: list, warmup: int = 5, reps: int = 50) -> dict:
-    """Median / min milliseconds of fn(*inputs[i % len(inputs)]) timed with CUDA events."""
+    """Median / min milliseconds of fn(*inputs[i % len(inputs)]) timed with CUDA events.
+
+    Calls are queued back to back (one synchronize at the end, as triton's do_bench), so the
+    Python time before a call's first launch overlaps the previous call's GPU work instead of
+    being counted as idle GPU time; a function that synchronizes inside still pays for it."""
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
     torch.cuda.synchronize()
-    times = []
+    events = []
     for i in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         args = inputs[i % len(inputs)]
         start.record()
         fn(*args)
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        events.append((start, end))
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in events]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
 
 

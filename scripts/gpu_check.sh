@@ -56,6 +56,13 @@ if has bench; then
   python3 benchmarks/bench_quant.py --out benchmarks/results/bench_quant.json 2>&1 | tee "$OUT/bench_quant.log"
 fi
 
+if has profile; then  # ncu on the hot kernels (second launch of each)
+  ncu --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis -k regex:"quantize_4bit_full_blocks|dequantize_4bit_words" -s 2 -c 3 \
+    python3 scripts/profile_quant.py > "$OUT/ncu_quant.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "quantize_4bit|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|No Eligible|Stall" "$OUT/ncu_quant.txt" | head -60
+fi
+
 if has sanitizer; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"

@@ -57,17 +57,34 @@ __global__ void __launch_bounds__(kThreads) dequantize_4bit_words(Dequantize4bit
   const uint32_t* in = reinterpret_cast<const uint32_t*>(p.packed);
   const int64_t stride = int64_t(gridDim.x) * kThreads * kUnroll;
   for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < n_words; base += stride) {
+    // Every global load of the UNROLL steps (codes, and the absmax or its 8-bit code and scale)
+    // is issued before any is used: the absmax loads depend only on the index, and left inside
+    // the compute loop their latency was paid once per step.
     uint32_t w[kUnroll];
+    float absmax_or_scale[kUnroll];
+    uint32_t absmax_code[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * kThreads;
-      w[u] = i < n_words ? in[i] : 0u;
+      const bool ok = i < n_words;
+      const int64_t block = ((ok ? i : 0) * 8) >> block_shift;
+      w[u] = ok ? in[i] : 0u;
+      if constexpr (NESTED) {
+        absmax_code[u] = p.absmax_codes[block];
+        absmax_or_scale[u] = p.nested_absmax[block >> nested_shift];
+      } else {
+        absmax_code[u] = 0;
+        absmax_or_scale[u] = p.absmax[block];
+      }
     }
+    const float offset = NESTED ? *p.offset : 0.0f;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * kThreads;
       if (i >= n_words) break;
-      const float a = block_absmax<NESTED>(p, s_qmap, (i * 8) >> block_shift, nested_shift);
+      // Nested: two roundings (product, then sum), never a fused multiply-add, as bitsandbytes.
+      const float a = NESTED ? __fadd_rn(__fmul_rn(s_qmap[absmax_code[u]], absmax_or_scale[u]), offset)
+                             : absmax_or_scale[u];
       float f[8];
 #pragma unroll
       for (int b = 0; b < 4; ++b) {

@@ -1,6 +1,8 @@
 // Blockwise 4-bit quantization (absmax + codes) on CUDA. Math: lowrank/reference.py quantize_4bit.
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "common/cuda_float.cuh"
 #include "quant/codes.h"
 #include "quant/quant_launch.h"
@@ -22,36 +24,121 @@ __device__ __forceinline__ void load_tables(const Quantize4bitParams& p, float* 
 }
 
 // Magnitude max as integers: for |x| (sign bit cleared) the IEEE order is the unsigned order, and
-// every NaN pattern sorts above inf, so NaN propagates as torch.amax does, in 2 instructions per
-// element (a compare-and-select max with an explicit NaN test costs 3).
-__device__ __forceinline__ uint32_t magnitude_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
-
-// The rank search of codes.h with its first levels in registers: thresholds 3, 7, 11 (or 1, 3, 5
-// in sign-magnitude mode) are held per thread and chosen by select, the last levels and the code
-// come from shared memory: 2-3 shared loads per element instead of 4, since shared-load issue
-// (one warp-wide load per clock per SM) bounds this kernel after DRAM.
-struct RegisterThresholds {
-  float t1, t3, t5, t7, t11;
+// every NaN pattern sorts above inf, so NaN propagates as torch.amax does. 16-bit inputs take the
+// max of two elements per instruction on their raw bits (VIMNMX.U16x2), 32-bit ones one.
+template <typename T> struct RawChunk;  // 8 elements as loaded: 16 bytes (16-bit types) or 32 (float)
+template <> struct RawChunk<float> {
+  uint4 lo, hi;
+};
+template <> struct RawChunk<__half> {
+  uint4 v;
+};
+template <> struct RawChunk<__nv_bfloat16> {
+  uint4 v;
 };
 
-template <bool SIGN_MAGNITUDE>
-__device__ __forceinline__ uint32_t code_4bit_fast(float xn, const RegisterThresholds& r, const float* s_thr,
-                                                   const uint8_t* s_cor) {
-  if constexpr (SIGN_MAGNITUDE) {
-    const float m = fabsf(xn);
-    const bool c1 = m > r.t3;
-    int k = c1 ? 4 : 0;
-    k += (m > (c1 ? r.t5 : r.t1)) ? 2 : 0;
-    k += (m > s_thr[k]) ? 1 : 0;
-    return s_cor[k] | (xn < 0.0f ? 8u : 0u);
+template <typename T>
+__device__ __forceinline__ RawChunk<T> load_chunk(const T* p) {
+  RawChunk<T> c;
+  if constexpr (sizeof(T) == 4) {
+    c.lo = reinterpret_cast<const uint4*>(p)[0];
+    c.hi = reinterpret_cast<const uint4*>(p)[1];
   } else {
-    const bool c1 = xn > r.t7;
-    int k = c1 ? 8 : 0;
-    k += (xn > (c1 ? r.t11 : r.t3)) ? 4 : 0;
-    k += (xn > s_thr[k + 1]) ? 2 : 0;
-    k += (xn > s_thr[k]) ? 1 : 0;
-    return s_cor[k];
+    c.v = *reinterpret_cast<const uint4*>(p);
   }
+  return c;
+}
+
+// Running max of magnitude bits: one 32-bit word holds one float key, or two 16-bit keys.
+template <typename T>
+__device__ __forceinline__ uint32_t max_magnitude(uint32_t m, const RawChunk<T>& c) {
+  if constexpr (sizeof(T) == 4) {
+    const uint32_t w[8] = {c.lo.x, c.lo.y, c.lo.z, c.lo.w, c.hi.x, c.hi.y, c.hi.z, c.hi.w};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) m = max(m, w[k] & 0x7fffffffu);
+  } else {
+    const uint32_t w[4] = {c.v.x, c.v.y, c.v.z, c.v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) m = __vmaxu2(m, w[k] & 0x7fff7fffu);
+  }
+  return m;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t combine_max(uint32_t a, uint32_t b) {
+  if constexpr (sizeof(T) == 4) return max(a, b);
+  else return __vmaxu2(a, b);
+}
+
+// The magnitude key back to a float: the block's absmax.
+template <typename T>
+__device__ __forceinline__ float key_to_float(uint32_t m) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(m);
+  } else {
+    const uint32_t top = max(m & 0xffffu, m >> 16);  // both halves are 15-bit magnitudes
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(top << 16);
+    else return __half2float(__ushort_as_half(static_cast<unsigned short>(top)));
+  }
+}
+
+// Element k (0..7) of a chunk as float.
+template <typename T>
+__device__ __forceinline__ float element(const RawChunk<T>& c, int k) {
+  if constexpr (sizeof(T) == 4) {
+    const uint32_t w[8] = {c.lo.x, c.lo.y, c.lo.z, c.lo.w, c.hi.x, c.hi.y, c.hi.z, c.hi.w};
+    return __uint_as_float(w[k]);
+  } else {
+    const uint32_t w[4] = {c.v.x, c.v.y, c.v.z, c.v.w};
+    const uint32_t word = w[k / 2];
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __uint_as_float((k & 1) ? (word & 0xffff0000u) : (word << 16));  // bf16 -> f32 is a shift
+    } else {
+      return __half2float(__ushort_as_half(static_cast<unsigned short>((k & 1) ? (word >> 16) : (word & 0xffffu))));
+    }
+  }
+}
+
+// The code search, regrouped for the GPU: the 15 sorted thresholds fall into 4 groups split by
+// t3, t7, t11, which each thread holds in registers; two compares pick the group g. The group's
+// other thresholds t[4g], t[4g+1], t[4g+2] and its four codes (nibbles) sit in one 16-byte shared
+// entry, read with one load; rank = 4g + #{j : x > t[4g+j]}. For non-decreasing thresholds this
+// equals the count of codes.h (x > t[4g-1] implies x above every lower threshold; x <= t[4g+3]
+// implies below every higher one), NaN still gets rank 0, and it costs one shared load per element
+// instead of 3 (shared-load issue bounded the binary search of the first versions).
+// Sign-magnitude (FP4): 7 magnitude thresholds in 2 groups split by t3.
+struct GroupTable {
+  float4 group[4];  // x, y, z: thresholds 4g .. 4g+2; w: the 4 codes of ranks 4g .. 4g+3, as nibbles
+};
+
+__device__ __forceinline__ void build_group_table(const Quantize4bitParams& p, GroupTable* s, float* s_split) {
+  if (threadIdx.x < 4) {
+    const int g = threadIdx.x;
+    uint32_t codes = 0;
+    for (int j = 0; j < 4; ++j) codes |= uint32_t(p.code_of_rank[4 * g + j] & 15u) << (4 * j);
+    s->group[g] = make_float4(p.thresholds[4 * g], p.thresholds[4 * g + 1], p.thresholds[4 * g + 2],
+                              __uint_as_float(codes));
+    if (g < 3) s_split[g] = p.thresholds[4 * g + 3];
+  }
+  __syncthreads();
+}
+
+template <bool SIGN_MAGNITUDE>
+__device__ __forceinline__ uint32_t code_4bit_grouped(float xn, float t3, float t7, float t11, const GroupTable* s) {
+  float x = xn;
+  int g;
+  if constexpr (SIGN_MAGNITUDE) {
+    x = fabsf(xn);
+    g = (x > t3) ? 1 : 0;
+  } else {
+    const bool upper = x > t7;
+    g = (upper ? 2 : 0) + ((x > (upper ? t11 : t3)) ? 1 : 0);
+  }
+  const float4 e = s->group[g];
+  const int k = (x > e.x) + (x > e.y) + (x > e.z);
+  const uint32_t code = (__float_as_uint(e.w) >> (4 * k)) & 15u;
+  if constexpr (SIGN_MAGNITUDE) return code | (xn < 0.0f ? 8u : 0u);
+  return code;
 }
 
 // Full quantization blocks, x 16-byte aligned. GROUP threads share one quantization block; each
@@ -61,10 +148,10 @@ __device__ __forceinline__ uint32_t code_4bit_fast(float xn, const RegisterThres
 template <typename T, int GROUP, int CHUNKS, bool SIGN_MAGNITUDE>
 __global__ void __launch_bounds__(kThreads) quantize_4bit_full_blocks(Quantize4bitParams p,
                                                                      int64_t n_full_blocks) {
-  __shared__ float s_thr[16];
-  __shared__ uint8_t s_cor[16];
-  load_tables(p, s_thr, s_cor);
-  const RegisterThresholds reg{s_thr[1], s_thr[3], s_thr[5], s_thr[7], s_thr[11]};
+  __shared__ GroupTable s_groups;
+  __shared__ float s_split[3];
+  build_group_table(p, &s_groups, s_split);
+  const float t3 = s_split[0], t7 = s_split[1], t11 = s_split[2];
 
   const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t block = tid / GROUP;
@@ -72,23 +159,21 @@ __global__ void __launch_bounds__(kThreads) quantize_4bit_full_blocks(Quantize4b
   const bool active = block < n_full_blocks;  // inactive lanes still join the shuffles
   const int64_t block_start = block * int64_t(GROUP * CHUNKS * 8);
 
-  float v[CHUNKS][8];
+  RawChunk<T> chunk[CHUNKS];
   uint32_t m = 0;
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     if (active) {
-      load8_as_float(static_cast<const T*>(p.x) + block_start + (c * GROUP + member) * 8, v[c]);
+      chunk[c] = load_chunk(static_cast<const T*>(p.x) + block_start + (c * GROUP + member) * 8);
     } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[c][k] = 0.0f;
+      chunk[c] = RawChunk<T>{};
     }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) m = max(m, magnitude_bits(v[c][k]));
+    m = max_magnitude<T>(m, chunk[c]);
   }
 #pragma unroll
-  for (int o = GROUP / 2; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  for (int o = GROUP / 2; o > 0; o >>= 1) m = combine_max<T>(m, __shfl_xor_sync(0xffffffffu, m, o));
   if (!active) return;
-  const float absmax = __uint_as_float(m);
+  const float absmax = key_to_float<T>(m);
   if (member == 0) p.absmax[block] = absmax;
   const float inverse = __frcp_rn(absmax);  // IEEE reciprocal, then a multiply: bitsandbytes' rule
 
@@ -98,8 +183,10 @@ __global__ void __launch_bounds__(kThreads) quantize_4bit_full_blocks(Quantize4b
     uint32_t w = 0;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const uint32_t hi = code_4bit_fast<SIGN_MAGNITUDE>(__fmul_rn(v[c][2 * k], inverse), reg, s_thr, s_cor);
-      const uint32_t lo = code_4bit_fast<SIGN_MAGNITUDE>(__fmul_rn(v[c][2 * k + 1], inverse), reg, s_thr, s_cor);
+      const uint32_t hi = code_4bit_grouped<SIGN_MAGNITUDE>(__fmul_rn(element(chunk[c], 2 * k), inverse), t3, t7, t11,
+                                                            &s_groups);
+      const uint32_t lo = code_4bit_grouped<SIGN_MAGNITUDE>(__fmul_rn(element(chunk[c], 2 * k + 1), inverse), t3, t7,
+                                                            t11, &s_groups);
       w |= ((hi << 4) | lo) << (8 * k);  // first element in the high nibble, bytes in order
     }
     out[c * GROUP + member] = w;
