@@ -11,6 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lowrank_gpu_out}
 mkdir -p "$OUT" benchmarks/results
+LOGS=$(mktemp -d)  # every log; packed into $OUT/logs.tar.gz at the end
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # ../shared does not travel to the device: a carried copy of the golden file goes in .testdata/
@@ -23,44 +24,47 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$LOGS/nvidia_smi.csv" 2>&1
 
 t0=$(date +%s)
 if has build; then
   echo "== build (sm_90a, MAX_JOBS=16)"
-  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-  echo "build rc=$? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/build.log"
+  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1
+  echo "build rc=$? in $(( $(date +%s) - t0 )) s"; tail -3 "$LOGS/build.log"
 fi
 
 if has tests; then
   echo "== tests"
   t1=$(date +%s)
   # one process per file: a crash in one file cannot hide the results of the others
-  rm -f "$OUT"/junit_*.xml "$OUT/pytest.log"
+  rm -f "$LOGS"/junit_*.xml "$LOGS/pytest.log"
   for f in tests/test_*.py; do
     name=$(basename "$f" .py)
-    python3 -m pytest "$f" -q -p no:cacheprovider --junitxml="$OUT/junit_$name.xml" >> "$OUT/pytest.log" 2>&1
+    python3 -m pytest "$f" -q -p no:cacheprovider --junitxml="$LOGS/junit_$name.xml" >> "$LOGS/pytest.log" 2>&1
     echo "$name rc=$?"
   done
-  echo "tests in $(( $(date +%s) - t1 )) s"; grep -E "passed|failed|error" "$OUT/pytest.log" | tail -8
+  echo "tests in $(( $(date +%s) - t1 )) s"; grep -E "passed|failed|error" "$LOGS/pytest.log" | tail -8
 fi
 
 if has debug; then  # native backtrace of one test: LOWRANK_DEBUG_TEST="file::name"
   cuda-gdb -q -batch -ex run -ex bt --args python3 -m pytest "${LOWRANK_DEBUG_TEST}" -q -p no:cacheprovider \
-    > "$OUT/debug_backtrace.log" 2>&1
-  grep -E "^#|signal|Error" "$OUT/debug_backtrace.log" | head -40
+    > "$LOGS/debug_backtrace.log" 2>&1
+  grep -E "^#|signal|Error" "$LOGS/debug_backtrace.log" | head -40
 fi
 
 if has bench; then
   echo "== bench_quant"
-  python3 benchmarks/bench_quant.py --out benchmarks/results/bench_quant.json 2>&1 | tee "$OUT/bench_quant.log"
+  python3 benchmarks/bench_quant.py --out benchmarks/results/bench_quant.json 2>&1 | tee "$LOGS/bench_quant.log"
 fi
 
-if has profile; then  # ncu on the hot kernels (second launch of each)
+if has profile; then  # kernel times of one call (torch.profiler), then ncu on the hot kernels
+  python3 scripts/profile_quant.py > "$LOGS/torch_profile.txt" 2>&1
+  grep -E "Name|quantize|dequantize|reduce|elementwise|copy|Self CUDA time total" "$LOGS/torch_profile.txt" | cut -c1-60,100-200 | head -20
   ncu --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
-    --section MemoryWorkloadAnalysis -k regex:"quantize_4bit_full_blocks|dequantize_4bit_words" -s 2 -c 3 \
-    python3 scripts/profile_quant.py > "$OUT/ncu_quant.txt" 2>&1
-  echo "ncu rc=$?"; grep -E "quantize_4bit|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|No Eligible|Stall" "$OUT/ncu_quant.txt" | head -60
+    --section ComputeWorkloadAnalysis --section InstructionStats --section MemoryWorkloadAnalysis \
+    -k regex:"quantize_4bit_full_blocks|dequantize_4bit_words" -s 4 -c 2 \
+    python3 scripts/profile_quant.py > "$LOGS/ncu_quant.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "[(]256, 1, 1[)]|Duration|DRAM Throughput|Compute [(]SM[)] Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|No Eligible|Pipe" "$LOGS/ncu_quant.txt" | head -40
 fi
 
 if has sanitizer; then
@@ -68,11 +72,12 @@ if has sanitizer; then
     echo "== compute-sanitizer $tool"
     HYPOTHESIS_PROFILE=sanitizer timeout 300 compute-sanitizer --tool "$tool" --target-processes all \
       --error-exitcode 99 python3 -m pytest tests/test_quant_ops.py tests/test_golden.py -q -k cuda \
-      -p no:cacheprovider > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -3
+      -p no:cacheprovider > "$LOGS/sanitizer_$tool.log" 2>&1
+    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$LOGS/sanitizer_$tool.log" | tail -3
   done
 fi
 
-python3 scripts/record_gpu_run.py --out-dir "$OUT" --json benchmarks/results/gpu_run.json
+python3 scripts/record_gpu_run.py --out-dir "$LOGS" --json benchmarks/results/gpu_run.json
 cp benchmarks/results/*.json benchmarks/results/*.png "$OUT/" 2>/dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
 echo "total $(( $(date +%s) - t0 )) s"
