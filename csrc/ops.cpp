@@ -14,6 +14,8 @@ TORCH_LIBRARY(lowrank, m) {
   // x fp32 [n], qmap fp32 [256] sorted, offset fp32 scalar -> blockwise codes of (x - offset):
   // (codes uint8 [n], absmax fp32 [ceil(n/blocksize)])
   m.def("quantize_8bit_blockwise(Tensor x, Tensor qmap, Tensor offset, int blocksize) -> (Tensor, Tensor)");
+  // absmax fp32 [n] -> fp32 scalar: the mean, summed in float64 and rounded once (the double-quant offset)
+  m.def("absmax_mean(Tensor absmax) -> Tensor");
   // codes uint8 [n] -> fp32 [n] = qmap[codes] * absmax[i // blocksize] + offset (offset: fp32 scalar tensor)
   m.def("dequantize_8bit_blockwise(Tensor codes, Tensor absmax, Tensor qmap, Tensor offset, int blocksize) -> Tensor");
 }

@@ -156,3 +156,21 @@ def _(codes, absmax, qmap, offset, blocksize):
     _check_table(qmap, codes, 256, torch.float32, "qmap")
     _check_offset(offset, codes)
     return codes.new_empty((codes.numel(),), dtype=torch.float32)
+
+
+# --- absmax_mean -------------------------------------------------------------------------------
+
+def absmax_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax fp32 [n] (contiguous) -> fp32 scalar tensor: the mean, summed in float64 and rounded to
+    float32 once (the double-quantization offset; reference.absmax_mean). On CUDA the float64 sum
+    runs in a fixed order (deterministic); its float32 result equals torch's unless the exact mean
+    lies within ~1e-15 (relative) of a float32 rounding boundary."""
+    return torch.ops.lowrank.absmax_mean(absmax)
+
+
+@torch.library.register_fake("lowrank::absmax_mean")
+def _(absmax):
+    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    torch._check(absmax.numel() > 0, lambda: "absmax must not be empty")
+    torch._check(absmax.is_contiguous(), lambda: "absmax must be contiguous")
+    return absmax.new_empty(())

@@ -269,7 +269,7 @@ def quantize_4bit(w: torch.Tensor, quant_type="nf4", blocksize: int = 64, double
     packed, absmax = ops.quantize_4bit(x, thresholds, code_of_rank, blocksize, codebook.sign_magnitude)
     # Every launch is queued before the one host sync below (the finiteness check), so the GPU never
     # waits on Python. The mean is NaN/inf exactly when some absmax is (absmax >= 0, float64 sum).
-    offset = reference.absmax_mean(absmax)
+    offset = ops.absmax_mean(absmax)
     if double_quant:
         codes, nested_absmax = ops.quantize_8bit_blockwise(absmax, dynamic_map(x.device), offset, NESTED_BLOCKSIZE)
     if check_finite and not bool(torch.isfinite(offset)):

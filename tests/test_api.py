@@ -235,6 +235,7 @@ def _op_samples(device):
          (packed, codes, nested, qmap, off, values, 64, 256, 1000, torch.bfloat16)),
         (torch.ops.lowrank.quantize_8bit_blockwise.default, (absmax, qmap, off, 256)),
         (torch.ops.lowrank.dequantize_8bit_blockwise.default, (codes, nested, qmap, off, 256)),
+        (torch.ops.lowrank.absmax_mean.default, (absmax,)),
     ]
 
 

@@ -101,3 +101,12 @@ def test_large_weight_all_paths_agree(device):
     out = ops.dequantize_4bit(packed, absmax, values, 64, w.numel(), torch.bfloat16)
     assert torch.equal(_bits(out), _bits(reference.dequantize_4bit(packed, absmax, values, 64, w.numel(),
                                                                    torch.bfloat16)))
+
+
+@given(st.integers(1, 200000), st.integers(0, 2**31 - 1))
+def test_absmax_mean_matches_reference(device, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    absmax = (torch.rand(n, generator=g) * torch.exp(torch.randn(n, generator=g))).to(device)
+    got = ops.absmax_mean(absmax)
+    assert got.shape == () and got.dtype == torch.float32
+    assert torch.equal(got, reference.absmax_mean(absmax))

@@ -123,4 +123,10 @@ inline void check_dequantize_8bit(const at::Tensor& codes, const at::Tensor& abs
   check_scalar_offset(offset, codes, op);
 }
 
+inline void check_absmax_mean(const at::Tensor& absmax) {
+  constexpr const char* op = "lowrank::absmax_mean";
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ", absmax.scalar_type());
+  check_input(absmax, op, "absmax");
+}
+
 }  // namespace lowrank::quant

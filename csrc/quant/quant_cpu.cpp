@@ -195,6 +195,12 @@ at::Tensor dequantize_8bit_blockwise_cpu(const at::Tensor& codes, const at::Tens
   return out;
 }
 
+// The reference's own arithmetic (torch's float64 sum), so CPU results equal it exactly.
+at::Tensor absmax_mean_cpu(const at::Tensor& absmax) {
+  check_absmax_mean(absmax);
+  return (at::sum(absmax, at::kDouble) / double(absmax.numel())).to(at::kFloat);
+}
+
 }  // namespace
 }  // namespace lowrank::quant
 
@@ -204,4 +210,5 @@ TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("dequantize_4bit_nested", &lowrank::quant::dequantize_4bit_nested_cpu);
   m.impl("quantize_8bit_blockwise", &lowrank::quant::quantize_8bit_blockwise_cpu);
   m.impl("dequantize_8bit_blockwise", &lowrank::quant::dequantize_8bit_blockwise_cpu);
+  m.impl("absmax_mean", &lowrank::quant::absmax_mean_cpu);
 }

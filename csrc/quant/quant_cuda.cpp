@@ -107,6 +107,18 @@ at::Tensor dequantize_8bit_blockwise_cuda(const at::Tensor& codes, const at::Ten
   return out;
 }
 
+at::Tensor absmax_mean_cuda(const at::Tensor& absmax) {
+  check_absmax_mean(absmax);
+  const c10::cuda::CUDAGuard guard(absmax.device());
+  at::Tensor partials = at::empty({kAbsmaxMeanPartials}, absmax.options().dtype(at::kDouble));
+  at::Tensor mean = at::empty({}, absmax.options());
+  AbsmaxMeanParams p{absmax.const_data_ptr<float>(), absmax.numel(), partials.mutable_data_ptr<double>(),
+                     mean.mutable_data_ptr<float>()};
+  launch_absmax_mean(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mean;
+}
+
 }  // namespace
 }  // namespace lowrank::quant
 
@@ -116,4 +128,5 @@ TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("dequantize_4bit_nested", &lowrank::quant::dequantize_4bit_nested_cuda);
   m.impl("quantize_8bit_blockwise", &lowrank::quant::quantize_8bit_blockwise_cuda);
   m.impl("dequantize_8bit_blockwise", &lowrank::quant::dequantize_8bit_blockwise_cuda);
+  m.impl("absmax_mean", &lowrank::quant::absmax_mean_cuda);
 }

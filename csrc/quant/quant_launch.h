@@ -60,9 +60,20 @@ struct Dequantize8bitParams {
   float* out;
 };
 
+struct AbsmaxMeanParams {
+  const float* absmax;
+  int64_t numel;
+  double* partials;  // [kAbsmaxMeanPartials] scratch
+  float* mean;       // scalar out
+};
+// Partial sums of the mean: a fixed count, so the summation order (and so the result) depends on
+// the element count alone, never on the device or the scheduling.
+constexpr int kAbsmaxMeanPartials = 512;
+
 void launch_quantize_4bit(const Quantize4bitParams& p, cudaStream_t stream);
 void launch_dequantize_4bit(const Dequantize4bitParams& p, cudaStream_t stream);
 void launch_quantize_8bit_blockwise(const Quantize8bitParams& p, cudaStream_t stream);
 void launch_dequantize_8bit_blockwise(const Dequantize8bitParams& p, cudaStream_t stream);
+void launch_absmax_mean(const AbsmaxMeanParams& p, cudaStream_t stream);
 
 }  // namespace lowrank::quant
