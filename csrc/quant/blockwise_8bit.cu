@@ -1,9 +1,10 @@
 // Blockwise 8-bit quantization with a 256-entry map, on CUDA: the nested absmax of double
 // quantization. Math: lowrank/reference.py quantize_8bit_blockwise / dequantize_8bit_blockwise.
 // The data is small (n / blocksize of the weight: 3.7 M floats for 28672 x 8192 at blocksize 64),
-// but the code search is a chain of 8 dependent shared loads, so latency rules: the first version
-// (one warp per block, each lane searching 8 elements in turn) took 19.6 us there; one thread per
-// element (blocksizes 256..1024, bitsandbytes' 256 included) exposes 8x the parallelism.
+// but the code search is a chain of 8 dependent shared loads, so latency rules. Measured there on
+// the H100: one warp per block with each lane searching its 8 elements in turn, 19.6 us; one CTA
+// per block with a thread per element, 34 us (14 K CTAs each loading the map: waves of latency);
+// so: one warp per block, the block in registers, the searches unrolled.
 #include <cuda_runtime.h>
 
 #include "quant/codes.h"
@@ -33,21 +34,36 @@ __global__ void __launch_bounds__(kThreads) quantize_8bit_warp_per_block(Quantiz
   for (int i = lane; i < len; i += 32) p.codes[start + i] = uint8_t(code_8bit(__fmul_rn(__fsub_rn(p.x[start + i], offset), inverse), s_qmap));
 }
 
-// One thread per element, one CTA (blockDim = blocksize, 256..1024) per quantization block.
-__global__ void __launch_bounds__(1024) quantize_8bit_thread_per_element(Quantize8bitParams p) {
+// One warp per block with the block in registers (PER_LANE = blocksize / 32 values per lane, a
+// compile-time count): the PER_LANE code searches of a lane are independent, so unrolled their
+// dependent shared-load chains overlap instead of running one after another.
+template <int PER_LANE>
+__global__ void __launch_bounds__(kThreads) quantize_8bit_warp_registers(Quantize8bitParams p, int64_t n_blocks) {
   __shared__ float s_qmap[256];
-  __shared__ float s_warp_max[32];
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) s_qmap[i] = p.qmap[i];
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const float v = i < p.numel ? __fsub_rn(p.x[i], *p.offset) : 0.0f;
-  float m = fabsf(v);
+  for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.qmap[i];
+  __syncthreads();
+  const int64_t block = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (block >= n_blocks) return;  // whole warps leave together
+  const int64_t start = block * (32 * PER_LANE);
+  const float offset = *p.offset;
+  float v[PER_LANE];
+  float m = 0.0f;
+#pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) {
+    const int64_t i = start + k * 32 + lane;
+    v[k] = i < p.numel ? __fsub_rn(p.x[i], offset) : 0.0f;
+    m = max_propagate_nan(m, fabsf(v[k]));
+  }
   for (int o = 16; o > 0; o >>= 1) m = max_propagate_nan(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (threadIdx.x % 32 == 0) s_warp_max[threadIdx.x / 32] = m;
-  __syncthreads();  // also publishes s_qmap
-  m = s_warp_max[0];
-  for (int w = 1; w < int(blockDim.x / 32); ++w) m = max_propagate_nan(m, s_warp_max[w]);
-  if (threadIdx.x == 0) p.absmax[blockIdx.x] = m;
-  if (i < p.numel) p.codes[i] = uint8_t(code_8bit(__fmul_rn(v, __frcp_rn(m)), s_qmap));
+  if (lane == 0) p.absmax[block] = m;
+  const float inverse = __frcp_rn(m);
+#pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) {
+    const int64_t i = start + k * 32 + lane;
+    const uint8_t code = uint8_t(code_8bit(__fmul_rn(v[k], inverse), s_qmap));
+    if (i < p.numel) p.codes[i] = code;
+  }
 }
 
 __device__ __forceinline__ double block_sum(double v, double* s_warp) {
@@ -92,9 +108,14 @@ __global__ void __launch_bounds__(kThreads) dequantize_8bit_elements(Dequantize8
 
 void launch_quantize_8bit_blockwise(const Quantize8bitParams& p, cudaStream_t stream) {
   const int64_t n_blocks = (p.numel + p.blocksize - 1) / p.blocksize;
-  if (p.blocksize >= 256 && p.blocksize <= 1024) {
-    quantize_8bit_thread_per_element<<<unsigned(n_blocks), unsigned(p.blocksize), 0, stream>>>(p);
-    return;
+  const unsigned grid = unsigned((n_blocks * 32 + kThreads - 1) / kThreads);
+  switch (p.blocksize) {
+    case 32: quantize_8bit_warp_registers<1><<<grid, kThreads, 0, stream>>>(p, n_blocks); return;
+    case 64: quantize_8bit_warp_registers<2><<<grid, kThreads, 0, stream>>>(p, n_blocks); return;
+    case 128: quantize_8bit_warp_registers<4><<<grid, kThreads, 0, stream>>>(p, n_blocks); return;
+    case 256: quantize_8bit_warp_registers<8><<<grid, kThreads, 0, stream>>>(p, n_blocks); return;
+    case 512: quantize_8bit_warp_registers<16><<<grid, kThreads, 0, stream>>>(p, n_blocks); return;
+    default: break;  // 1024 .. 4096: the looping kernel below
   }
   const int64_t threads = n_blocks * 32;
   quantize_8bit_warp_per_block<<<unsigned((threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, n_blocks);
