@@ -7,7 +7,10 @@ The quantization core: ``quantize_4bit`` / ``dequantize_4bit`` / ``QuantizedTens
 from . import ops, reference
 from .codebook import FP4, NF4, Codebook, get_codebook
 from .quantized import QuantizedTensor, dequantize_4bit, dynamic_map, quantize_4bit
+from .matmul import matmul_4bit
+from . import nn
+from .nn import quantize_model
 
 __all__ = ["Codebook", "NF4", "FP4", "get_codebook", "QuantizedTensor", "quantize_4bit", "dequantize_4bit",
-           "dynamic_map", "ops", "reference"]
+           "dynamic_map", "matmul_4bit", "nn", "quantize_model", "ops", "reference"]
 __version__ = "0.1.0"
