@@ -10,7 +10,8 @@ from .quantized import QuantizedTensor, dequantize_4bit, dynamic_map, quantize_4
 from .matmul import matmul_4bit
 from . import nn
 from .nn import quantize_model
+from .hf import from_pretrained, save_pretrained
 
 __all__ = ["Codebook", "NF4", "FP4", "get_codebook", "QuantizedTensor", "quantize_4bit", "dequantize_4bit",
-           "dynamic_map", "matmul_4bit", "nn", "quantize_model", "ops", "reference"]
+           "dynamic_map", "matmul_4bit", "nn", "quantize_model", "from_pretrained", "save_pretrained", "ops", "reference"]
 __version__ = "0.1.0"

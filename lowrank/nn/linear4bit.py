@@ -52,6 +52,23 @@ class Linear4bit(nn.Module):
             module.register_parameter("bias", None)
         return module
 
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+        """Wrap an existing 4-bit weight [out, in] (e.g. loaded from a checkpoint) as a layer."""
+        if len(q.shape) != 2:
+            raise ValueError(f"from_quantized: the weight must be 2-D [out, in], got {list(q.shape)}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.out_features, module.in_features = q.shape
+        module.compute_dtype = compute_dtype
+        module.quant = q
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            module.register_parameter("bias", None)
+        return module
+
     @property
     def weight(self) -> QuantizedTensor:
         return self.quant
