@@ -56,7 +56,7 @@ setup(
     packages=find_packages(include=["lowrank", "lowrank.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "safetensors"],
-    extras_require={"test": ["pytest", "hypothesis", "scipy", "transformers"], "bench": ["matplotlib"],
+    extras_require={"test": ["pytest", "hypothesis", "scipy", "transformers", "peft"], "bench": ["matplotlib"],
                     "hf": ["transformers"]},
     ext_modules=[extension()],
     cmdclass=cmdclass(),

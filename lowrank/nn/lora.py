@@ -1,0 +1,144 @@
+"""LoRA over a frozen base layer (nn.Linear or lowrank.nn.Linear4bit), PEFT-compatible.
+
+    y = base(x) + s * B(A(dropout(x))),  A [r, in] kaiming-uniform, B [out, r] zeros,
+    s = lora_alpha / r  (or lora_alpha / sqrt(r) with rsLoRA)
+
+This is the unfused path of issue 4, written in PyTorch ops (the reference for the fused LoRA
+kernels still to come). Parameter names contain ``lora_A`` / ``lora_B`` as in PEFT.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from ..quantized import quantize_4bit
+from .linear4bit import Linear4bit
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Linear4bit)):
+            raise TypeError(f"LoraLinear: base_layer must be nn.Linear or lowrank.nn.Linear4bit, got "
+                            f"{type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoraLinear: r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoraLinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+        if use_dora:
+            raise NotImplementedError("LoraLinear: use_dora=True is not implemented yet (issue 5)")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        device = base_layer.bias.device if base_layer.bias is not None else (
+            base_layer.weight.device if isinstance(base_layer, nn.Linear) else base_layer.quant.device)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        # fp32 adapters (PEFT keeps them in float32 over a bf16/4-bit base as well)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.merge_error: float | None = None
+        self._unmerged_base = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        x_lora = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        return result + (self.lora_B(self.lora_A(x_lora)) * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A, float32 [out, in]."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> float | None:
+        """Fold s*B@A into the base weight. For a 4-bit base this dequantizes, adds and re-quantizes
+        with the same settings, and returns (and keeps in ``merge_error``) the relative Frobenius
+        error the re-quantization introduced; for a float base it returns None. ``unmerge`` restores
+        the original base exactly (the original is kept while merged)."""
+        if self.merged:
+            return self.merge_error
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            self._unmerged_base = base.weight.detach().clone()
+            base.weight.copy_((base.weight.float() + self.delta_weight()).to(base.weight.dtype))
+            self.merge_error = None
+        else:
+            q = base.quant
+            target = q.dequantize(torch.float32) + self.delta_weight()
+            merged = quantize_4bit(target.to(q.dtype), q.codebook, q.blocksize, q.double_quant, q.quant_storage)
+            self.merge_error = float((merged.dequantize(torch.float32) - target).norm() / target.norm())
+            self._unmerged_base, base.quant = q, merged
+        self.merged = True
+        return self.merge_error
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        if isinstance(self.base_layer, nn.Linear):
+            self.base_layer.weight.copy_(self._unmerged_base)
+        else:
+            self.base_layer.quant = self._unmerged_base
+        self._unmerged_base, self.merged, self.merge_error = None, False, None
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def _matches(name: str, module: nn.Module, target_modules) -> bool:
+    if not isinstance(module, (nn.Linear, Linear4bit)):
+        return False
+    if target_modules == "all-linear":
+        return name.split(".")[-1] != "lm_head"
+    if isinstance(target_modules, str):  # as PEFT: a string is a regular expression over the full name
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def add_lora(model: nn.Module, r: int, lora_alpha: float, target_modules, lora_dropout: float = 0.0,
+             use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
+    """Wrap the targeted Linear / Linear4bit modules of ``model`` in ``LoraLinear``, freeze every
+    other parameter, and return the model. ``target_modules`` as PEFT: a list of module names
+    (matched as name suffixes), a regular expression, or ``"all-linear"`` (every linear layer but
+    ``lm_head``)."""
+    targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, m, target_modules)]
+    if not targets:
+        raise ValueError(f"add_lora: no Linear / Linear4bit module matches target_modules={target_modules!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in targets:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2],
+                LoraLinear(module, r, lora_alpha, lora_dropout, use_rslora, use_dora))
+    model._lowrank_lora_config = {
+        "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "target_modules": target_modules if isinstance(target_modules, str) else sorted(set(target_modules)),
+    }
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def merge_lora(model: nn.Module) -> dict[str, float | None]:
+    """Merge every LoRA layer; returns the re-quantization error per 4-bit layer (None for float)."""
+    return {n: m.merge() for n, m in lora_layers(model).items()}
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for m in lora_layers(model).values():
+        m.unmerge()
+    return model

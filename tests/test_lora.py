@@ -1,0 +1,148 @@
+"""LoRA (unfused path) against PEFT's LoRA layer, and adapters in PEFT's format both ways."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from lowrank.nn import Linear4bit, LoraLinear
+
+peft = pytest.importorskip("peft")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(32, 48)
+        self.v_proj = nn.Linear(48, 32, bias=False)
+        self.lm_head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.lm_head(torch.relu(self.v_proj(torch.relu(self.q_proj(x)))))
+
+
+def _randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _peft_twin(base, ours, use_rslora, targets):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=use_rslora)
+    twin = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, layer in lowrank.nn.lora.lora_layers(ours).items():
+            t = twin.base_model.model.get_submodule(name)
+            t.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            t.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    return twin
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_matches_peft_outputs_and_gradients(use_rslora, targets):
+    torch.manual_seed(0)
+    base = Tiny()
+    ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=targets, use_rslora=use_rslora)
+    _randomize_lora(ours)
+    twin = _peft_twin(base, ours, use_rslora, targets)
+    x1 = torch.randn(5, 32, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ours(x1), twin(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    for name, layer in lowrank.nn.lora.lora_layers(ours).items():
+        t = twin.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_A.weight.grad, t.lora_A["default"].weight.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B.weight.grad, t.lora_B["default"].weight.grad, rtol=1e-6, atol=1e-6)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_adapter_round_trips_with_peft(tmp_path):
+    torch.manual_seed(1)
+    base = Tiny()
+    ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    _randomize_lora(ours)
+    x = torch.randn(3, 32)
+    # ours -> PEFT
+    lowrank.save_adapter(ours, str(tmp_path / "ours"))
+    loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(loaded_by_peft(x), ours(x), rtol=1e-6, atol=1e-6)
+    # PEFT -> ours
+    loaded_by_peft.save_pretrained(str(tmp_path / "peft"))
+    again = lowrank.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    torch.testing.assert_close(again(x), ours(x), rtol=1e-6, atol=1e-6)
+
+
+def test_load_adapter_rejects_mismatch(tmp_path):
+    base = Tiny()
+    ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj"])
+    lowrank.save_adapter(ours, str(tmp_path))
+    other = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["v_proj"])
+    with pytest.raises(ValueError, match="missing .*v_proj"):
+        lowrank.load_adapter(other, str(tmp_path))
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    cfg["peft_type"] = "IA3"
+    json.dump(cfg, open(tmp_path / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match="only LoRA adapters"):
+        lowrank.load_adapter(copy.deepcopy(base), str(tmp_path))
+
+
+def test_merge_unmerge_float_base_is_exact():
+    torch.manual_seed(2)
+    model = lowrank.add_lora(Tiny(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    _randomize_lora(model)
+    w0 = model.q_proj.base_layer.weight.detach().clone()
+    x = torch.randn(4, 32)
+    y = model(x)
+    assert lowrank.merge_lora(model) == {"q_proj": None, "v_proj": None}
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    lowrank.unmerge_lora(model)
+    assert torch.equal(model.q_proj.base_layer.weight, w0)
+    assert torch.equal(model(x), y)
+
+
+def test_merge_4bit_base_reports_requantization_error():
+    torch.manual_seed(3)
+    model = lowrank.quantize_model(Tiny(), compute_dtype=None, skip_modules=("lm_head",))
+    lowrank.add_lora(model, r=4, lora_alpha=8, target_modules=["q_proj"])
+    _randomize_lora(model)
+    packed = model.q_proj.base_layer.quant.packed.clone()
+    errors = lowrank.merge_lora(model)
+    assert 0.0 < errors["q_proj"] < 0.15  # one more NF4 rounding of the merged weight
+    lowrank.unmerge_lora(model)
+    assert torch.equal(model.q_proj.base_layer.quant.packed, packed)
+
+
+def test_lora_over_linear4bit_is_base_plus_low_rank():
+    torch.manual_seed(4)
+    base = Linear4bit.from_linear(nn.Linear(32, 16))
+    layer = LoraLinear(base, r=2, lora_alpha=4)
+    _randomize_lora(layer)
+    x = torch.randn(3, 32)
+    expected = base(x) + 2.0 * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(r=0), ValueError, "positive int"), (dict(r=2.5), ValueError, "positive int"),
+    (dict(lora_dropout=1.0), ValueError, "lora_dropout"), (dict(use_dora=True), NotImplementedError, "issue 5")])
+def test_lora_rejects_bad_arguments(kwargs, error, match):
+    args = dict(r=4, lora_alpha=8) | kwargs
+    with pytest.raises(error, match=match):
+        LoraLinear(nn.Linear(8, 8), **args)
+
+
+def test_add_lora_rejects_no_match():
+    with pytest.raises(ValueError, match="no Linear / Linear4bit module matches"):
+        lowrank.add_lora(Tiny(), r=4, lora_alpha=8, target_modules=["k_proj"])
+    with pytest.raises(TypeError, match="nn.Linear or lowrank.nn.Linear4bit"):
+        LoraLinear(nn.Conv1d(3, 3, 1))
