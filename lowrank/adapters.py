@@ -23,7 +23,7 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | Non
     if cfg is None:
         any_layer = next(iter(layers.values()))
         cfg = {"r": any_layer.r, "lora_alpha": any_layer.lora_alpha, "lora_dropout": 0.0,
-               "use_rslora": any_layer.use_rslora, "use_dora": False,
+               "use_rslora": any_layer.use_rslora, "use_dora": any_layer.use_dora,
                "target_modules": sorted({n.split(".")[-1] for n in layers})}
     from safetensors.torch import save_file
 
@@ -42,6 +42,8 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | Non
     for name, layer in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+        if layer.use_dora:
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().contiguous().cpu()
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -66,6 +68,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     layers = lora_layers(model)
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     expected = {f"{_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    expected |= {f"{_PREFIX}{n}.lora_magnitude_vector" for n, m in layers.items() if m.use_dora}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"load_adapter: adapter does not match the model: missing {missing[:6]}, "
@@ -79,4 +82,9 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
                     raise ValueError(f"load_adapter: {name}.lora_{ab} has shape {list(src.shape)}, the model's is "
                                      f"{list(dst.shape)}")
                 dst.copy_(src)
+            if layer.use_dora:
+                src = tensors[f"{_PREFIX}{name}.lora_magnitude_vector"]
+                if src.shape != layer.lora_magnitude_vector.shape:
+                    raise ValueError(f"load_adapter: {name}.lora_magnitude_vector has shape {list(src.shape)}")
+                layer.lora_magnitude_vector.copy_(src)
     return model

@@ -31,14 +31,17 @@ def _randomize_lora(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def _peft_twin(base, ours, use_rslora, targets):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=use_rslora)
+def _peft_twin(base, ours, use_rslora, targets, use_dora=False):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=use_rslora,
+                          use_dora=use_dora)
     twin = peft.get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():
         for name, layer in lowrank.nn.lora.lora_layers(ours).items():
             t = twin.base_model.model.get_submodule(name)
             t.lora_A["default"].weight.copy_(layer.lora_A.weight)
             t.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            if use_dora:
+                t.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
     return twin
 
 
@@ -134,7 +137,7 @@ def test_lora_over_linear4bit_is_base_plus_low_rank():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(r=0), ValueError, "positive int"), (dict(r=2.5), ValueError, "positive int"),
-    (dict(lora_dropout=1.0), ValueError, "lora_dropout"), (dict(use_dora=True), NotImplementedError, "issue 5")])
+    (dict(lora_dropout=1.0), ValueError, "lora_dropout")])
 def test_lora_rejects_bad_arguments(kwargs, error, match):
     args = dict(r=4, lora_alpha=8) | kwargs
     with pytest.raises(error, match=match):
@@ -146,3 +149,77 @@ def test_add_lora_rejects_no_match():
         lowrank.add_lora(Tiny(), r=4, lora_alpha=8, target_modules=["k_proj"])
     with pytest.raises(TypeError, match="nn.Linear or lowrank.nn.Linear4bit"):
         LoraLinear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_dora_matches_peft_outputs_and_gradients(use_rslora):
+    torch.manual_seed(5)
+    base = Tiny()
+    ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules="all-linear",
+                            use_rslora=use_rslora, use_dora=True)
+    # magnitude initialised to ||W0|| per row, as PEFT
+    torch.testing.assert_close(ours.q_proj.lora_magnitude_vector, base.q_proj.weight.norm(dim=1))
+    _randomize_lora(ours)  # random A, B and m: n = ||W0 + s B A|| no longer equals m
+    twin = _peft_twin(base, ours, use_rslora, "all-linear", use_dora=True)
+    x1 = torch.randn(5, 32, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ours(x1), twin(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    for name, layer in lowrank.nn.lora.lora_layers(ours).items():
+        t = twin.base_model.model.get_submodule(name)
+        for ours_p, theirs_p in [(layer.lora_A.weight, t.lora_A["default"].weight),
+                                 (layer.lora_B.weight, t.lora_B["default"].weight),
+                                 (layer.lora_magnitude_vector, t.lora_magnitude_vector["default"].weight)]:
+            torch.testing.assert_close(ours_p.grad, theirs_p.grad, rtol=1e-5, atol=1e-6)
+    names = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert any("magnitude" in n for n in names)
+
+
+def test_dora_adapter_round_trips_with_peft_and_merges(tmp_path):
+    torch.manual_seed(6)
+    base = Tiny()
+    ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    _randomize_lora(ours)
+    x = torch.randn(3, 32)
+    lowrank.save_adapter(ours, str(tmp_path / "ours"))
+    by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(by_peft(x), ours(x), rtol=1e-5, atol=1e-6)
+    by_peft.save_pretrained(str(tmp_path / "peft"))
+    again = lowrank.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    torch.testing.assert_close(again(x), ours(x), rtol=1e-5, atol=1e-6)
+    y = ours(x)
+    lowrank.merge_lora(ours)
+    torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
+    lowrank.unmerge_lora(ours)
+    assert torch.equal(ours(x), y)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_dropout_in_training_matches_peft(use_dora):
+    torch.manual_seed(7)
+    base = Tiny()
+    ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                            lora_dropout=0.25, use_dora=use_dora).train()
+    _randomize_lora(ours)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.25,
+                          use_dora=use_dora)
+    twin = peft.get_peft_model(copy.deepcopy(base), cfg).train()
+    with torch.no_grad():
+        for name, layer in lowrank.nn.lora.lora_layers(ours).items():
+            t = twin.base_model.model.get_submodule(name)
+            t.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            t.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            if use_dora:
+                t.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+    x = torch.randn(6, 32)
+    torch.manual_seed(123)
+    y1 = ours(x)
+    torch.manual_seed(123)
+    y2 = twin(x)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    ours.eval()
+    assert not torch.equal(ours(x), y1)  # dropout was really active in training

@@ -1,7 +1,10 @@
-"""LoRA over a frozen base layer (nn.Linear or lowrank.nn.Linear4bit), PEFT-compatible.
+"""LoRA and DoRA over a frozen base layer (nn.Linear or lowrank.nn.Linear4bit), PEFT-compatible.
 
-    y = base(x) + s * B(A(dropout(x))),  A [r, in] kaiming-uniform, B [out, r] zeros,
-    s = lora_alpha / r  (or lora_alpha / sqrt(r) with rsLoRA)
+    LoRA: y = base(x) + s * B(A(dropout(x))),  A [r, in] kaiming-uniform, B [out, r] zeros,
+          s = lora_alpha / r  (or lora_alpha / sqrt(r) with rsLoRA)
+    DoRA: y = base(x) + (m / n - 1) * (x' W0^T) + (m / n) * s * B(A(x')),  x' = dropout(x),
+          n = ||W0 + s B A|| per output row, detached (DoRA section 4.3, as PEFT); m [out] trainable,
+          initialised to ||W0|| per row. Without dropout: y = (m / n) (x W0^T + s x A^T B^T) + bias.
 
 This is the unfused path of issue 4, written in PyTorch ops (the reference for the fused LoRA
 kernels still to come). Parameter names contain ``lora_A`` / ``lora_B`` as in PEFT.
@@ -29,8 +32,6 @@ class LoraLinear(nn.Module):
             raise ValueError(f"LoraLinear: r must be a positive int, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoraLinear: lora_dropout must be in [0, 1), got {lora_dropout}")
-        if use_dora:
-            raise NotImplementedError("LoraLinear: use_dora=True is not implemented yet (issue 5)")
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -45,16 +46,44 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.use_dora = use_dora
+        if use_dora:  # m = ||W0||_row (B = 0 at init, so this is ||W0 + s B A||_row too)
+            self.lora_magnitude_vector = nn.Parameter(self.base_weight_fp32().norm(dim=1))
         self.merged = False
         self.merge_error: float | None = None
         self._unmerged_base = None
+
+    def base_weight_fp32(self) -> torch.Tensor:
+        """W0 as float32 [out, in] (dequantized for a 4-bit base)."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return base.weight.detach().float()
+        return base.quant.dequantize(torch.float32)
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """n = ||W0 + s B A|| per output row, float32 [out], detached. (Materialises [out, in]; the
+        fused norm of issue 5 will not.)"""
+        with torch.no_grad():
+            return (self.base_weight_fp32() + self.delta_weight()).norm(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         x_lora = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return result + (self.lora_B(self.lora_A(x_lora)) * self.scaling).to(result.dtype)
+        lora = self.lora_B(self.lora_A(x_lora))
+        if not self.use_dora:
+            return result + (lora * self.scaling).to(result.dtype)
+        scale = self.lora_magnitude_vector / self.dora_weight_norm()
+        if dropout_active:  # the base term sees the dropped input, as in PEFT
+            base_no_bias = torch.nn.functional.linear(x_lora, self.base_weight_fp32())
+        else:
+            base_no_bias = result.to(x_lora.dtype)
+            if self.base_layer.bias is not None:
+                base_no_bias = base_no_bias - self.base_layer.bias.to(x_lora.dtype)
+        dora = (scale - 1) * base_no_bias + scale * lora * self.scaling
+        return result + dora.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A, float32 [out, in]."""
@@ -69,13 +98,15 @@ class LoraLinear(nn.Module):
         if self.merged:
             return self.merge_error
         base = self.base_layer
+        target = self.base_weight_fp32() + self.delta_weight()
+        if self.use_dora:  # W' = m * V / ||V||_row
+            target = (self.lora_magnitude_vector.detach() / target.norm(dim=1))[:, None] * target
         if isinstance(base, nn.Linear):
             self._unmerged_base = base.weight.detach().clone()
-            base.weight.copy_((base.weight.float() + self.delta_weight()).to(base.weight.dtype))
+            base.weight.copy_(target.to(base.weight.dtype))
             self.merge_error = None
         else:
             q = base.quant
-            target = q.dequantize(torch.float32) + self.delta_weight()
             merged = quantize_4bit(target.to(q.dtype), q.codebook, q.blocksize, q.double_quant, q.quant_storage)
             self.merge_error = float((merged.dequantize(torch.float32) - target).norm() / target.norm())
             self._unmerged_base, base.quant = q, merged
@@ -93,7 +124,8 @@ class LoraLinear(nn.Module):
         self._unmerged_base, self.merged, self.merge_error = None, False, None
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, use_dora={self.use_dora}, "
+                f"merged={self.merged}")
 
 
 def _matches(name: str, module: nn.Module, target_modules) -> bool:
