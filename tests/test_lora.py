@@ -31,9 +31,10 @@ def _randomize_lora(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def _peft_twin(base, ours, use_rslora, targets, use_dora=False):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=use_rslora,
-                          use_dora=use_dora)
+def _peft_twin(base, ours, use_rslora, targets, use_dora=False, lora_dropout=0.0):
+    """PEFT's model over a copy of `base`, with our adapter weights copied in."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=lora_dropout,
+                          use_rslora=use_rslora, use_dora=use_dora)
     twin = peft.get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():
         for name, layer in lowrank.nn.lora.lora_layers(ours).items():
@@ -205,16 +206,7 @@ def test_dropout_in_training_matches_peft(use_dora):
     ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                             lora_dropout=0.25, use_dora=use_dora).train()
     _randomize_lora(ours)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.25,
-                          use_dora=use_dora)
-    twin = peft.get_peft_model(copy.deepcopy(base), cfg).train()
-    with torch.no_grad():
-        for name, layer in lowrank.nn.lora.lora_layers(ours).items():
-            t = twin.base_model.model.get_submodule(name)
-            t.lora_A["default"].weight.copy_(layer.lora_A.weight)
-            t.lora_B["default"].weight.copy_(layer.lora_B.weight)
-            if use_dora:
-                t.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+    twin = _peft_twin(base, ours, False, ["q_proj", "v_proj"], use_dora, lora_dropout=0.25).train()
     x = torch.randn(6, 32)
     torch.manual_seed(123)
     y1 = ours(x)
