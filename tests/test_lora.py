@@ -46,6 +46,25 @@ def _peft_twin(base, ours, use_rslora, targets, use_dora=False, lora_dropout=0.0
     return twin
 
 
+def _assert_same_forward_backward(ours, twin, rtol):
+    """Outputs, dX and the gradient of every adapter parameter (A, B, and m for DoRA) agree."""
+    x1 = torch.randn(5, 32, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ours(x1), twin(x2)
+    torch.testing.assert_close(y1, y2, rtol=rtol, atol=1e-6)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=rtol, atol=1e-6)
+    for name, layer in lowrank.nn.lora.lora_layers(ours).items():
+        t = twin.base_model.model.get_submodule(name)
+        pairs = [(layer.lora_A.weight, t.lora_A["default"].weight), (layer.lora_B.weight, t.lora_B["default"].weight)]
+        if layer.use_dora:
+            pairs.append((layer.lora_magnitude_vector, t.lora_magnitude_vector["default"].weight))
+        for ours_p, theirs_p in pairs:
+            torch.testing.assert_close(ours_p.grad, theirs_p.grad, rtol=rtol, atol=1e-6)
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
 def test_matches_peft_outputs_and_gradients(use_rslora, targets):
@@ -54,18 +73,7 @@ def test_matches_peft_outputs_and_gradients(use_rslora, targets):
     ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=targets, use_rslora=use_rslora)
     _randomize_lora(ours)
     twin = _peft_twin(base, ours, use_rslora, targets)
-    x1 = torch.randn(5, 32, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
-    y1, y2 = ours(x1), twin(x2)
-    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-6)
-    for name, layer in lowrank.nn.lora.lora_layers(ours).items():
-        t = twin.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_A.weight.grad, t.lora_A["default"].weight.grad, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(layer.lora_B.weight.grad, t.lora_B["default"].weight.grad, rtol=1e-6, atol=1e-6)
+    _assert_same_forward_backward(ours, twin, rtol=1e-6)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -162,20 +170,7 @@ def test_dora_matches_peft_outputs_and_gradients(use_rslora):
     torch.testing.assert_close(ours.q_proj.lora_magnitude_vector, base.q_proj.weight.norm(dim=1))
     _randomize_lora(ours)  # random A, B and m: n = ||W0 + s B A|| no longer equals m
     twin = _peft_twin(base, ours, use_rslora, "all-linear", use_dora=True)
-    x1 = torch.randn(5, 32, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
-    y1, y2 = ours(x1), twin(x2)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    for name, layer in lowrank.nn.lora.lora_layers(ours).items():
-        t = twin.base_model.model.get_submodule(name)
-        for ours_p, theirs_p in [(layer.lora_A.weight, t.lora_A["default"].weight),
-                                 (layer.lora_B.weight, t.lora_B["default"].weight),
-                                 (layer.lora_magnitude_vector, t.lora_magnitude_vector["default"].weight)]:
-            torch.testing.assert_close(ours_p.grad, theirs_p.grad, rtol=1e-5, atol=1e-6)
+    _assert_same_forward_backward(ours, twin, rtol=1e-5)
     names = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert any("magnitude" in n for n in names)
 
