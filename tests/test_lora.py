@@ -78,20 +78,22 @@ def test_matches_peft_outputs_and_gradients(use_rslora, targets):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def _assert_round_trips_with_peft(base, ours, x, path, rtol):
+    """save_adapter -> PeftModel.from_pretrained, then PEFT's save_pretrained -> load_adapter."""
+    lowrank.save_adapter(ours, str(path / "ours"))
+    loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path / "ours"))
+    torch.testing.assert_close(loaded_by_peft(x), ours(x), rtol=rtol, atol=1e-6)
+    loaded_by_peft.save_pretrained(str(path / "peft"))
+    again = lowrank.load_adapter(copy.deepcopy(base), str(path / "peft"))
+    torch.testing.assert_close(again(x), ours(x), rtol=rtol, atol=1e-6)
+
+
 def test_adapter_round_trips_with_peft(tmp_path):
     torch.manual_seed(1)
     base = Tiny()
     ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     _randomize_lora(ours)
-    x = torch.randn(3, 32)
-    # ours -> PEFT
-    lowrank.save_adapter(ours, str(tmp_path / "ours"))
-    loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
-    torch.testing.assert_close(loaded_by_peft(x), ours(x), rtol=1e-6, atol=1e-6)
-    # PEFT -> ours
-    loaded_by_peft.save_pretrained(str(tmp_path / "peft"))
-    again = lowrank.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
-    torch.testing.assert_close(again(x), ours(x), rtol=1e-6, atol=1e-6)
+    _assert_round_trips_with_peft(base, ours, torch.randn(3, 32), tmp_path, rtol=1e-6)
 
 
 def test_load_adapter_rejects_mismatch(tmp_path):
@@ -181,12 +183,7 @@ def test_dora_adapter_round_trips_with_peft_and_merges(tmp_path):
     ours = lowrank.add_lora(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
     _randomize_lora(ours)
     x = torch.randn(3, 32)
-    lowrank.save_adapter(ours, str(tmp_path / "ours"))
-    by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
-    torch.testing.assert_close(by_peft(x), ours(x), rtol=1e-5, atol=1e-6)
-    by_peft.save_pretrained(str(tmp_path / "peft"))
-    again = lowrank.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
-    torch.testing.assert_close(again(x), ours(x), rtol=1e-5, atol=1e-6)
+    _assert_round_trips_with_peft(base, ours, x, tmp_path, rtol=1e-5)
     y = ours(x)
     lowrank.merge_lora(ours)
     torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
