@@ -18,6 +18,11 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("absmax_mean(Tensor absmax) -> Tensor");
   // codes uint8 [n] -> fp32 [n] = qmap[codes] * absmax[i // blocksize] + offset (offset: fp32 scalar tensor)
   m.def("dequantize_8bit_blockwise(Tensor codes, Tensor absmax, Tensor qmap, Tensor offset, int blocksize) -> Tensor");
+  // x [..., in_features] fp32/fp16/bf16 @ W^T (+ bias [out_features]) -> [..., out_features] in x's
+  // dtype, W 4-bit [out_features, in_features]: absmax fp32, or (double quant) its uint8 codes with
+  // nested_absmax / nested_qmap / offset. path: 'auto' (the dispatch rule), 'skinny' (CUDA, M <= 16)
+  // or 'dequantize' (dequantize + the backend's matmul).
+  m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor? bias, str path) -> Tensor");
 }
 
 // The extension is imported as lowrank._C only to run the registrations above; it has no

@@ -1,28 +1,33 @@
 """matmul_4bit: x @ W^T with W a QuantizedTensor, differentiable in x and bias.
 
-This is the first, generic path of issue 3 (fused 4-bit GEMV/GEMM kernels are still to come):
-the weight is dequantized by the lowrank kernels (one fused launch on CUDA, 2600 GB/s on an H100)
-into a temporary in x's dtype and multiplied by the backend's matmul (cuBLAS on CUDA, fp32
-accumulation). The backward dequantizes again rather than keeping the dequantized weight alive
-between forward and backward: only the packed weight is saved.
+The forward is one op, ``torch.ops.lowrank.matmul_4bit``, whose CUDA entry picks a kernel by
+the dispatch rule of docs/design.md: the fused skinny kernel (codes dequantized in registers into
+tensor-core fragments, no dequantized weight in memory) for fp16/bf16 x with at most 16 rows,
+otherwise the weight dequantized into a temporary (one launch) and multiplied by cuBLAS. The
+backward (dX = dY @ W) dequantizes again rather than keeping a dequantized weight alive between
+forward and backward: only the packed weight is saved.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from . import ops
 from .quantized import QuantizedTensor
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _forward(x, q, bias, path):
+    return ops.matmul_4bit(x, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset,
+                           q.quant_map, q.blocksize, q.nested_blocksize, q.shape[0], q.shape[1], bias, path)
+
+
 class _MatMul4bit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, q):
-        w = q.dequantize(x.dtype)
+    def forward(ctx, x, bias, q, path):
         ctx.q = q  # the packed weight only: no dequantized copy outlives this call
         ctx.has_bias = bias is not None
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return _forward(x, q, None if bias is None else bias.to(x.dtype), path)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -31,13 +36,17 @@ class _MatMul4bit(torch.autograd.Function):
             grad_x = grad_out @ ctx.q.dequantize(grad_out.dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None
+        return grad_x, grad_bias, None, None
 
 
-def matmul_4bit(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., K] @ W^T (+ bias)`` for a 4-bit ``W [N, K]``; output [..., N] in x's dtype.
+def matmul_4bit(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, *,
+                path: str = "auto") -> torch.Tensor:
+    """``x [..., K] @ W^T (+ bias)`` for a 4-bit ``W [N, K]``; output [..., N] in x's dtype, fp32
+    accumulation.
 
-    x: fp32/fp16/bf16 on W's device; bias: [N] or None. Gradients flow to x and bias (W is frozen)."""
+    x: fp32/fp16/bf16 on W's device; bias: [N] or None. Gradients flow to x and bias (W is frozen).
+    path: "auto" (the dispatch rule), or force "skinny" (CUDA fused kernel; an error says why when
+    it cannot take the call) or "dequantize" (dequantize + matmul) — for tests and benchmarks."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"matmul_4bit: q must be a lowrank.QuantizedTensor, got {type(q).__name__}")
     if len(q.shape) != 2:
@@ -52,4 +61,6 @@ def matmul_4bit(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None =
     if bias is not None and (bias.shape != (q.shape[0],) or bias.device != q.device):
         raise ValueError(f"matmul_4bit: bias must have shape [{q.shape[0]}] on {q.device}, got "
                          f"{list(bias.shape)} on {bias.device}")
-    return _MatMul4bit.apply(x, bias, q)
+    if path not in ops.MATMUL_PATHS:
+        raise ValueError(f"matmul_4bit: path must be one of {ops.MATMUL_PATHS}, got {path!r}")
+    return _MatMul4bit.apply(x, bias, q, path)

@@ -174,3 +174,59 @@ def _(absmax):
     torch._check(absmax.numel() > 0, lambda: "absmax must not be empty")
     torch._check(absmax.is_contiguous(), lambda: "absmax must be contiguous")
     return absmax.new_empty(())
+
+
+# --- matmul_4bit -------------------------------------------------------------------------------
+
+MATMUL_PATHS = ("auto", "skinny", "dequantize")
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                nested_qmap: torch.Tensor | None, offset: torch.Tensor | None, values: torch.Tensor,
+                blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
+                bias: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
+    """``x [..., in_features] @ W^T (+ bias)`` for a 4-bit ``W [out_features, in_features]``, output
+    [..., out_features] in x's dtype, fp32 accumulation. Not differentiable (lowrank.matmul_4bit is).
+
+    absmax: fp32 [n_blocks], or with double quantization the uint8 codes of the absmax plus
+    nested_absmax fp32 / nested_qmap fp32 [256] / offset fp32 scalar. bias: [out_features] in x's
+    dtype. path: "auto" (docs/design.md's dispatch rule), "skinny" (the fused CUDA kernel: fp16/bf16
+    x with at most 16 rows, blocksize >= 64 dividing in_features) or "dequantize" (dequantize +
+    the backend's matmul)."""
+    return torch.ops.lowrank.matmul_4bit(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
+                                         nested_blocksize, out_features, in_features, bias, path)
+
+
+@torch.library.register_fake("lowrank::matmul_4bit")
+def _(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
+      in_features, bias, path):
+    torch._check(x.dtype in _FLOATS, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(out_features > 0 and in_features > 0,
+                 lambda: f"the weight shape must be positive, got [{out_features}, {in_features}]")
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_features,
+                 lambda: f"x's last dimension must be in_features = {in_features}, got x of shape {tuple(x.shape)}")
+    numel = out_features * in_features
+    torch._check(packed.dtype == torch.uint8 and packed.numel() == _ceil_div(numel, 2),
+                 lambda: f"packed must be uint8 with {_ceil_div(numel, 2)} bytes, got {packed.dtype} "
+                         f"with {packed.numel()}")
+    torch._check(x.device == packed.device, lambda: f"x must be on {packed.device} like the data, got {x.device}")
+    _check_blocksize(blocksize)
+    _check_table(values, packed, 16, torch.float32, "values")
+    n_blocks = _ceil_div(numel, blocksize)
+    nested = nested_absmax is not None
+    torch._check(nested == (nested_qmap is not None) == (offset is not None),
+                 lambda: "nested_absmax, nested_qmap and offset must be given together or not at all")
+    if nested:
+        _check_blocksize(nested_blocksize, "nested_blocksize")
+        _check_table(absmax, packed, n_blocks, torch.uint8, "absmax")
+        _check_table(nested_absmax, packed, _ceil_div(n_blocks, nested_blocksize), torch.float32, "nested_absmax")
+        _check_table(nested_qmap, packed, 256, torch.float32, "nested_qmap")
+        _check_offset(offset, packed)
+    else:
+        _check_table(absmax, packed, n_blocks, torch.float32, "absmax")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == out_features and bias.dtype == x.dtype,
+                     lambda: f"bias must be [{out_features}] in x's dtype {x.dtype}, got {bias.dtype} "
+                             f"{tuple(bias.shape)}")
+    torch._check(path in MATMUL_PATHS, lambda: f"path must be one of {MATMUL_PATHS}, got {path!r}")
+    return x.new_empty((*x.shape[:-1], out_features))

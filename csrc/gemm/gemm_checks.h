@@ -1,0 +1,85 @@
+// Input validation of lowrank::matmul_4bit, shared by its CPU and CUDA entries; lowrank/ops.py
+// mirrors it in the fake kernel. Every message says what was expected.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "quant/quant_checks.h"
+
+namespace lowrank::gemm {
+
+using quant::ceil_div;
+using quant::num;
+using quant::shape;
+
+// The weight's quantization data. Exactly one absmax form: float32 `absmax`, or (nested) the 8-bit
+// `absmax` codes with nested_absmax / nested_qmap / offset.
+struct Weight4bit {
+  const at::Tensor& packed;
+  const at::Tensor& absmax;
+  const std::optional<at::Tensor>& nested_absmax;
+  const std::optional<at::Tensor>& nested_qmap;
+  const std::optional<at::Tensor>& offset;
+  const at::Tensor& values;
+  int64_t blocksize;
+  int64_t nested_blocksize;
+  int64_t out_features;
+  int64_t in_features;
+  bool nested() const { return nested_absmax.has_value(); }
+};
+
+enum class MatmulPath { kAuto, kSkinny, kDequantize };
+
+inline MatmulPath parse_path(const std::string& path) {
+  if (path == "auto") return MatmulPath::kAuto;
+  if (path == "skinny") return MatmulPath::kSkinny;
+  if (path == "dequantize") return MatmulPath::kDequantize;
+  TORCH_CHECK(false, "lowrank::matmul_4bit: path must be 'auto', 'skinny' or 'dequantize', got '", path, "'");
+}
+
+inline void check_matmul_4bit(const at::Tensor& x, const Weight4bit& w, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "lowrank::matmul_4bit";
+  TORCH_CHECK(quant::is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(w.out_features > 0 && w.in_features > 0, op, ": the weight shape must be positive, got [",
+              num(w.out_features), ", ", num(w.in_features), "]");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.in_features, op, ": x's last dimension must be in_features = ",
+              num(w.in_features), " (weight [", num(w.out_features), ", ", num(w.in_features), "]), got x of shape ",
+              shape(x));
+  const int64_t numel = w.out_features * w.in_features;
+  TORCH_CHECK(w.packed.scalar_type() == at::kByte && w.packed.is_contiguous() && w.packed.numel() == ceil_div(numel, 2),
+              op, ": packed must be contiguous uint8 with ", num(ceil_div(numel, 2)), " bytes for a [",
+              num(w.out_features), ", ", num(w.in_features), "] weight, got ", w.packed.scalar_type(), " with ",
+              num(w.packed.numel()));
+  quant::check_same_device(x, w.packed, op, "x");
+  quant::check_blocksize(w.blocksize, op);
+  quant::check_table(w.values, w.packed, 16, at::kFloat, op, "values");
+  const int64_t n_blocks = ceil_div(numel, w.blocksize);
+  TORCH_CHECK(w.nested_absmax.has_value() == w.nested_qmap.has_value() &&
+                  w.nested_absmax.has_value() == w.offset.has_value(),
+              op, ": nested_absmax, nested_qmap and offset must be given together (double quantization) or not at all");
+  if (w.nested()) {
+    quant::check_blocksize(w.nested_blocksize, op, "nested_blocksize");
+    quant::check_table(w.absmax, w.packed, n_blocks, at::kByte, op, "absmax (the 8-bit codes of a double-quantized absmax)");
+    quant::check_table(*w.nested_absmax, w.packed, ceil_div(n_blocks, w.nested_blocksize), at::kFloat, op, "nested_absmax");
+    quant::check_table(*w.nested_qmap, w.packed, 256, at::kFloat, op, "nested_qmap");
+    quant::check_scalar_offset(*w.offset, w.packed, op);
+  } else {
+    quant::check_table(w.absmax, w.packed, n_blocks, at::kFloat, op, "absmax");
+  }
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.out_features && b.scalar_type() == x.scalar_type(), op,
+                ": bias must be [", num(w.out_features), "] in x's dtype ", x.scalar_type(), ", got ",
+                b.scalar_type(), " ", shape(b));
+    quant::check_same_device(b, w.packed, op, "bias");
+  }
+}
+
+// y = x @ dequantize(W)^T (+ bias): the weight dequantized in x's dtype by the lowrank dequantize
+// ops (one launch on CUDA), then the backend's matmul (cuBLAS on CUDA, fp32 accumulation).
+at::Tensor matmul_4bit_dequantize(const at::Tensor& x, const Weight4bit& w, const std::optional<at::Tensor>& bias);
+
+}  // namespace lowrank::gemm

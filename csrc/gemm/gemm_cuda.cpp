@@ -1,0 +1,83 @@
+// lowrank::matmul_4bit on CUDA: the dispatch rule between the fused skinny kernel and the
+// dequantize-then-cuBLAS path (docs/design.md, "matmul_4bit dispatch").
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "gemm/gemm_checks.h"
+#include "gemm/gemm_launch.h"
+
+namespace lowrank::gemm {
+namespace {
+
+// Why the skinny kernel cannot take this call, or nullptr when it can.
+const char* skinny_refusal(const at::Tensor& x, const Weight4bit& w, int64_t m) {
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)
+    return "it takes float16 or bfloat16 x (float32 x goes through dequantize + matmul)";
+  if (m > kSkinnyMaxM) return "it takes at most 16 rows of x";
+  if (w.blocksize < kSkinnyChunk) return "it needs blocksize >= 64";
+  if (w.in_features % w.blocksize != 0) return "it needs in_features to be a multiple of blocksize";
+  if (reinterpret_cast<uintptr_t>(w.packed.const_data_ptr()) % 8 != 0)
+    return "it needs the packed weight 8-byte aligned";
+  return nullptr;
+}
+
+at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset,
+                            const at::Tensor& values, int64_t blocksize, int64_t nested_blocksize,
+                            int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
+                            c10::string_view path) {
+  const Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
+                     out_features, in_features};
+  check_matmul_4bit(x, w, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const MatmulPath chosen = parse_path(std::string(path));
+  const int64_t m = x.numel() / in_features;
+  const char* refusal = skinny_refusal(x, w, m);
+  TORCH_CHECK(chosen != MatmulPath::kSkinny || refusal == nullptr,
+              "lowrank::matmul_4bit: path 'skinny' cannot take this call: ", refusal);
+  if (chosen == MatmulPath::kDequantize || refusal != nullptr || m == 0) return matmul_4bit_dequantize(x, w, bias);
+
+  // x as a contiguous [M, K] whose rows start 16-byte aligned (a copy only for an odd view; M <= 16).
+  at::Tensor x2 = x.reshape({m, in_features}).contiguous();
+  if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) x2 = x2.clone();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor out = at::empty(out_shape, x.options());
+  std::optional<at::Tensor> bias_c;
+  if (bias.has_value()) bias_c = bias->contiguous();
+
+  Gemm4bitParams p{};
+  p.x = x2.const_data_ptr();
+  p.kind = x.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
+  p.m = m;
+  p.n = out_features;
+  p.k = in_features;
+  p.packed = packed.const_data_ptr<uint8_t>();
+  p.blocksize = int(blocksize);
+  p.values = values.const_data_ptr<float>();
+  if (w.nested()) {
+    p.absmax_codes = absmax.const_data_ptr<uint8_t>();
+    p.nested_absmax = nested_absmax->const_data_ptr<float>();
+    p.nested_qmap = nested_qmap->const_data_ptr<float>();
+    p.offset = offset->const_data_ptr<float>();
+    p.nested_blocksize = int(nested_blocksize);
+  } else {
+    p.absmax = absmax.const_data_ptr<float>();
+  }
+  p.bias = bias_c.has_value() ? bias_c->const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr();
+  launch_gemm_4bit_skinny(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace lowrank::gemm
+
+TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+  m.impl("matmul_4bit", &lowrank::gemm::matmul_4bit_cuda);
+}

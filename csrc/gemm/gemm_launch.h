@@ -1,0 +1,43 @@
+// Parameter struct and launcher of the fused 4-bit matmul kernels: the whole interface between
+// the torch-facing C++ (gemm_cuda.cpp) and the .cu files, which include no torch header.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "quant/quant_launch.h"  // FloatKind
+
+namespace lowrank::gemm {
+
+using quant::FloatKind;
+
+// y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] 4-bit in bitsandbytes' layout (row n is the
+// packed bytes [n K/2, (n+1) K/2), codes of element pairs high nibble first).
+struct Gemm4bitParams {
+  const void* x;        // [M, K] row-major, 16-byte aligned; fp16 or bf16 (kind)
+  FloatKind kind;       // of x, bias and out
+  int64_t m, n, k;
+  const uint8_t* packed;        // [N K / 2], 8-byte aligned
+  int blocksize;                // a power of two >= kSkinnyChunk dividing K
+  const float* values;          // [16] code values
+  const float* absmax;          // [N K / blocksize] float32, or nullptr when nested
+  const uint8_t* absmax_codes;  // nested: [N K / blocksize] 8-bit codes of the absmax
+  const float* nested_absmax;   // nested: [ceil(n_blocks / nested_blocksize)]
+  const float* nested_qmap;     // nested: [256]
+  const float* offset;          // nested: scalar on the device
+  int nested_blocksize;
+  const void* bias;             // [N] in kind, or nullptr
+  void* out;                    // [M, N] in kind
+};
+
+// The skinny kernel: weights dequantized in registers straight into tensor-core fragments
+// (mma.sync m16n8k16, fp32 accumulation), x rows as the 8-wide N side of the mma. One fragment
+// column block of 8 x rows per TILES_M, so M <= 16 costs at most two mma per weight fragment.
+constexpr int kSkinnyMaxM = 16;
+// k per mma chunk: 4 mma k-steps of 16 that share one absmax per weight row, hence the
+// requirement blocksize >= 64 and K % blocksize == 0 (a block never straddles a row or a chunk).
+constexpr int kSkinnyChunk = 64;
+
+void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream);
+
+}  // namespace lowrank::gemm

@@ -1,0 +1,186 @@
+"""The matmul_4bit op on every dispatch path: accuracy against an fp32 reference on the same
+dequantized weight (flash-attention's rule: at most 2x the error of plain PyTorch F.linear in the
+same precision), determinism, opcheck, and the errors of a path forced where it cannot run."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowrank
+from lowrank import ops
+
+ERROR_FACTOR = 2.0
+
+
+def _quantized(n, k, quant_type, blocksize, double_quant, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    return lowrank.quantize_4bit(w.to(device), quant_type, blocksize, double_quant)
+
+
+def _assert_within_rule(y, x, q, bias):
+    w_hat = q.dequantize(torch.float32)
+    b32 = None if bias is None else bias.float()
+    ref = torch.nn.functional.linear(x.float(), w_hat, b32)
+    plain = torch.nn.functional.linear(x, w_hat.to(x.dtype), bias)
+    err, plain_err = (y.float() - ref).norm(), (plain.float() - ref).norm()
+    assert torch.isfinite(y).all()
+    assert err <= ERROR_FACTOR * plain_err + 1e-6 * ref.norm(), (err, plain_err)
+    # a localised indexing error hides in a norm over many elements: bound the worst element too
+    worst, plain_worst = (y.float() - ref).abs().max(), (plain.float() - ref).abs().max()
+    assert worst <= 4 * plain_worst + 1e-5 * ref.abs().max(), (worst, plain_worst)
+
+
+# --- the skinny kernel (CUDA) ------------------------------------------------------------------
+
+@given(m=st.integers(1, 16), n=st.sampled_from([1, 15, 16, 17, 64, 100, 256, 1040]),
+       k=st.sampled_from([64, 128, 192, 512, 1024, 4096]), quant_type=st.sampled_from(["nf4", "fp4"]),
+       blocksize=st.sampled_from([64, 128, 256]), double_quant=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
+       lead=st.sampled_from([(), (1,)]), seed=st.integers(0, 2**31 - 1))
+def test_skinny_kernel_matches_reference(cuda_device, m, n, k, quant_type, blocksize, double_quant, dtype,
+                                         with_bias, lead, seed):
+    if k % blocksize:
+        blocksize = 64
+    q = _quantized(n, k, quant_type, blocksize, double_quant, cuda_device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, m, k, generator=g).to(cuda_device, dtype)
+    bias = torch.randn(n, generator=g).to(cuda_device, dtype) if with_bias else None
+    y = lowrank.matmul_4bit(x, q, bias, path="skinny")
+    assert y.shape == (*lead, m, n) and y.dtype == dtype
+    _assert_within_rule(y, x, q, bias)
+    # deterministic: the split-K partial sums are added in a fixed order
+    assert torch.equal(y, lowrank.matmul_4bit(x, q, bias, path="skinny"))
+    # "auto" takes the skinny kernel for this call: same bits
+    assert torch.equal(y, lowrank.matmul_4bit(x, q, bias))
+
+
+def test_skinny_kernel_model_shape(cuda_device):
+    """A model-sized weight (split-K over 8 warps with many chunks each, several tiles per CTA)."""
+    q = _quantized(4096, 4096, "nf4", 64, True, cuda_device, 0)
+    for m in (1, 7, 16):
+        x = torch.randn(m, 4096, device=cuda_device, dtype=torch.bfloat16)
+        _assert_within_rule(lowrank.matmul_4bit(x, q, path="skinny"), x, q, None)
+
+
+def test_skinny_kernel_propagates_nan_and_inf(cuda_device):
+    q = _quantized(32, 128, "nf4", 64, True, cuda_device, 1)
+    x = torch.randn(3, 128, device=cuda_device, dtype=torch.float16)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    y = lowrank.matmul_4bit(x, q, path="skinny")
+    ref = lowrank.matmul_4bit(x, q, path="dequantize")
+    assert torch.isfinite(y[0]).all()
+    assert torch.isnan(y[1]).all()
+    assert torch.equal(torch.isnan(y[2]), torch.isnan(ref[2])) and torch.equal(torch.isinf(y[2]), torch.isinf(ref[2]))
+
+
+def test_skinny_kernel_reads_a_strided_x(cuda_device):
+    q = _quantized(48, 256, "nf4", 64, False, cuda_device, 2)
+    big = torch.randn(5, 512, device=cuda_device, dtype=torch.bfloat16)
+    x = big[:, 1:257]  # not contiguous, not 16-byte aligned
+    _assert_within_rule(lowrank.matmul_4bit(x, q, path="skinny"), x.contiguous(), q, None)
+
+
+@pytest.mark.parametrize("make_call, message", [
+    (lambda d: (torch.randn(17, 64, device=d, dtype=torch.float16), 64), "at most 16 rows"),
+    (lambda d: (torch.randn(2, 64, device=d), 64), "float16 or bfloat16"),
+    (lambda d: (torch.randn(2, 64, device=d, dtype=torch.float16), 32), "blocksize >= 64"),
+    (lambda d: (torch.randn(2, 96, device=d, dtype=torch.float16), 64), "multiple of blocksize"),
+])
+def test_skinny_path_refuses_what_it_cannot_take(cuda_device, make_call, message):
+    x, blocksize = make_call(cuda_device)
+    q = _quantized(32, x.shape[-1], "nf4", blocksize, True, cuda_device, 3)
+    with pytest.raises(RuntimeError, match=message):
+        lowrank.matmul_4bit(x, q, path="skinny")
+    _assert_within_rule(lowrank.matmul_4bit(x, q), x, q, None)  # "auto" falls back
+
+
+# --- the dequantize path and the op's contract (every device) ----------------------------------
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_path(device, dtype, double_quant):
+    q = _quantized(40, 192, "nf4", 64, double_quant, device, 4)
+    x = torch.randn(2, 33, 192, device=device).to(dtype)
+    bias = torch.randn(40, device=device).to(dtype)
+    y = lowrank.matmul_4bit(x, q, bias, path="dequantize")
+    assert torch.equal(y, torch.nn.functional.linear(x, q.dequantize(dtype), bias))
+
+
+def test_skinny_path_is_cuda_only():
+    q = _quantized(32, 64, "nf4", 64, True, "cpu", 5)
+    with pytest.raises(RuntimeError, match="'skinny' is a CUDA kernel"):
+        lowrank.matmul_4bit(torch.randn(2, 64, dtype=torch.bfloat16), q, path="skinny")
+
+
+def test_op_rejects_bad_input(device):
+    q = _quantized(32, 64, "nf4", 64, True, device, 6)
+    x = torch.randn(2, 64, device=device)
+    args = [x, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.quant_map,
+            64, 256, 32, 64, None, "auto"]
+
+    def call(**changes):
+        a = list(args)
+        names = ["x", "packed", "absmax", "nested_absmax", "nested_qmap", "offset", "values", "blocksize",
+                 "nested_blocksize", "out_features", "in_features", "bias", "path"]
+        for key, v in changes.items():
+            a[names.index(key)] = v
+        return ops.matmul_4bit(*a)
+
+    with pytest.raises(RuntimeError, match="path must be 'auto', 'skinny' or 'dequantize'"):
+        call(path="fast")
+    with pytest.raises(RuntimeError, match="last dimension must be in_features = 64"):
+        call(x=torch.randn(2, 65, device=device))
+    with pytest.raises(RuntimeError, match="1024 bytes for a \\[32, 64\\] weight"):
+        call(packed=q.packed.reshape(-1)[:-1])
+    with pytest.raises(RuntimeError, match="given together"):
+        call(offset=None)
+    with pytest.raises(RuntimeError, match="8-bit codes of a double-quantized absmax"):
+        call(absmax=q.absmax.float())
+    with pytest.raises(RuntimeError, match="absmax must be Float"):
+        call(absmax=q.absmax, nested_absmax=None, nested_qmap=None, offset=None)
+    with pytest.raises(RuntimeError, match="bias must be \\[32\\] in x's dtype"):
+        call(bias=torch.zeros(32, device=device, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        call(x=torch.randn(2, 64, device=device).double())
+    with pytest.raises(RuntimeError, match="weight shape must be positive"):
+        call(out_features=0)
+
+
+def test_matmul_4bit_rejects_unknown_path():
+    q = _quantized(32, 64, "nf4", 64, True, "cpu", 7)
+    with pytest.raises(ValueError, match="path must be one of"):
+        lowrank.matmul_4bit(torch.randn(2, 64), q, path="fast")
+
+
+def test_opcheck_matmul_4bit(device):
+    for double_quant in (False, True):
+        q = _quantized(48, 128, "nf4", 64, double_quant, device, 8)
+        for dtype, m in ((torch.bfloat16, 3), (torch.float16, 20), (torch.float32, 2)):
+            x = torch.randn(m, 128, device=device).to(dtype)
+            bias = torch.randn(48, device=device).to(dtype)
+            torch.library.opcheck(torch.ops.lowrank.matmul_4bit.default,
+                                  (x, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
+                                   q.nested_offset, q.quant_map, 64, 256, 48, 128, bias, "auto"))
+
+
+def test_linear4bit_cuda_graph_capture(cuda_device):
+    """The skinny and the dequantize paths allocate only through the caching allocator and launch on
+    the current stream: a captured forward replays to the same result."""
+    layer = lowrank.nn.Linear4bit.from_linear(torch.nn.Linear(256, 96), compute_dtype=torch.bfloat16).to(cuda_device)
+    for m in (4, 64):  # skinny, dequantize
+        x = torch.randn(m, 256, device=cuda_device, dtype=torch.bfloat16)
+        expected = layer(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)  # warm-up on the side stream, as torch.cuda.graphs asks
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, layer(x))
+        assert not torch.equal(out, expected)
