@@ -6,7 +6,8 @@
 #   LOWRANK_COMMIT=$(git rev-parse HEAD) LOWRANK_CSRC_TREE=$(git rev-parse HEAD:csrc) bash scripts/gpu_check.sh
 #
 # (the device machine gets a copy of the work tree without .git, so the commit comes in by env).
-# Steps: build | tests | bench | sanitizer; LOWRANK_STEPS picks a subset (default: all).
+# Steps: build | tests | bench (or bench_quant, bench_matmul, bench_lora) | profile | sanitizer | debug;
+# LOWRANK_STEPS picks a subset (default: build,tests,bench,sanitizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lowrank_gpu_out}
@@ -52,10 +53,13 @@ if has debug; then  # native backtrace of one test: LOWRANK_DEBUG_TEST="file::na
   grep -E "^#|signal|Error" "$LOGS/debug_backtrace.log" | head -40
 fi
 
-if has bench; then
-  echo "== bench_quant"
-  python3 benchmarks/bench_quant.py --out benchmarks/results/bench_quant.json 2>&1 | tee "$LOGS/bench_quant.log"
-fi
+# bench = every benchmark; bench_quant / bench_matmul / bench_lora pick one
+for b in quant matmul lora; do
+  if { has bench || has "bench_$b"; } && [ -f "benchmarks/bench_$b.py" ]; then
+    echo "== bench_$b"
+    timeout 540 python3 "benchmarks/bench_$b.py" --out "benchmarks/results/bench_$b.json" 2>&1 | tee "$LOGS/bench_$b.log"
+  fi
+done
 
 if has profile; then  # kernel times of one call (torch.profiler), then ncu on the hot kernels
   python3 scripts/profile_quant.py > "$LOGS/torch_profile.txt" 2>&1
@@ -71,7 +75,7 @@ if has sanitizer; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
     HYPOTHESIS_PROFILE=sanitizer timeout 300 compute-sanitizer --tool "$tool" --target-processes all \
-      --error-exitcode 99 python3 -m pytest tests/test_quant_ops.py tests/test_golden.py -q -k cuda \
+      --error-exitcode 99 python3 -m pytest tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py -q -k cuda \
       -p no:cacheprovider > "$LOGS/sanitizer_$tool.log" 2>&1
     echo "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$LOGS/sanitizer_$tool.log" | tail -3
   done

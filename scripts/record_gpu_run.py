@@ -65,16 +65,22 @@ def main():
         s = sanitizer_summary(os.path.join(args.out_dir, f"sanitizer_{tool}.log"))
         if s is not None:
             record.setdefault("sanitizer", {})[tool] = {**s, "csrc_tree": env["csrc_tree"]}
-    bench = "benchmarks/results/bench_quant.json"
-    if os.path.exists(bench):
-        with open(bench) as f:
+    keep = {"quant": ("op", "impl", "shape", "median_ms", "gbs", "target_gbs", "meets_target"),
+            "matmul": ("shape", "m", "pass", "impl", "us", "vs_bf16", "gbs", "tflops", "target", "meets_target",
+                       "rel_error", "bf16_linear_rel_error")}
+    for name in sorted(glob.glob("benchmarks/results/bench_*.json")):
+        kind = os.path.basename(name)[len("bench_"):-len(".json")]
+        with open(name) as f:
             b = json.load(f)
-        if b["env"].get("csrc_tree") == env["csrc_tree"]:
-            record["bench_quant"] = {"copy_ceiling_gbs": b["copy_ceiling_gbs"], "csrc_tree": env["csrc_tree"], "rows": [
-                {k: r[k] for k in ("op", "impl", "shape", "median_ms", "gbs", "target_gbs", "meets_target") if k in r}
-                for r in b["rows"]]}
+        if b["env"].get("csrc_tree") != env["csrc_tree"]:
+            continue  # an older run's file: its own record stays as it was
+        fields = keep.get(kind)
+        rows = b.get("rows", [])
+        record[f"bench_{kind}"] = {
+            **{k: v for k, v in b.items() if k not in ("rows", "env")}, "csrc_tree": env["csrc_tree"],
+            "rows": [{k: r[k] for k in fields if k in r} for r in rows] if fields else rows}
     harness.write_json(args.json, record)
-    print(json.dumps({k: v for k, v in record.items() if k != "bench_quant"}, indent=1)[:3000])
+    print(json.dumps({k: v for k, v in record.items() if not k.startswith("bench_")}, indent=1)[:3000])
 
 
 if __name__ == "__main__":

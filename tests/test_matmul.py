@@ -38,7 +38,7 @@ def _assert_within_rule(y, x, q, bias):
        blocksize=st.sampled_from([64, 128, 256]), double_quant=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
        lead=st.sampled_from([(), (1,)]), seed=st.integers(0, 2**31 - 1))
-def test_skinny_kernel_matches_reference(cuda_device, m, n, k, quant_type, blocksize, double_quant, dtype,
+def test_cuda_skinny_kernel_matches_reference(cuda_device, m, n, k, quant_type, blocksize, double_quant, dtype,
                                          with_bias, lead, seed):
     if k % blocksize:
         blocksize = 64
@@ -55,7 +55,7 @@ def test_skinny_kernel_matches_reference(cuda_device, m, n, k, quant_type, block
     assert torch.equal(y, lowrank.matmul_4bit(x, q, bias))
 
 
-def test_skinny_kernel_model_shape(cuda_device):
+def test_cuda_skinny_kernel_model_shape(cuda_device):
     """A model-sized weight (split-K over 8 warps with many chunks each, several tiles per CTA)."""
     q = _quantized(4096, 4096, "nf4", 64, True, cuda_device, 0)
     for m in (1, 7, 16):
@@ -63,7 +63,7 @@ def test_skinny_kernel_model_shape(cuda_device):
         _assert_within_rule(lowrank.matmul_4bit(x, q, path="skinny"), x, q, None)
 
 
-def test_skinny_kernel_propagates_nan_and_inf(cuda_device):
+def test_cuda_skinny_kernel_propagates_nan_and_inf(cuda_device):
     q = _quantized(32, 128, "nf4", 64, True, cuda_device, 1)
     x = torch.randn(3, 128, device=cuda_device, dtype=torch.float16)
     x[1, 5] = float("nan")
@@ -75,7 +75,7 @@ def test_skinny_kernel_propagates_nan_and_inf(cuda_device):
     assert torch.equal(torch.isnan(y[2]), torch.isnan(ref[2])) and torch.equal(torch.isinf(y[2]), torch.isinf(ref[2]))
 
 
-def test_skinny_kernel_reads_a_strided_x(cuda_device):
+def test_cuda_skinny_kernel_reads_a_strided_x(cuda_device):
     q = _quantized(48, 256, "nf4", 64, False, cuda_device, 2)
     big = torch.randn(5, 512, device=cuda_device, dtype=torch.bfloat16)
     x = big[:, 1:257]  # not contiguous, not 16-byte aligned
@@ -88,7 +88,7 @@ def test_skinny_kernel_reads_a_strided_x(cuda_device):
     (lambda d: (torch.randn(2, 64, device=d, dtype=torch.float16), 32), "blocksize >= 64"),
     (lambda d: (torch.randn(2, 96, device=d, dtype=torch.float16), 64), "multiple of blocksize"),
 ])
-def test_skinny_path_refuses_what_it_cannot_take(cuda_device, make_call, message):
+def test_cuda_skinny_path_refuses_what_it_cannot_take(cuda_device, make_call, message):
     x, blocksize = make_call(cuda_device)
     q = _quantized(32, x.shape[-1], "nf4", blocksize, True, cuda_device, 3)
     with pytest.raises(RuntimeError, match=message):
@@ -165,7 +165,7 @@ def test_opcheck_matmul_4bit(device):
                                    q.nested_offset, q.quant_map, 64, 256, 48, 128, bias, "auto"))
 
 
-def test_linear4bit_cuda_graph_capture(cuda_device):
+def test_cuda_graph_capture_linear4bit(cuda_device):
     """The skinny and the dequantize paths allocate only through the caching allocator and launch on
     the current stream: a captured forward replays to the same result."""
     layer = lowrank.nn.Linear4bit.from_linear(torch.nn.Linear(256, 96), compute_dtype=torch.bfloat16).to(cuda_device)
