@@ -1,0 +1,158 @@
+"""LoRA and DoRA forward + backward as one autograd function that keeps memory lean.
+
+The unfused path (LoraLinear.forward_unfused, PEFT's formulation) casts x to float32 for the
+adapter branch and builds the low-rank term as [M, out] float32 temporaries: at M = 8192 tokens of a
+14336 x 4096 projection that is 1.4 GB of temporaries (PEFT measures 1410 MB above the inputs). This
+function computes the same math in x's compute dtype with fp32 accumulation (cuBLAS / the backend's
+matmul) and keeps only what the backward needs:
+
+    forward   h = x' A^T                      [M, r]      x' = dropout(x), mask from a seed
+              y = x W^T + s h B^T (+ bias)     the low-rank term added in place into y by one
+                                               addmm (beta = 1): no [M, out] temporary
+    DoRA      y = v * (x W^T + s h B^T) + bias, v = m / n (n detached); v folded into the
+              weight's rows (dequantized weight scaled in place, B scaled: [out, r]) rather than
+              a pass over y, except at M <= 16 where the fused 4-bit kernel runs and y is small
+    saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (for
+              dm) and v; for a 4-bit base only the packed weight
+    backward  g  = dY B_v                      [M, r]      B_v = v * B for DoRA, B for LoRA
+              dX = dY W_v + s (g A) * mask     one GEMM over the dequantized (scaled) weight, the
+                                               low-rank term added in place
+              dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * (y - bias)) / m
+
+A 4-bit base goes through lowrank.matmul_4bit's op (the fused skinny kernel for M <= 16, else
+dequantize + cuBLAS). What is not here yet (issue 4/5): the low-rank term inside the base GEMM's
+epilogue, v folded into the dequantize kernel, one kernel for dB and dm (both read dY once), and
+DoRA with dropout (it takes the unfused path).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .quantized import QuantizedTensor
+
+
+def dropout_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The dropout keep-mask (bool) drawn from ``seed``: the same mask in forward and backward."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.rand(shape, generator=g, device=device, dtype=torch.float32) >= p
+
+
+def _dropped(x2, seed, p):
+    keep = dropout_keep_mask(seed, x2.shape, p, x2.device)
+    return x2 * keep.to(x2.dtype) * (1.0 / (1.0 - p))
+
+
+def _base_weight(weight, quant, dtype, row_scale=None):
+    """The base weight [out, in] in ``dtype``, rows scaled by ``row_scale`` (DoRA's v) if given."""
+    if quant is not None:
+        w = quant.dequantize(dtype)  # a fresh temporary: scale it in place
+        return w.mul_(row_scale.to(dtype)[:, None]) if row_scale is not None else w
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    return w * row_scale.to(dtype)[:, None] if row_scale is not None else w
+
+
+def _base_matmul(x2, weight, quant, bias):
+    if quant is not None:
+        return ops.matmul_4bit(x2, quant.packed.reshape(-1), quant.absmax, quant.nested_absmax,
+                               quant.nested_quant_map, quant.nested_offset, quant.quant_map, quant.blocksize,
+                               quant.nested_blocksize, quant.shape[0], quant.shape[1], bias, "auto")
+    return F.linear(x2, weight, bias)
+
+
+class LoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, magnitude, weight_norm, weight, quant, bias, scaling, dropout_p, seed):
+        cd = x.dtype  # the compute dtype (the caller casts x)
+        n_out, k_in = lora_B.shape[0], lora_A.shape[1]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k_in)
+        m_rows = x2.shape[0]
+        xd = _dropped(x2, seed, dropout_p) if dropout_p > 0 else x2
+        a_c, b_c = lora_A.to(cd), lora_B.to(cd)
+        h = xd @ a_c.t()
+        bias_c = None if bias is None else bias.to(cd)
+        dora = magnitude is not None
+        if not dora:
+            y = _base_matmul(x2, weight, quant, bias_c)
+            y.addmm_(h, b_c.t(), alpha=scaling)
+            v = None
+        else:
+            v = magnitude.detach().float() / weight_norm  # n is detached (DoRA section 4.3)
+            b_v = b_c * v.to(cd)[:, None]
+            if quant is not None and m_rows <= 16:  # the fused kernel, then scale the small y
+                y = _base_matmul(x2, None, quant, None).mul_(v.to(cd))
+            else:
+                y = F.linear(x2, _base_weight(weight, quant, cd, v), None)
+            y.addmm_(h, b_v.t(), alpha=scaling)  # y = v * (x W^T + s h B^T), no bias yet
+        ctx.save_for_backward(x2, h, lora_A, lora_B, magnitude, weight_norm if dora else None, v,
+                              y if dora else None)
+        ctx.weight, ctx.quant, ctx.scaling, ctx.dropout_p, ctx.seed = weight, quant, scaling, dropout_p, seed
+        ctx.lead, ctx.cd = lead, cd
+        if dora and bias_c is not None:
+            y = y + bias_c  # a new tensor: the saved y stays bias-free
+        return y.view(*lead, n_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, h, lora_A, lora_B, magnitude, weight_norm, v, y_saved = ctx.saved_tensors
+        cd, s, p = ctx.cd, ctx.scaling, ctx.dropout_p
+        n_out = lora_B.shape[0]
+        dy2 = dy.reshape(-1, n_out).to(cd)
+        a_c, b_c = lora_A.to(cd), lora_B.to(cd)
+        b_v = b_c if v is None else b_c * v.to(cd)[:, None]
+        keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device) if p > 0 else None
+        g = dy2 @ b_v  # [M, r]
+        grad_x = grad_a = grad_b = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = dy2 @ _base_weight(ctx.weight, ctx.quant, cd, v)
+            if keep is None:
+                grad_x.addmm_(g, a_c, alpha=s)
+            else:
+                grad_x.add_((g @ a_c) * keep.to(cd), alpha=s / (1.0 - p))
+            grad_x = grad_x.view(*ctx.lead, x2.shape[1])
+        if ctx.needs_input_grad[2]:
+            grad_b = dy2.t() @ h
+            if v is not None:
+                grad_b = grad_b * v.to(cd)[:, None]
+            grad_b = (grad_b.float() * s).to(lora_B.dtype)
+        if ctx.needs_input_grad[1]:
+            xd = x2 if keep is None else x2 * keep.to(cd) * (1.0 / (1.0 - p))
+            grad_a = ((g.t() @ xd).float() * s).to(lora_A.dtype)
+        if magnitude is not None and ctx.needs_input_grad[3]:
+            # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free),
+            # summed in row chunks so the float32 products never make an [M, out] temporary
+            m32 = magnitude.detach().float()
+            grad_m = torch.zeros(n_out, dtype=torch.float32, device=dy2.device)
+            rows = max(1, 2**24 // n_out)
+            for i in range(0, dy2.shape[0], rows):
+                grad_m += (dy2[i:i + rows].float() * y_saved[i:i + rows].float()).sum(0)
+            zero = m32 == 0
+            grad_m = torch.where(zero, torch.zeros_like(grad_m), grad_m / torch.where(zero, 1.0, m32))
+            if bool(zero.any()):  # y = 0 there, z is lost: rebuild those columns' z = x W^T + s h B^T
+                cols = zero.nonzero().flatten()
+                w_cols = _base_weight(ctx.weight, ctx.quant, torch.float32)[cols]
+                z = x2.float() @ w_cols.t() + s * (h.float() @ lora_B.float()[cols].t())
+                grad_m[cols] = (dy2.float()[:, cols] * z).sum(0) / weight_norm[cols]
+            grad_m = grad_m.to(magnitude.dtype)
+        return grad_x, grad_a, grad_b, grad_m, None, None, None, None, None, None, None
+
+
+def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
+                 weight: torch.Tensor | None = None, quant: QuantizedTensor | None = None,
+                 bias: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int | None = None,
+                 magnitude: torch.Tensor | None = None, weight_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """y = base(x) + s * dropout(x) A^T B^T (LoRA), or DoRA's y = (m / n) (x W^T + s x A^T B^T) + bias
+    with ``magnitude`` m and the detached row norm ``weight_norm`` n. Exactly one of ``weight``
+    ([out, in], x's dtype) or ``quant`` (4-bit). x is in the compute dtype; the output too.
+    ``seed`` draws the dropout mask (from torch's global generator when None)."""
+    if (weight is None) == (quant is None):
+        raise ValueError("lora_forward: give exactly one of weight and quant")
+    if magnitude is not None and dropout_p > 0:
+        raise ValueError("lora_forward: DoRA with dropout takes the unfused path (LoraLinear does this)")
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return LoraFunction.apply(x, lora_A, lora_B, magnitude, weight_norm, weight, quant, bias, float(scaling),
+                              float(dropout_p), seed or 0)
