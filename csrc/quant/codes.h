@@ -49,15 +49,13 @@ LOWRANK_HD uint32_t code_8bit(float x, const float* qmap) {
   float lower = -1.0f, upper = 1.0f;
   float val = qmap[pivot];
   for (int step = 64; step > 0; step >>= 1) {
-    if (x > val) {
-      lower_idx = pivot;
-      lower = val;
-      pivot += step;
-    } else {
-      upper_idx = pivot;
-      upper = val;
-      pivot -= step;
-    }
+    // written as selects, not branches: the searches of one thread can then overlap
+    const bool up = x > val;
+    lower_idx = up ? pivot : lower_idx;
+    lower = up ? val : lower;
+    upper_idx = up ? upper_idx : pivot;
+    upper = up ? upper : val;
+    pivot = up ? pivot + step : pivot - step;
     val = qmap[pivot];
   }
   if (upper_idx == 255) upper = qmap[255];
