@@ -8,15 +8,23 @@
 
 This is the unfused path of issue 4, written in PyTorch ops (the reference for the fused LoRA
 kernels still to come). Parameter names contain ``lora_A`` / ``lora_B`` as in PEFT.
+
+DoRA's n comes from ``lowrank.dora`` (issue 5): expanded from ||W0||^2 (cached, see
+``base_row_sq_norm``), one pass A W0^T over the base weight and r x r / [out, r] float64 terms,
+with rows that suffer cancellation recomputed exactly. No [out, in] tensor is built for it, nor for
+the base term under dropout.
 """
 from __future__ import annotations
 
 import math
 import re
+import weakref
 
 import torch
 from torch import nn
 
+from .. import dora as _dora
+from ..matmul import matmul_4bit
 from ..quantized import quantize_4bit
 from .linear4bit import Linear4bit
 
@@ -47,8 +55,10 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.use_dora = use_dora
+        self._w0_sq_norm: torch.Tensor | None = None  # cache of base_row_sq_norm(); see there
+        self._w0_sq_norm_key = None
         if use_dora:  # m = ||W0||_row (B = 0 at init, so this is ||W0 + s B A||_row too)
-            self.lora_magnitude_vector = nn.Parameter(self.base_weight_fp32().norm(dim=1))
+            self.lora_magnitude_vector = nn.Parameter(self.base_row_sq_norm().sqrt().float())
         self.merged = False
         self.merge_error: float | None = None
         self._unmerged_base = None
@@ -60,24 +70,74 @@ class LoraLinear(nn.Module):
             return base.weight.detach().float()
         return base.quant.dequantize(torch.float32)
 
+    def _base_weight(self):
+        """W0 as it is stored: nn.Linear's weight tensor or Linear4bit's QuantizedTensor."""
+        base = self.base_layer
+        return base.weight if isinstance(base, nn.Linear) else base.quant
+
+    def _base_weight_key(self):
+        """What identifies W0's current contents: the object (weakly referenced, so a new weight
+        never matches a dead one's cache) and the address and version counter of each of its
+        tensors (a move changes the address, an in-place write through autograd's view of the
+        tensor bumps the version)."""
+        w = self._base_weight()
+        if isinstance(w, torch.Tensor):
+            tensors = (w,)
+        else:
+            tensors = (w.packed, w.absmax, w.nested_absmax, w.nested_offset)
+        return weakref.ref(w), tuple((t.device, t.data_ptr(), t._version) for t in tensors if t is not None)
+
+    def reset_norm_cache(self):
+        """Forget the cached ||W0||^2 (done automatically on merge/unmerge, ``.to()`` and any
+        change of W0 the cache key sees; call it after writing W0 in place through ``.data``,
+        which no version counter records)."""
+        self._w0_sq_norm = self._w0_sq_norm_key = None
+
+    def base_row_sq_norm(self) -> torch.Tensor:
+        """||W0||^2 per output row, float64 [out] (W0 dequantized to float32 for a 4-bit base).
+
+        W0 is frozen, so this is computed once (in row chunks, lowrank.dora.base_row_sq_norm) and
+        cached in a plain attribute: not a buffer, so it is neither saved in the state dict nor
+        cast by ``.half()``. The cache is dropped on merge/unmerge, ``.to()``/``.cuda()``/dtype
+        casts and pickling, and checked against W0 at each use: a different weight object (a new
+        QuantizedTensor after load_state_dict, a replaced Parameter), a moved tensor or an
+        in-place write (``copy_``, load_state_dict into nn.Linear) recomputes it. A write through
+        ``.data`` is invisible to that check: call ``reset_norm_cache()`` after one."""
+        key = self._base_weight_key()
+        cached = self._w0_sq_norm_key
+        if self._w0_sq_norm is None or cached is None or cached[0]() is not key[0]() or cached[1] != key[1]:
+            self._w0_sq_norm = _dora.base_row_sq_norm(self._base_weight())
+            self._w0_sq_norm_key = key
+        return self._w0_sq_norm
+
     def dora_weight_norm(self) -> torch.Tensor:
-        """n = ||W0 + s B A|| per output row, float32 [out], detached. (Materialises [out, in]; the
-        fused norm of issue 5 will not.)"""
-        with torch.no_grad():
-            return (self.base_weight_fp32() + self.delta_weight()).norm(dim=1)
+        """n = ||W0 + s B A|| per output row, float32 [out], detached, without any [out, in]
+        temporary (lowrank.dora.dora_weight_norm; rows with cancellation recomputed exactly)."""
+        return _dora.dora_weight_norm(self._base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                      base_sq_norm=self.base_row_sq_norm())
+
+    def _base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """x W0^T without the bias, as the base layer computes it (its dtypes), with no [out, in]
+        float copy of W0: nn.Linear's weight as it is, or matmul_4bit in Linear4bit's compute dtype."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return torch.nn.functional.linear(x, base.weight)
+        cd = base.compute_dtype or x.dtype
+        return matmul_4bit(x.to(cd), base.quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
-        x_lora = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        x_dropped = self.lora_dropout(x)
+        x_lora = x_dropped.to(self.lora_A.weight.dtype)
         lora = self.lora_B(self.lora_A(x_lora))
         if not self.use_dora:
             return result + (lora * self.scaling).to(result.dtype)
         scale = self.lora_magnitude_vector / self.dora_weight_norm()
         if dropout_active:  # the base term sees the dropped input, as in PEFT
-            base_no_bias = torch.nn.functional.linear(x_lora, self.base_weight_fp32())
+            base_no_bias = self._base_no_bias(x_dropped).to(x_lora.dtype)
         else:
             base_no_bias = result.to(x_lora.dtype)
             if self.base_layer.bias is not None:
@@ -111,6 +171,7 @@ class LoraLinear(nn.Module):
             self.merge_error = float((merged.dequantize(torch.float32) - target).norm() / target.norm())
             self._unmerged_base, base.quant = q, merged
         self.merged = True
+        self.reset_norm_cache()
         return self.merge_error
 
     @torch.no_grad()
@@ -122,6 +183,16 @@ class LoraLinear(nn.Module):
         else:
             self.base_layer.quant = self._unmerged_base
         self._unmerged_base, self.merged, self.merge_error = None, False, None
+        self.reset_norm_cache()
+
+    def _apply(self, fn, recurse=True):
+        self.reset_norm_cache()  # a move or cast of W0 (the cache would also see it; this frees it now)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # pickling / deepcopy: a weak reference cannot be pickled; recompute later
+        state = super().__getstate__()
+        state["_w0_sq_norm"] = state["_w0_sq_norm_key"] = None
+        return state
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, use_dora={self.use_dora}, "
