@@ -33,6 +33,11 @@ from . import ops
 from .quantized import QuantizedTensor
 
 
+def draw_seed() -> int:
+    """A dropout seed from torch's global generator (so torch.manual_seed makes runs repeatable)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
 def dropout_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     """The dropout keep-mask (bool) drawn from ``seed``: the same mask in forward and backward."""
     g = torch.Generator(device=device)
@@ -153,6 +158,6 @@ def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
     if magnitude is not None and dropout_p > 0:
         raise ValueError("lora_forward: DoRA with dropout takes the unfused path (LoraLinear does this)")
     if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        seed = draw_seed()
     return LoraFunction.apply(x, lora_A, lora_B, magnitude, weight_norm, weight, quant, bias, float(scaling),
                               float(dropout_p), seed or 0)

@@ -31,6 +31,19 @@ def _randomize_lora(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+class _SeededDropout(nn.Module):
+    """Dropout that draws its mask as lowrank's lean LoRA path does (a seed from the global generator)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        from lowrank.lora_function import draw_seed, dropout_keep_mask
+        keep = dropout_keep_mask(draw_seed(), x.shape, self.p, x.device)
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
 def _peft_twin(base, ours, use_rslora, targets, use_dora=False, lora_dropout=0.0):
     """PEFT's model over a copy of `base`, with our adapter weights copied in."""
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=lora_dropout,
@@ -199,11 +212,17 @@ def test_dropout_in_training_matches_peft(use_dora):
                             lora_dropout=0.25, use_dora=use_dora).train()
     _randomize_lora(ours)
     twin = _peft_twin(base, ours, False, ["q_proj", "v_proj"], use_dora, lora_dropout=0.25).train()
-    x = torch.randn(6, 32)
+    if not use_dora:  # our LoRA draws its mask from a seed (regenerated in backward): give PEFT that dropout
+        for name in ("q_proj", "v_proj"):
+            twin.base_model.model.get_submodule(name).lora_dropout["default"] = _SeededDropout(0.25)
+    x = torch.randn(6, 32, requires_grad=True)
     torch.manual_seed(123)
     y1 = ours(x)
     torch.manual_seed(123)
     y2 = twin(x)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    g1, = torch.autograd.grad(y1.sum(), x)
+    g2, = torch.autograd.grad(y2.sum(), x)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)  # the backward regenerated the same mask
     ours.eval()
     assert not torch.equal(ours(x), y1)  # dropout was really active in training

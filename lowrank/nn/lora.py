@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import dora as _dora
+from ..lora_function import lora_forward
 from ..matmul import matmul_4bit
 from ..quantized import quantize_4bit
 from .linear4bit import Linear4bit
@@ -126,9 +127,38 @@ class LoraLinear(nn.Module):
         return matmul_4bit(x.to(cd), base.quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
+            return self.base_layer(x)
+        lean = self._lean_call(x)
+        if lean is not None:
+            return lean
+        return self.forward_reference(x)
+
+    def _lean_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The lean autograd function (lowrank.lora_function), or None where it does not apply: a
+        trainable base weight or bias, x in another dtype than an nn.Linear base's weight, or DoRA
+        with dropout active (PEFT's rule there runs the base GEMM twice: the reference path)."""
+        base = self.base_layer
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        if self.use_dora and dropout_active:
+            return None
+        if any(p.requires_grad for p in base.parameters()):
+            return None
+        if isinstance(base, nn.Linear):
+            if x.dtype != base.weight.dtype:
+                return None
+            cd, kw = x.dtype, dict(weight=base.weight)
+        else:
+            cd, kw = base.compute_dtype or x.dtype, dict(quant=base.quant)
+        dora = dict(magnitude=self.lora_magnitude_vector, weight_norm=self.dora_weight_norm()) if self.use_dora else {}
+        y = lora_forward(x.to(cd), self.lora_A.weight, self.lora_B.weight, self.scaling, bias=base.bias,
+                         dropout_p=self.lora_dropout.p if dropout_active else 0.0, **kw, **dora)
+        return y.to(x.dtype)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's formulation in PyTorch ops (adapter branch in the adapters' float32, nn.Dropout):
+        the reference the lean path is tested against, and the path for the cases it leaves out."""
+        result = self.base_layer(x)
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         x_dropped = self.lora_dropout(x)
         x_lora = x_dropped.to(self.lora_A.weight.dtype)
