@@ -22,6 +22,9 @@ TORCH_LIBRARY(lowrank, m) {
   // dtype, W 4-bit [out_features, in_features]: absmax fp32, or (double quant) its uint8 codes with
   // nested_absmax / nested_qmap / offset. path: 'auto' (the dispatch rule), 'skinny' (CUDA, M <= 16)
   // or 'dequantize' (dequantize + the backend's matmul).
+  // LoRA/DoRA backward: dy [M, N], h [M, r] (same dtype), y [M, N] or None -> (dy^T h fp32 [N, r],
+  // sum over rows of dy * y fp32 [N], or [0] without y): dB and DoRA's dm in one read of dy
+  m.def("lora_column_reduce(Tensor dy, Tensor h, Tensor? y) -> (Tensor, Tensor)");
   m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor? bias, str path) -> Tensor");
 }
 

@@ -17,12 +17,12 @@ matmul) and keeps only what the backward needs:
     backward  g  = dY B_v                      [M, r]      B_v = v * B for DoRA, B for LoRA
               dX = dY W_v + s (g A) * mask     one GEMM over the dequantized (scaled) weight, the
                                                low-rank term added in place
-              dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * (y - bias)) / m
+              dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free;
+              dY^T h and sum_M(dY * y) come from one op (lora_column_reduce: one read of dY and y)
 
 A 4-bit base goes through lowrank.matmul_4bit's op (the fused skinny kernel for M <= 16, else
 dequantize + cuBLAS). What is not here yet (issue 4/5): the low-rank term inside the base GEMM's
-epilogue, v folded into the dequantize kernel, one kernel for dB and dm (both read dY once), and
-DoRA with dropout (it takes the unfused path).
+epilogue, v folded into the dequantize kernel, and DoRA with dropout (it takes the unfused path).
 """
 from __future__ import annotations
 
@@ -118,22 +118,20 @@ class LoraFunction(torch.autograd.Function):
             else:
                 grad_x.add_((g @ a_c) * keep.to(cd), alpha=s / (1.0 - p))
             grad_x = grad_x.view(*ctx.lead, x2.shape[1])
-        if ctx.needs_input_grad[2]:
-            grad_b = dy2.t() @ h
-            if v is not None:
-                grad_b = grad_b * v.to(cd)[:, None]
-            grad_b = (grad_b.float() * s).to(lora_B.dtype)
+        dora = v is not None
+        want_b, want_m = ctx.needs_input_grad[2], dora and ctx.needs_input_grad[3]
+        if want_b or want_m:  # dY^T h and DoRA's sum_M(dY * y): one read of dY (and y) on CUDA
+            dh, dot = ops.lora_column_reduce(dy2, h, y_saved if want_m else None)
+        if want_b:
+            grad_b = dh * v[:, None] if dora else dh
+            grad_b = (grad_b * s).to(lora_B.dtype)
         if ctx.needs_input_grad[1]:
             xd = x2 if keep is None else x2 * keep.to(cd) * (1.0 / (1.0 - p))
             grad_a = ((g.t() @ xd).float() * s).to(lora_A.dtype)
-        if magnitude is not None and ctx.needs_input_grad[3]:
-            # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free),
-            # summed in row chunks so the float32 products never make an [M, out] temporary
+        if want_m:
+            # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free)
             m32 = magnitude.detach().float()
-            grad_m = torch.zeros(n_out, dtype=torch.float32, device=dy2.device)
-            rows = max(1, 2**24 // n_out)
-            for i in range(0, dy2.shape[0], rows):
-                grad_m += (dy2[i:i + rows].float() * y_saved[i:i + rows].float()).sum(0)
+            grad_m = dot
             zero = m32 == 0
             grad_m = torch.where(zero, torch.zeros_like(grad_m), grad_m / torch.where(zero, 1.0, m32))
             if bool(zero.any()):  # y = 0 there, z is lost: rebuild those columns' z = x W^T + s h B^T

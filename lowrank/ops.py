@@ -230,3 +230,27 @@ def _(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, 
                              f"{tuple(bias.shape)}")
     torch._check(path in MATMUL_PATHS, lambda: f"path must be one of {MATMUL_PATHS}, got {path!r}")
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# --- lora_column_reduce ------------------------------------------------------------------------
+
+def lora_column_reduce(dy: torch.Tensor, h: torch.Tensor,
+                       y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA/DoRA backward's reductions over the rows of dy, in one read of dy (and y) on CUDA:
+    (dy^T h float32 [N, r], sum over rows of dy * y float32 [N], or an empty [0] without y).
+
+    dy [M, N] and h [M, r] (and y [M, N]) in one float dtype. Deterministic (fixed summation order)."""
+    return torch.ops.lowrank.lora_column_reduce(dy, h, y)
+
+
+@torch.library.register_fake("lowrank::lora_column_reduce")
+def _(dy, h, y):
+    torch._check(dy.dtype in _FLOATS, lambda: f"dy must be float32, float16 or bfloat16, got {dy.dtype}")
+    torch._check(dy.dim() == 2 and h.dim() == 2 and h.shape[0] == dy.shape[0],
+                 lambda: f"dy must be [M, N] and h [M, r] with the same M, got {tuple(dy.shape)} and {tuple(h.shape)}")
+    torch._check(h.dtype == dy.dtype, lambda: f"h must have dy's dtype {dy.dtype}, got {h.dtype}")
+    if y is not None:
+        torch._check(y.shape == dy.shape and y.dtype == dy.dtype, lambda: "y must match dy")
+    n = dy.shape[1]
+    return (dy.new_empty((n, h.shape[1]), dtype=torch.float32),
+            dy.new_empty((n,) if y is not None else (0,), dtype=torch.float32))

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lowrank
+from lowrank import ops
 from lowrank.lora_function import dropout_keep_mask, lora_forward
 
 
@@ -122,3 +123,60 @@ def test_lora_forward_keeps_no_float32_out_sized_temporary():
         y = lora_forward(x, a.requires_grad_(), b.requires_grad_(), 2.0, weight=w)
     assert y.dtype == torch.bfloat16 and y.shape == (256, 512)
     assert big == []
+
+
+# --- lora_column_reduce: dY^T h and DoRA's sum_M(dY * y), one read of dY ----------------------------
+
+@given(st.integers(1, 300), st.sampled_from([2, 6, 64, 66, 130, 333]), st.integers(1, 40), st.booleans(),
+       st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.integers(0, 2**31 - 1))
+def test_column_reduce_matches_float64(device, m, n, r, with_y, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    h = torch.randn(m, r, generator=g).to(dtype)
+    y = torch.randn(m, n, generator=g).to(dtype) if with_y else None
+    dh, dot = ops.lora_column_reduce(dy.to(device), h.to(device), None if y is None else y.to(device))
+    ref_dh = dy.double().t() @ h.double()
+    # fp32 accumulation of exact 16-bit products over M <= 300 rows: <= M u |terms| in the worst case (u = 2^-24)
+    scale = dy.double().abs().t() @ h.double().abs()
+    assert dh.shape == (n, r) and dh.dtype == torch.float32
+    assert ((dh.cpu().double() - ref_dh).abs() <= 4e-5 * scale + 1e-30).all()
+    if with_y:
+        ref_dot = (dy.double() * y.double()).sum(0)
+        dot_scale = (dy.double() * y.double()).abs().sum(0)
+        assert dot.shape == (n,) and ((dot.cpu().double() - ref_dot).abs() <= 4e-5 * dot_scale + 1e-30).all()
+    else:
+        assert dot.numel() == 0
+    # deterministic
+    again = ops.lora_column_reduce(dy.to(device), h.to(device), None if y is None else y.to(device))
+    assert torch.equal(again[0], dh) and torch.equal(again[1], dot)
+
+
+def test_column_reduce_model_shape(cuda_device):
+    """A training-sized call: many row splits, both column paths of a CTA, r = 16 and 32."""
+    for r in (16, 32):
+        dy = torch.randn(8192, 4096, device=cuda_device, dtype=torch.bfloat16)
+        h = torch.randn(8192, r, device=cuda_device, dtype=torch.bfloat16)
+        y = torch.randn_like(dy)
+        dh, dot = ops.lora_column_reduce(dy, h, y)
+        torch.testing.assert_close(dh, dy.float().t() @ h.float(), rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(dot, (dy.float() * y.float()).sum(0), rtol=1e-4, atol=1e-2)
+
+
+def test_column_reduce_rejects_bad_input(device):
+    dy = torch.randn(8, 6, device=device)
+    with pytest.raises(RuntimeError, match="same M"):
+        ops.lora_column_reduce(dy, torch.randn(7, 2, device=device))
+    with pytest.raises(RuntimeError, match="h must have dy's dtype"):
+        ops.lora_column_reduce(dy, torch.randn(8, 2, device=device).double())
+    with pytest.raises(RuntimeError, match="y must match dy"):
+        ops.lora_column_reduce(dy, torch.randn(8, 2, device=device), torch.randn(8, 5, device=device))
+    with pytest.raises(RuntimeError, match="dy must be float32, float16 or bfloat16"):
+        ops.lora_column_reduce(dy.int(), torch.randn(8, 2, device=device).int())
+
+
+def test_opcheck_column_reduce(device):
+    for dtype in (torch.bfloat16, torch.float32):
+        dy = torch.randn(70, 66, device=device, dtype=dtype)
+        h = torch.randn(70, 16, device=device, dtype=dtype)
+        torch.library.opcheck(torch.ops.lowrank.lora_column_reduce.default, (dy, h, torch.randn_like(dy)))
+        torch.library.opcheck(torch.ops.lowrank.lora_column_reduce.default, (dy, h, None))

@@ -1,0 +1,39 @@
+// Input validation of the LoRA/DoRA ops, shared by their CPU and CUDA entries (lowrank/ops.py
+// mirrors it in the fake kernels).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "quant/quant_checks.h"
+
+namespace lowrank::lora {
+
+inline void check_column_reduce(const at::Tensor& dy, const at::Tensor& h, const std::optional<at::Tensor>& y) {
+  constexpr const char* op = "lowrank::lora_column_reduce";
+  using quant::shape;
+  TORCH_CHECK(quant::is_supported_float(dy.scalar_type()), op, ": dy must be float32, float16 or bfloat16, got ",
+              dy.scalar_type());
+  TORCH_CHECK(dy.dim() == 2 && h.dim() == 2 && h.size(0) == dy.size(0), op,
+              ": dy must be [M, N] and h [M, r] with the same M, got dy ", shape(dy), " and h ", shape(h));
+  TORCH_CHECK(h.scalar_type() == dy.scalar_type(), op, ": h must have dy's dtype ", dy.scalar_type(), ", got ",
+              h.scalar_type());
+  quant::check_same_device(h, dy, op, "h");
+  if (y.has_value()) {
+    TORCH_CHECK(y->sizes() == dy.sizes() && y->scalar_type() == dy.scalar_type(), op,
+                ": y must match dy (", shape(dy), ", ", dy.scalar_type(), "), got ", shape(*y), ", ", y->scalar_type());
+    quant::check_same_device(*y, dy, op, "y");
+  }
+}
+
+// The math, in PyTorch ops: (dy^T h, sum over rows of dy * y) in float32. The CPU backend, and the
+// CUDA fallback for what the kernel does not take.
+inline std::tuple<at::Tensor, at::Tensor> column_reduce_reference(const at::Tensor& dy, const at::Tensor& h,
+                                                                  const std::optional<at::Tensor>& y) {
+  at::Tensor dh = at::matmul(dy.t().to(at::kFloat), h.to(at::kFloat));
+  at::Tensor dot = y.has_value() ? (dy.to(at::kFloat) * y->to(at::kFloat)).sum(0)
+                                 : at::empty({0}, dy.options().dtype(at::kFloat));
+  return {dh, dot};
+}
+
+}  // namespace lowrank::lora

@@ -1,0 +1,35 @@
+// Parameter struct and launcher of the LoRA/DoRA backward's column reduction: the interface between
+// lora_cuda.cpp and lora_reduce.cu (no torch header in the .cu).
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "quant/quant_launch.h"  // FloatKind
+
+namespace lowrank::lora {
+
+using quant::FloatKind;
+
+// For each column j of dy [M, N]:  dh[j, k] = sum_i dy[i, j] h[i, k]  (k < r; = (dy^T h)[j, k])
+//                                  dot[j]   = sum_i dy[i, j] y[i, j]   (when y is given)
+// in fp32, the rows of a column added in a fixed order (deterministic): each of `splits` row ranges
+// writes its partial sums, which the caller adds (at::sum over the split dimension).
+struct ColumnReduceParams {
+  const void* dy;   // [M, N] row-major, kind; N even, 4-byte aligned rows
+  const void* h;    // [M, r] row-major, kind, 16-byte aligned rows (r padded by the caller)
+  const void* y;    // [M, N] like dy, or nullptr
+  FloatKind kind;   // fp16 or bf16
+  int64_t m, n;
+  int r;            // rank (<= 32)
+  int h_stride;     // elements per row of h (>= r, a multiple of 8)
+  int splits;       // row ranges handled by separate CTAs (grid.y); the caller adds the partials
+  float* dh;        // [splits, N, r] fp32 partial sums
+  float* dot;       // [splits, N] fp32 partial sums, or nullptr when y is nullptr
+};
+
+constexpr int kColumnReduceMaxRank = 32;
+
+void launch_column_reduce(const ColumnReduceParams& p, cudaStream_t stream);
+
+}  // namespace lowrank::lora
