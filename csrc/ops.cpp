@@ -25,6 +25,10 @@ TORCH_LIBRARY(lowrank, m) {
   // LoRA/DoRA backward: dy [M, N], h [M, r] (same dtype), y [M, N] or None -> (dy^T h fp32 [N, r],
   // sum over rows of dy * y fp32 [N], or [0] without y): dB and DoRA's dm in one read of dy
   m.def("lora_column_reduce(Tensor dy, Tensor h, Tensor? y) -> (Tensor, Tensor)");
+  // DoRA's cross term: W0 A^T float32 [out_features, r] from the packed 4-bit W0 (absmax forms as
+  // matmul_4bit) and a = lora_A float32 [r, in_features]; float32 products of the exact dequantized
+  // values, no [out, in] tensor
+  m.def("dora_cross_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a) -> Tensor");
   m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor? bias, str path) -> Tensor");
 }
 

@@ -12,8 +12,8 @@ the square instead, per output row o (W0_o, B_o rows of W0 and B, A_k rows of A)
   the caller; in float64, from row chunks of the weight (a 4-bit weight is dequantized a slice of
   rows at a time, never whole).
 - P = W0 A^T: one pass over the weight, the only term that needs one at every call. For a 4-bit
-  weight it is ``lowrank.matmul_4bit(A, q)`` (= A W0^T = P^T), which becomes a fused kernel that
-  never materialises W0 without this code changing; for a float weight it is ``F.linear``. Float32.
+  weight on CUDA it is the fused op ``lowrank::dora_cross_4bit`` (float32, straight from the packed
+  codes), elsewhere row chunks of the dequantized weight; for a float weight ``F.linear``. Float32.
 - the rest is small: the Gram matrix A A^T [r, r] and the [out, r] products, all in float64.
 
 Cancellation. The expansion is a sum of terms each of size up to (||W0_o|| + t_o)^2, where
@@ -62,7 +62,6 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .matmul import matmul_4bit
 from .quantized import QuantizedTensor
 
 # Temporaries of one chunk of rows (all of them together) stay under this many bytes. 64 MiB: a
@@ -165,9 +164,11 @@ def base_row_sq_norm(weight, chunk_bytes: int | None = None) -> torch.Tensor:
 def base_times_adapter(weight, lora_A: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
     """P^T = A W0^T, float32 [r, out]: the one pass over the base weight.
 
-    4-bit weight: float32 row chunks dequantized by ``dequantize_rows`` (matmul_4bit's float32
-    path would dequantize the whole weight into one [out, in] float32 temporary, and its fused
-    kernel rounds the code values to 16 bits, too coarse for the cross term: see U_CROSS).
+    4-bit weight: on CUDA the fused op ``lowrank::dora_cross_4bit`` (float32 straight from the packed
+    codes, one read of W0); elsewhere float32 row chunks dequantized by ``dequantize_rows``
+    (matmul_4bit's float32 path would dequantize the whole weight into one [out, in] float32
+    temporary, and its fused kernel rounds the code values to 16 bits, too coarse for the cross term:
+    see U_CROSS).
     float32/float64 weight: ``F.linear`` on the weight as it is. fp16/bf16 weight: float32 row
     chunks of W0 (a [chunk, in] copy under ``chunk_bytes``), since rounding A to the weight's dtype
     would cost the cross term its accuracy."""
@@ -175,6 +176,11 @@ def base_times_adapter(weight, lora_A: torch.Tensor, chunk_bytes: int | None = N
     a = lora_A.detach()
     if isinstance(weight, QuantizedTensor):
         a = a.float()
+        if weight.device.type == "cuda" and in_features % 4 == 0 and a.shape[0] <= 64:
+            q = weight  # the fused kernel: straight from the packed codes, float32, one read of W0
+            return ops.dora_cross_4bit(q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
+                                       q.nested_offset, q.quant_map, q.blocksize, q.nested_blocksize,
+                                       out_features, in_features, a).t()
         rows = _rows_per_chunk(in_features, 4, chunk_bytes)
         result = torch.empty(a.shape[0], out_features, dtype=torch.float32, device=a.device)
         for start in range(0, out_features, rows):

@@ -254,3 +254,31 @@ def _(dy, h, y):
     n = dy.shape[1]
     return (dy.new_empty((n, h.shape[1]), dtype=torch.float32),
             dy.new_empty((n,) if y is not None else (0,), dtype=torch.float32))
+
+
+# --- dora_cross_4bit ---------------------------------------------------------------------------
+
+def dora_cross_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                    nested_qmap: torch.Tensor | None, offset: torch.Tensor | None, values: torch.Tensor,
+                    blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
+                    a: torch.Tensor) -> torch.Tensor:
+    """DoRA's cross term P = W0 A^T, float32 [out_features, r], straight from the packed 4-bit W0
+    (absmax forms as matmul_4bit) and ``a`` = lora_A float32 [r, in_features]: float32 products of
+    the exact dequantized values (no 16-bit rounding), no [out, in] tensor. CUDA: in_features % 4 == 0
+    and r <= 64 (lowrank.dora takes row chunks otherwise)."""
+    return torch.ops.lowrank.dora_cross_4bit(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
+                                             nested_blocksize, out_features, in_features, a)
+
+
+@torch.library.register_fake("lowrank::dora_cross_4bit")
+def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
+      in_features, a):
+    torch._check(out_features > 0 and in_features > 0,
+                 lambda: f"the weight shape must be positive, got [{out_features}, {in_features}]")
+    torch._check(packed.dtype == torch.uint8 and packed.numel() == _ceil_div(out_features * in_features, 2),
+                 lambda: "packed must be uint8 with ceil(out_features * in_features / 2) bytes")
+    _check_blocksize(blocksize)
+    _check_table(values, packed, 16, torch.float32, "values")
+    torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
+                 lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
+    return a.new_empty((out_features, a.shape[0]), dtype=torch.float32)

@@ -201,12 +201,10 @@ def test_norm_allocates_no_out_by_in_tensor(device, monkeypatch, kind):
         (base.dequantize(torch.float32) if isinstance(base, QuantizedTensor) else base.float() * 1.0).sum()
     assert rec.largest >= FULL
 
-    rec = _Allocations()
-    calls = _pause_inside(monkeypatch, rec, dora)
+    rec = _Allocations()  # nothing is exempt from the measurement (on CUDA the 4-bit pass is one fused op)
     with rec:
         w2 = dora.base_row_sq_norm(base, chunk_bytes=chunk)
         n = dora.dora_weight_norm(base, A, B, s, base_sq_norm=w2, chunk_bytes=chunk)
-    assert calls == []  # the 4-bit pass is chunked here too: nothing is exempt from the measurement
     # nested double quantization dequantizes up to 64 * 256 elements before a chunk's first row;
     # the [out, r] float64 terms of the expansion are allowed too (r = 8)
     slack = 64 * 256 * 4 if kind.endswith("-dq") else 0
@@ -229,14 +227,14 @@ def test_dora_forward_allocates_no_out_by_in_float_weight(device, monkeypatch, f
     # (the ||W0||^2 cache was filled in __init__; that chunked pass is measured in the test above)
     rec = _Allocations()
     calls = []
-    for module in (dora, lowrank.nn.lora, lowrank.nn.linear4bit):
+    for module in (lowrank.nn.lora, lowrank.nn.linear4bit):
         calls += [_pause_inside(monkeypatch, rec, module)]
     with rec:
         y = layer(x)
     assert y.shape == (8, OUT)
     if four_bit:  # the base forward and the base term under dropout went through matmul_4bit (the
-        # fused kernel on CUDA); n's pass did not: it is chunked and measured here
-        assert [len(c) for c in calls] == [0, 1, 1]
+        # fused kernel on CUDA); n's pass did not: it is chunked (or one fused op) and measured here
+        assert [len(c) for c in calls] == [1, 1]
     assert rec.largest < OUT * IN * 2, (rec.largest, rec.op)  # not even a bf16 copy
 
 

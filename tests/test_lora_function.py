@@ -180,3 +180,47 @@ def test_opcheck_column_reduce(device):
         h = torch.randn(70, 16, device=device, dtype=dtype)
         torch.library.opcheck(torch.ops.lowrank.lora_column_reduce.default, (dy, h, torch.randn_like(dy)))
         torch.library.opcheck(torch.ops.lowrank.lora_column_reduce.default, (dy, h, None))
+
+
+# --- dora_cross_4bit: DoRA's W0 A^T in float32 from the packed weight --------------------------------
+
+def _cross_args(q, a):
+    return (q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.quant_map,
+            q.blocksize, q.nested_blocksize, q.shape[0], q.shape[1], a)
+
+
+@given(st.integers(1, 70), st.sampled_from([4, 64, 100, 128, 200, 1024]), st.integers(1, 64),
+       st.sampled_from(["nf4", "fp4"]), st.sampled_from([32, 64, 256]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_dora_cross_matches_float64(device, n, k, r, quant_type, blocksize, double_quant, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = lowrank.quantize_4bit((torch.randn(n, k, generator=g) * 0.05).to(device), quant_type, blocksize, double_quant)
+    a = torch.randn(r, k, generator=g).to(device)
+    p = ops.dora_cross_4bit(*_cross_args(q, a))
+    w0 = q.dequantize(torch.float32).double().cpu()
+    ref = w0 @ a.double().cpu().t()
+    scale = w0.abs() @ a.double().cpu().abs().t()
+    assert p.shape == (n, r) and p.dtype == torch.float32
+    # float32 products of exact float32 values, float32 sums (CUDA) or float64 (CPU): within
+    # 2^-18 of the magnitudes (lowrank.dora's U_CROSS, the bound its error model assumes)
+    assert ((p.cpu().double() - ref).abs() <= 2.0 ** -18 * scale + 1e-30).all()
+    assert torch.equal(p, ops.dora_cross_4bit(*_cross_args(q, a)))  # deterministic
+
+
+def test_dora_cross_rejects_bad_input(device):
+    q = lowrank.quantize_4bit(torch.randn(8, 64, device=device))
+    with pytest.raises(RuntimeError, match="float32 \\[r, in_features = 64\\]"):
+        ops.dora_cross_4bit(*_cross_args(q, torch.randn(4, 63, device=device)))
+    with pytest.raises(RuntimeError, match="float32 \\[r, in_features = 64\\]"):
+        ops.dora_cross_4bit(*_cross_args(q, torch.randn(4, 64, device=device).double()))
+
+
+def test_dora_cross_cuda_limits(cuda_device):
+    q = lowrank.quantize_4bit(torch.randn(8, 66, device=cuda_device), blocksize=32)
+    with pytest.raises(RuntimeError, match="in_features % 4 == 0 and r <= 64"):
+        ops.dora_cross_4bit(*_cross_args(q, torch.randn(4, 66, device=cuda_device)))
+
+
+def test_opcheck_dora_cross(device):
+    for double_quant in (False, True):
+        q = lowrank.quantize_4bit(torch.randn(24, 128, device=device), double_quant=double_quant)
+        torch.library.opcheck(torch.ops.lowrank.dora_cross_4bit.default, _cross_args(q, torch.randn(16, 128, device=device)))

@@ -39,21 +39,15 @@ inline MatmulPath parse_path(const std::string& path) {
   TORCH_CHECK(false, "lowrank::matmul_4bit: path must be 'auto', 'skinny' or 'dequantize', got '", path, "'");
 }
 
-inline void check_matmul_4bit(const at::Tensor& x, const Weight4bit& w, const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "lowrank::matmul_4bit";
-  TORCH_CHECK(quant::is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-              x.scalar_type());
+// The weight's tensors: shapes, dtypes, devices, and exactly one absmax form.
+inline void check_weight_4bit(const Weight4bit& w, const char* op) {
   TORCH_CHECK(w.out_features > 0 && w.in_features > 0, op, ": the weight shape must be positive, got [",
               num(w.out_features), ", ", num(w.in_features), "]");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.in_features, op, ": x's last dimension must be in_features = ",
-              num(w.in_features), " (weight [", num(w.out_features), ", ", num(w.in_features), "]), got x of shape ",
-              shape(x));
   const int64_t numel = w.out_features * w.in_features;
   TORCH_CHECK(w.packed.scalar_type() == at::kByte && w.packed.is_contiguous() && w.packed.numel() == ceil_div(numel, 2),
               op, ": packed must be contiguous uint8 with ", num(ceil_div(numel, 2)), " bytes for a [",
               num(w.out_features), ", ", num(w.in_features), "] weight, got ", w.packed.scalar_type(), " with ",
               num(w.packed.numel()));
-  quant::check_same_device(x, w.packed, op, "x");
   quant::check_blocksize(w.blocksize, op);
   quant::check_table(w.values, w.packed, 16, at::kFloat, op, "values");
   const int64_t n_blocks = ceil_div(numel, w.blocksize);
@@ -69,6 +63,17 @@ inline void check_matmul_4bit(const at::Tensor& x, const Weight4bit& w, const st
   } else {
     quant::check_table(w.absmax, w.packed, n_blocks, at::kFloat, op, "absmax");
   }
+}
+
+inline void check_matmul_4bit(const at::Tensor& x, const Weight4bit& w, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "lowrank::matmul_4bit";
+  TORCH_CHECK(quant::is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  check_weight_4bit(w, op);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.in_features, op, ": x's last dimension must be in_features = ",
+              num(w.in_features), " (weight [", num(w.out_features), ", ", num(w.in_features), "]), got x of shape ",
+              shape(x));
+  quant::check_same_device(x, w.packed, op, "x");
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK(b.dim() == 1 && b.size(0) == w.out_features && b.scalar_type() == x.scalar_type(), op,

@@ -5,6 +5,7 @@
 
 #include <optional>
 
+#include "gemm/gemm_checks.h"
 #include "quant/quant_checks.h"
 
 namespace lowrank::lora {
@@ -34,6 +35,15 @@ inline std::tuple<at::Tensor, at::Tensor> column_reduce_reference(const at::Tens
   at::Tensor dot = y.has_value() ? (dy.to(at::kFloat) * y->to(at::kFloat)).sum(0)
                                  : at::empty({0}, dy.options().dtype(at::kFloat));
   return {dh, dot};
+}
+
+inline void check_dora_cross(const gemm::Weight4bit& w, const at::Tensor& a) {
+  constexpr const char* op = "lowrank::dora_cross_4bit";
+  gemm::check_weight_4bit(w, op);
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(1) == w.in_features && a.size(0) >= 1, op,
+              ": a (lora_A) must be float32 [r, in_features = ", quant::num(w.in_features), "], got ", a.scalar_type(),
+              " ", quant::shape(a));
+  quant::check_same_device(a, w.packed, op, "a");
 }
 
 }  // namespace lowrank::lora

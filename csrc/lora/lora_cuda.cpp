@@ -64,9 +64,48 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
   return {dh_parts.sum(0), dot};
 }
 
+at::Tensor dora_cross_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset,
+                                const at::Tensor& values, int64_t blocksize, int64_t nested_blocksize,
+                                int64_t out_features, int64_t in_features, const at::Tensor& a_in) {
+  const gemm::Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
+                           out_features, in_features};
+  check_dora_cross(w, a_in);
+  TORCH_CHECK(in_features % 4 == 0 && a_in.size(0) <= kDoraCrossMaxRank,
+              "lowrank::dora_cross_4bit: the CUDA kernel needs in_features % 4 == 0 and r <= 64, got in_features ",
+              quant::num(in_features), " and r ", quant::num(a_in.size(0)), " (lowrank.dora falls back to row chunks)");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor a = a_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();
+  at::Tensor out = at::empty({out_features, a.size(0)}, a.options());
+  DoraCrossParams p{};
+  p.packed = packed.const_data_ptr<uint8_t>();
+  p.n = out_features;
+  p.k = in_features;
+  p.blocksize = int(blocksize);
+  p.values = values.const_data_ptr<float>();
+  if (w.nested()) {
+    p.absmax_codes = absmax.const_data_ptr<uint8_t>();
+    p.nested_absmax = nested_absmax->const_data_ptr<float>();
+    p.nested_qmap = nested_qmap->const_data_ptr<float>();
+    p.offset = offset->const_data_ptr<float>();
+    p.nested_blocksize = int(nested_blocksize);
+  } else {
+    p.absmax = absmax.const_data_ptr<float>();
+  }
+  p.a = a.const_data_ptr<float>();
+  p.r = int(a.size(0));
+  p.p = out.mutable_data_ptr<float>();
+  launch_dora_cross(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 }  // namespace lowrank::lora
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cuda);
+  m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cuda);
 }

@@ -32,4 +32,27 @@ constexpr int kColumnReduceMaxRank = 32;
 
 void launch_column_reduce(const ColumnReduceParams& p, cudaStream_t stream);
 
+// DoRA's cross term P = W0 A^T [N, r] in float32 straight from the packed 4-bit W0 [N, K]: each
+// weight is the exact float32 dequantized value (value * absmax, as dequantize_4bit), products and
+// sums in float32 (no 16-bit rounding anywhere: the norm's error model needs float32 accuracy).
+struct DoraCrossParams {
+  const uint8_t* packed;        // [N K / 2], 2-byte aligned
+  int64_t n, k;                 // K % 4 == 0
+  int blocksize;
+  const float* values;          // [16]
+  const float* absmax;          // [n_blocks] or nullptr when nested
+  const uint8_t* absmax_codes;  // nested
+  const float* nested_absmax;
+  const float* nested_qmap;
+  const float* offset;
+  int nested_blocksize;
+  const float* a;               // [r, K] float32, 16-byte aligned rows (K % 4 == 0)
+  int r;                        // <= kDoraCrossMaxRank
+  float* p;                     // [N, r] float32
+};
+
+constexpr int kDoraCrossMaxRank = 64;
+
+void launch_dora_cross(const DoraCrossParams& p, cudaStream_t stream);
+
 }  // namespace lowrank::lora
