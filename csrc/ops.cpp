@@ -22,7 +22,10 @@ TORCH_LIBRARY(lowrank, m) {
   // dtype, W 4-bit [out_features, in_features]: absmax fp32, or (double quant) its uint8 codes with
   // nested_absmax / nested_qmap / offset. path: 'auto' (the dispatch rule), 'skinny' (CUDA, M <= 16)
   // or 'dequantize' (dequantize + the backend's matmul).
-  // LoRA/DoRA backward: dy [M, N], h [M, r] (same dtype), y [M, N] or None -> (dy^T h fp32 [N, r],
+  // x [M, K] fp32/fp16/bf16, a fp32 [r, K] -> x a^T fp32 [M, r]: the adapter's h = x A^T and g = dY B
+  // with float32 adapters and float32 sums, the 16-bit x read once (no float32 copy of x)
+  m.def("lora_project(Tensor x, Tensor a) -> Tensor");
+  // LoRA/DoRA backward: dy [M, N], h [M, r] (dy's dtype or fp32), y [M, N] or None -> (dy^T h fp32 [N, r],
   // sum over rows of dy * y fp32 [N], or [0] without y): dB and DoRA's dm in one read of dy
   m.def("lora_column_reduce(Tensor dy, Tensor h, Tensor? y) -> (Tensor, Tensor)");
   // DoRA's cross term: W0 A^T float32 [out_features, r] from the packed 4-bit W0 (absmax forms as

@@ -14,11 +14,13 @@ matmul) and keeps only what the backward needs:
               a pass over y, except at M <= 16 where the fused 4-bit kernel runs and y is small
     saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (for
               dm) and v; for a 4-bit base only the packed weight
-    backward  g  = dY B_v                      [M, r]      B_v = v * B for DoRA, B for LoRA
+    backward  g  = dY B_v                      [M, r] fp32 B_v = v * B for DoRA, B for LoRA
               dX = dY W_v + s (g A) * mask     one GEMM over the dequantized (scaled) weight, the
                                                low-rank term added in place
               dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free;
-              dY^T h and sum_M(dY * y) come from one op (lora_column_reduce: one read of dY and y)
+              dY^T h and sum_M(dY * y) come from one op (lora_column_reduce: one read of dY and y),
+              g^T x' from the same op over x'. The low-rank terms enter y and dX through cuBLAS
+              with h, g and B, A rounded to the compute dtype (their contribution to a 16-bit output)
 
 A 4-bit base goes through lowrank.matmul_4bit's op (the fused skinny kernel for M <= 16, else
 dequantize + cuBLAS). What is not here yet (issue 4/5): the low-rank term inside the base GEMM's
@@ -76,13 +78,14 @@ class LoraFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k_in)
         m_rows = x2.shape[0]
         xd = _dropped(x2, seed, dropout_p) if dropout_p > 0 else x2
-        a_c, b_c = lora_A.to(cd), lora_B.to(cd)
-        h = xd @ a_c.t()
+        b_c = lora_B.to(cd)
+        h = ops.lora_project(xd, lora_A.float())  # [M, r] float32: float32 adapters, x read once
+        h_c = h.to(cd)
         bias_c = None if bias is None else bias.to(cd)
         dora = magnitude is not None
         if not dora:
             y = _base_matmul(x2, weight, quant, bias_c)
-            y.addmm_(h, b_c.t(), alpha=scaling)
+            y.addmm_(h_c, b_c.t(), alpha=scaling)
             v = None
         else:
             v = magnitude.detach().float() / weight_norm  # n is detached (DoRA section 4.3)
@@ -91,7 +94,7 @@ class LoraFunction(torch.autograd.Function):
                 y = _base_matmul(x2, None, quant, None).mul_(v.to(cd))
             else:
                 y = F.linear(x2, _base_weight(weight, quant, cd, v), None)
-            y.addmm_(h, b_v.t(), alpha=scaling)  # y = v * (x W^T + s h B^T), no bias yet
+            y.addmm_(h_c, b_v.t(), alpha=scaling)  # y = v * (x W^T + s h B^T), no bias yet
         ctx.save_for_backward(x2, h, lora_A, lora_B, magnitude, weight_norm if dora else None, v,
                               y if dora else None)
         ctx.weight, ctx.quant, ctx.scaling, ctx.dropout_p, ctx.seed = weight, quant, scaling, dropout_p, seed
@@ -106,17 +109,17 @@ class LoraFunction(torch.autograd.Function):
         cd, s, p = ctx.cd, ctx.scaling, ctx.dropout_p
         n_out = lora_B.shape[0]
         dy2 = dy.reshape(-1, n_out).to(cd)
-        a_c, b_c = lora_A.to(cd), lora_B.to(cd)
-        b_v = b_c if v is None else b_c * v.to(cd)[:, None]
+        a_c = lora_A.to(cd)
+        b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
         keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device) if p > 0 else None
-        g = dy2 @ b_v  # [M, r]
+        g = ops.lora_project(dy2, b32.t().contiguous())  # dY B_v [M, r] float32, dY read once
         grad_x = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
             grad_x = dy2 @ _base_weight(ctx.weight, ctx.quant, cd, v)
             if keep is None:
-                grad_x.addmm_(g, a_c, alpha=s)
+                grad_x.addmm_(g.to(cd), a_c, alpha=s)
             else:
-                grad_x.add_((g @ a_c) * keep.to(cd), alpha=s / (1.0 - p))
+                grad_x.add_((g.to(cd) @ a_c) * keep.to(cd), alpha=s / (1.0 - p))
             grad_x = grad_x.view(*ctx.lead, x2.shape[1])
         dora = v is not None
         want_b, want_m = ctx.needs_input_grad[2], dora and ctx.needs_input_grad[3]
@@ -125,9 +128,9 @@ class LoraFunction(torch.autograd.Function):
         if want_b:
             grad_b = dh * v[:, None] if dora else dh
             grad_b = (grad_b * s).to(lora_B.dtype)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # dA = s g^T x': the same column reduction, over x' [M, in]
             xd = x2 if keep is None else x2 * keep.to(cd) * (1.0 / (1.0 - p))
-            grad_a = ((g.t() @ xd).float() * s).to(lora_A.dtype)
+            grad_a = (ops.lora_column_reduce(xd, g, None)[0].t() * s).to(lora_A.dtype)
         if want_m:
             # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free)
             m32 = magnitude.detach().float()
@@ -137,7 +140,7 @@ class LoraFunction(torch.autograd.Function):
             if bool(zero.any()):  # y = 0 there, z is lost: rebuild those columns' z = x W^T + s h B^T
                 cols = zero.nonzero().flatten()
                 w_cols = _base_weight(ctx.weight, ctx.quant, torch.float32)[cols]
-                z = x2.float() @ w_cols.t() + s * (h.float() @ lora_B.float()[cols].t())
+                z = x2.float() @ w_cols.t() + s * (h @ lora_B.float()[cols].t())
                 grad_m[cols] = (dy2.float()[:, cols] * z).sum(0) / weight_norm[cols]
             grad_m = grad_m.to(magnitude.dtype)
         return grad_x, grad_a, grad_b, grad_m, None, None, None, None, None, None, None

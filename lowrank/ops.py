@@ -239,7 +239,8 @@ def lora_column_reduce(dy: torch.Tensor, h: torch.Tensor,
     """The LoRA/DoRA backward's reductions over the rows of dy, in one read of dy (and y) on CUDA:
     (dy^T h float32 [N, r], sum over rows of dy * y float32 [N], or an empty [0] without y).
 
-    dy [M, N] and h [M, r] (and y [M, N]) in one float dtype. Deterministic (fixed summation order)."""
+    dy [M, N] (and y [M, N]) in one float dtype, h [M, r] in it or float32. Deterministic (fixed
+    summation order)."""
     return torch.ops.lowrank.lora_column_reduce(dy, h, y)
 
 
@@ -248,7 +249,7 @@ def _(dy, h, y):
     torch._check(dy.dtype in _FLOATS, lambda: f"dy must be float32, float16 or bfloat16, got {dy.dtype}")
     torch._check(dy.dim() == 2 and h.dim() == 2 and h.shape[0] == dy.shape[0],
                  lambda: f"dy must be [M, N] and h [M, r] with the same M, got {tuple(dy.shape)} and {tuple(h.shape)}")
-    torch._check(h.dtype == dy.dtype, lambda: f"h must have dy's dtype {dy.dtype}, got {h.dtype}")
+    torch._check(h.dtype in (dy.dtype, torch.float32), lambda: f"h must have dy's dtype {dy.dtype} or be float32, got {h.dtype}")
     if y is not None:
         torch._check(y.shape == dy.shape and y.dtype == dy.dtype, lambda: "y must match dy")
     n = dy.shape[1]
@@ -282,3 +283,19 @@ def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nes
     torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
                  lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
     return a.new_empty((out_features, a.shape[0]), dtype=torch.float32)
+
+
+# --- lora_project ------------------------------------------------------------------------------
+
+def lora_project(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x @ a^T`` in float32 [M, r] for x [M, K] (fp32/fp16/bf16) and a float32 [r, K]: the adapter's
+    h = x A^T and g = dY B with float32 adapters, reading a 16-bit x once (no float32 copy of x)."""
+    return torch.ops.lowrank.lora_project(x, a)
+
+
+@torch.library.register_fake("lowrank::lora_project")
+def _(x, a):
+    torch._check(x.dtype in _FLOATS, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() == 2 and a.dim() == 2 and a.shape[1] == x.shape[1] and a.dtype == torch.float32,
+                 lambda: f"x must be [M, K] and a float32 [r, K], got x {tuple(x.shape)} and a {a.dtype} {tuple(a.shape)}")
+    return x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32)

@@ -224,3 +224,114 @@ def test_opcheck_dora_cross(device):
     for double_quant in (False, True):
         q = lowrank.quantize_4bit(torch.randn(24, 128, device=device), double_quant=double_quant)
         torch.library.opcheck(torch.ops.lowrank.dora_cross_4bit.default, _cross_args(q, torch.randn(16, 128, device=device)))
+
+
+# --- lora_project: x A^T in float32 with float32 adapters ------------------------------------------
+
+@given(st.integers(1, 80), st.sampled_from([4, 64, 100, 256, 1030]), st.integers(1, 64),
+       st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.integers(0, 2**31 - 1))
+def test_lora_project_matches_float64(device, m, k, r, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    a = torch.randn(r, k, generator=g)
+    out = ops.lora_project(x.to(device), a.to(device))
+    ref = x.double() @ a.double().t()
+    scale = x.double().abs() @ a.double().abs().t()
+    assert out.shape == (m, r) and out.dtype == torch.float32
+    assert ((out.cpu().double() - ref).abs() <= 2.0 ** -18 * scale + 1e-30).all()
+    assert torch.equal(out, ops.lora_project(x.to(device), a.to(device)))  # deterministic
+
+
+def test_column_reduce_takes_a_float32_h(device):
+    g = torch.Generator().manual_seed(11)
+    dy = torch.randn(300, 130, generator=g).bfloat16()
+    for r in (3, 16, 29):
+        h = torch.randn(300, r, generator=g)
+        dh, _ = ops.lora_column_reduce(dy.to(device), h.to(device))
+        ref = dy.double().t() @ h.double()
+        assert ((dh.cpu().double() - ref).abs() <= 4e-5 * (dy.double().abs().t() @ h.double().abs())).all()
+
+
+def test_lora_project_rejects_bad_input(device):
+    with pytest.raises(RuntimeError, match="x must be \\[M, K\\] and a float32 \\[r, K\\]"):
+        ops.lora_project(torch.randn(4, 8, device=device), torch.randn(2, 9, device=device))
+    with pytest.raises(RuntimeError, match="x must be \\[M, K\\] and a float32 \\[r, K\\]"):
+        ops.lora_project(torch.randn(4, 8, device=device), torch.randn(2, 8, device=device).double())
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        ops.lora_project(torch.randn(4, 8, device=device).double(), torch.randn(2, 8, device=device))
+
+
+def test_opcheck_lora_project(device):
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.library.opcheck(torch.ops.lowrank.lora_project.default,
+                              (torch.randn(70, 132, device=device, dtype=dtype), torch.randn(16, 132, device=device)))
+
+
+# --- the layer on CUDA in bf16, against PEFT by the 2x rule ----------------------------------------
+
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_cuda_bf16_layer_within_twice_peft_error(cuda_device, four_bit, use_dora):
+    """Outputs and gradients (x, A, B, m) of LoraLinear in bf16 against a float64 evaluation of the
+    same formula, within 2x the error of PEFT's layer (bf16 base, float32 adapters) on the same
+    weights (+ a floor of 1e-3 of the reference's scale for exactly-zero errors)."""
+    peft = pytest.importorskip("peft")
+    import copy
+    torch.manual_seed(0)
+    k, n, m = 512, 384, 96
+    linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device=cuda_device)
+    base = lowrank.nn.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16) if four_bit else linear
+    ours = lowrank.nn.LoraLinear(base, r=16, lora_alpha=32, use_dora=use_dora)
+    with torch.no_grad():
+        ours.lora_A.weight.normal_(std=0.05)
+        ours.lora_B.weight.normal_(std=0.05)
+    w0 = ours.base_weight_fp32()
+    if four_bit:  # PEFT gets the same (dequantized) base in bf16
+        linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device=cuda_device)
+        with torch.no_grad():
+            linear.weight.copy_(w0)
+        w0 = linear.weight.float()
+
+    class One(torch.nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    twin = peft.get_peft_model(One(copy.deepcopy(linear)), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"],
+                                                                           use_dora=use_dora))
+    t = twin.base_model.model.proj
+    with torch.no_grad():
+        t.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        t.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        if use_dora:
+            t.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
+    x = torch.randn(m, k, device=cuda_device, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=cuda_device, dtype=torch.bfloat16)
+    leaves64 = [x.double().requires_grad_(), ours.lora_A.weight.double().detach().requires_grad_(),
+                ours.lora_B.weight.double().detach().requires_grad_()]
+    x64, a64, b64 = leaves64
+    y64 = x64 @ w0.double().t() + ours.scaling * (x64 @ a64.t()) @ b64.t()
+    if use_dora:
+        m64 = ours.lora_magnitude_vector.double().detach().requires_grad_()
+        norm = (w0.double() + ours.scaling * b64 @ a64).norm(dim=1).detach()
+        y64 = (m64 / norm) * y64
+        leaves64.append(m64)
+    y64.backward(dy.double())
+
+    def run(layer, params):
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        y.backward(dy)
+        return [y.float()] + [xx.grad.float()] + [p.grad.float() for p in params]
+    ours_out = run(ours, [ours.lora_A.weight, ours.lora_B.weight] + ([ours.lora_magnitude_vector] if use_dora else []))
+    peft_params = [t.lora_A["default"].weight, t.lora_B["default"].weight] + (
+        [t.lora_magnitude_vector["default"].weight] if use_dora else [])
+    peft_out = run(twin, peft_params)
+    refs = [y64.detach()] + [leaf.grad for leaf in leaves64]
+    names = ["y", "dx", "dA", "dB", "dm"]
+    for name, o, p, ref in zip(names, ours_out, peft_out, refs):
+        err, peft_err = (o.double() - ref).norm(), (p.double() - ref).norm()
+        assert err <= 2 * peft_err + 1e-3 * ref.norm(), (name, float(err), float(peft_err))

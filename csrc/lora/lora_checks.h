@@ -17,8 +17,8 @@ inline void check_column_reduce(const at::Tensor& dy, const at::Tensor& h, const
               dy.scalar_type());
   TORCH_CHECK(dy.dim() == 2 && h.dim() == 2 && h.size(0) == dy.size(0), op,
               ": dy must be [M, N] and h [M, r] with the same M, got dy ", shape(dy), " and h ", shape(h));
-  TORCH_CHECK(h.scalar_type() == dy.scalar_type(), op, ": h must have dy's dtype ", dy.scalar_type(), ", got ",
-              h.scalar_type());
+  TORCH_CHECK(h.scalar_type() == dy.scalar_type() || h.scalar_type() == at::kFloat, op,
+              ": h must have dy's dtype ", dy.scalar_type(), " or be float32, got ", h.scalar_type());
   quant::check_same_device(h, dy, op, "h");
   if (y.has_value()) {
     TORCH_CHECK(y->sizes() == dy.sizes() && y->scalar_type() == dy.scalar_type(), op,
@@ -35,6 +35,16 @@ inline std::tuple<at::Tensor, at::Tensor> column_reduce_reference(const at::Tens
   at::Tensor dot = y.has_value() ? (dy.to(at::kFloat) * y->to(at::kFloat)).sum(0)
                                  : at::empty({0}, dy.options().dtype(at::kFloat));
   return {dh, dot};
+}
+
+inline void check_lora_project(const at::Tensor& x, const at::Tensor& a) {
+  constexpr const char* op = "lowrank::lora_project";
+  TORCH_CHECK(quant::is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && a.dim() == 2 && a.size(1) == x.size(1) && a.scalar_type() == at::kFloat, op,
+              ": x must be [M, K] and a float32 [r, K], got x ", quant::shape(x), " and a ", a.scalar_type(), " ",
+              quant::shape(a));
+  quant::check_same_device(a, x, op, "a");
 }
 
 inline void check_dora_cross(const gemm::Weight4bit& w, const at::Tensor& a) {

@@ -16,6 +16,11 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cpu(const at::Tensor& dy, const
   return column_reduce_reference(dy, h, y);
 }
 
+at::Tensor lora_project_cpu(const at::Tensor& x, const at::Tensor& a) {
+  check_lora_project(x, a);
+  return at::matmul(x.to(at::kFloat), a.t());
+}
+
 // P = W0 A^T, W0 dequantized to float32 exactly as dequantize_4bit (this file is built with
 // -ffp-contract=off: the nested absmax is a rounded product, then a rounded sum), the dot products
 // accumulated in float64: one row of W0 at a time, so no [out, in] tensor.
@@ -73,4 +78,5 @@ at::Tensor dora_cross_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cpu);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cpu);
+  m.impl("lora_project", &lowrank::lora::lora_project_cpu);
 }

@@ -28,8 +28,10 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
   at::Tensor dy = dy_in.contiguous();
   std::optional<at::Tensor> y;
   if (y_in.has_value()) y = y_in->contiguous();
-  // h rows padded to a multiple of 8 elements (16-byte vector loads); a copy of [M, r] at most.
-  const int64_t h_stride = (r + 7) / 8 * 8;
+  // h rows padded to 16 bytes (vector loads); a copy of [M, r] at most.
+  const bool h_float = h_in.scalar_type() == at::kFloat;
+  const int64_t per_vec = h_float ? 4 : 8;
+  const int64_t h_stride = (r + per_vec - 1) / per_vec * per_vec;
   at::Tensor h = h_in.contiguous();
   if (h_stride != r || reinterpret_cast<uintptr_t>(h.const_data_ptr()) % 16 != 0) {
     at::Tensor padded = at::zeros({m, h_stride}, h.options());
@@ -49,6 +51,7 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
   ColumnReduceParams p{};
   p.dy = dy.const_data_ptr();
   p.h = h.const_data_ptr();
+  p.h_float = h_float;
   p.y = y.has_value() ? y->const_data_ptr() : nullptr;
   p.kind = dy.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
   p.m = m;
@@ -62,6 +65,30 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor dot = y.has_value() ? dot_parts.sum(0) : at::empty({0}, dy.options().dtype(at::kFloat));
   return {dh_parts.sum(0), dot};
+}
+
+at::Tensor lora_project_cuda(const at::Tensor& x_in, const at::Tensor& a_in) {
+  check_lora_project(x_in, a_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t m = x_in.size(0), k = x_in.size(1), r = a_in.size(0);
+  const bool half = x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16;
+  if (!half || k % 4 != 0 || r == 0 || r > kDoraCrossMaxRank || m == 0) return at::matmul(x_in.to(at::kFloat), a_in.t());
+  at::Tensor x = x_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 8 != 0) x = x.clone();
+  at::Tensor a = a_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();
+  at::Tensor out = at::empty({m, r}, a.options());
+  LoraProjectParams p{};
+  p.x = x.const_data_ptr();
+  p.kind = x.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
+  p.m = m;
+  p.k = k;
+  p.a = a.const_data_ptr<float>();
+  p.r = int(r);
+  p.out = out.mutable_data_ptr<float>();
+  launch_lora_project(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 at::Tensor dora_cross_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
@@ -108,4 +135,5 @@ at::Tensor dora_cross_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cuda);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cuda);
+  m.impl("lora_project", &lowrank::lora::lora_project_cuda);
 }

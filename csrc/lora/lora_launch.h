@@ -17,12 +17,13 @@ using quant::FloatKind;
 // writes its partial sums, which the caller adds (at::sum over the split dimension).
 struct ColumnReduceParams {
   const void* dy;   // [M, N] row-major, kind; N even, 4-byte aligned rows
-  const void* h;    // [M, r] row-major, kind, 16-byte aligned rows (r padded by the caller)
+  const void* h;    // [M, r] row-major, kind or float32 (h_float), 16-byte aligned rows (padded by the caller)
+  bool h_float;
   const void* y;    // [M, N] like dy, or nullptr
   FloatKind kind;   // fp16 or bf16
   int64_t m, n;
   int r;            // rank (<= 32)
-  int h_stride;     // elements per row of h (>= r, a multiple of 8)
+  int h_stride;     // elements per row of h (>= r; 16 bytes: a multiple of 8, of 4 for float32)
   int splits;       // row ranges handled by separate CTAs (grid.y); the caller adds the partials
   float* dh;        // [splits, N, r] fp32 partial sums
   float* dot;       // [splits, N] fp32 partial sums, or nullptr when y is nullptr
@@ -54,5 +55,18 @@ struct DoraCrossParams {
 constexpr int kDoraCrossMaxRank = 64;
 
 void launch_dora_cross(const DoraCrossParams& p, cudaStream_t stream);
+
+// out = x a^T in float32: x [M, K] fp16/bf16 row-major (8-byte aligned rows, K % 4 == 0), a float32
+// [r, K] (16-byte aligned rows), r <= kDoraCrossMaxRank. The adapter's h = x A^T and g = dY B.
+struct LoraProjectParams {
+  const void* x;
+  FloatKind kind;
+  int64_t m, k;
+  const float* a;
+  int r;
+  float* out;  // [M, r]
+};
+
+void launch_lora_project(const LoraProjectParams& p, cudaStream_t stream);
 
 }  // namespace lowrank::lora

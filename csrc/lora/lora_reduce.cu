@@ -34,11 +34,12 @@ __device__ __forceinline__ float2 to_float2<__half>(uint32_t bits) {
   return __half22float2(*reinterpret_cast<const __half2*>(&bits));
 }
 
-template <typename T, int R_PAD, int WARPS, bool WITH_Y>
+template <typename T, int R_PAD, int WARPS, bool WITH_Y, bool H_FLOAT>
 __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p) {
   extern __shared__ float s_partial[];  // [WARPS][kColumns][R_PAD + 1]
   constexpr int kSlots = R_PAD + 1;
-  constexpr int kVecs = R_PAD / 8;  // 16-byte vectors of h per row
+  constexpr int kPerVec = H_FLOAT ? 4 : 8;  // elements of h per 16-byte vector
+  constexpr int kVecs = R_PAD / kPerVec;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t col = int64_t(blockIdx.x) * kColumns + 2 * lane;
   const bool col_ok = col < p.n;  // n is even: both columns exist or neither
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p
   const uint32_t* dy = static_cast<const uint32_t*>(p.dy);  // two elements per word
   const uint32_t* y = static_cast<const uint32_t*>(p.y);
   const uint4* h = static_cast<const uint4*>(p.h);
-  const int64_t words_per_row = p.n / 2, h_vecs_per_row = p.h_stride / 8;
+  const int64_t words_per_row = p.n / 2, h_vecs_per_row = p.h_stride / kPerVec;
 
   float acc[2][kSlots];
 #pragma unroll
@@ -80,14 +81,24 @@ __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p
 #pragma unroll
         for (int v = 0; v < kVecs; ++v) {
           const uint32_t words[4] = {h_raw[u][v].x, h_raw[u][v].y, h_raw[u][v].z, h_raw[u][v].w};
+          if constexpr (H_FLOAT) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 hv = to_float2<T>(words[e]);
-            const int k = v * 8 + 2 * e;
-            acc[0][k] = fmaf(g.x, hv.x, acc[0][k]);
-            acc[1][k] = fmaf(g.y, hv.x, acc[1][k]);
-            acc[0][k + 1] = fmaf(g.x, hv.y, acc[0][k + 1]);
-            acc[1][k + 1] = fmaf(g.y, hv.y, acc[1][k + 1]);
+            for (int e = 0; e < 4; ++e) {
+              const float hv = __uint_as_float(words[e]);
+              const int k = v * 4 + e;
+              acc[0][k] = fmaf(g.x, hv, acc[0][k]);
+              acc[1][k] = fmaf(g.y, hv, acc[1][k]);
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float2 hv = to_float2<T>(words[e]);
+              const int k = v * 8 + 2 * e;
+              acc[0][k] = fmaf(g.x, hv.x, acc[0][k]);
+              acc[1][k] = fmaf(g.y, hv.x, acc[1][k]);
+              acc[0][k + 1] = fmaf(g.x, hv.y, acc[0][k + 1]);
+              acc[1][k + 1] = fmaf(g.y, hv.y, acc[1][k + 1]);
+            }
           }
         }
         if constexpr (WITH_Y) {
@@ -115,26 +126,32 @@ __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p
   }
 }
 
-template <typename T, int R_PAD, bool WITH_Y>
+template <typename T, int R_PAD, bool WITH_Y, bool H_FLOAT>
 void launch_rank(const ColumnReduceParams& p, cudaStream_t stream) {
   // 8 warps split the rows; at r = 32 four, to keep the partials under 48 KB of shared memory.
   constexpr int kWarps = R_PAD <= 16 ? 8 : 4;
   const size_t smem = size_t(kWarps) * kColumns * (R_PAD + 1) * sizeof(float);
   const dim3 grid(unsigned((p.n + kColumns - 1) / kColumns), unsigned(p.splits));
-  column_reduce<T, R_PAD, kWarps, WITH_Y><<<grid, 32 * kWarps, smem, stream>>>(p);
+  column_reduce<T, R_PAD, kWarps, WITH_Y, H_FLOAT><<<grid, 32 * kWarps, smem, stream>>>(p);
 }
 
-template <typename T, bool WITH_Y>
+template <typename T, bool WITH_Y, bool H_FLOAT>
 void launch_y(const ColumnReduceParams& p, cudaStream_t stream) {
-  if (p.r <= 8) launch_rank<T, 8, WITH_Y>(p, stream);
-  else if (p.r <= 16) launch_rank<T, 16, WITH_Y>(p, stream);
-  else launch_rank<T, 32, WITH_Y>(p, stream);
+  if (p.r <= 8) launch_rank<T, 8, WITH_Y, H_FLOAT>(p, stream);
+  else if (p.r <= 16) launch_rank<T, 16, WITH_Y, H_FLOAT>(p, stream);
+  else launch_rank<T, 32, WITH_Y, H_FLOAT>(p, stream);
+}
+
+template <typename T, bool H_FLOAT>
+void launch_h(const ColumnReduceParams& p, cudaStream_t stream) {
+  if (p.y != nullptr) launch_y<T, true, H_FLOAT>(p, stream);
+  else launch_y<T, false, H_FLOAT>(p, stream);
 }
 
 template <typename T>
 void launch_typed(const ColumnReduceParams& p, cudaStream_t stream) {
-  if (p.y != nullptr) launch_y<T, true>(p, stream);
-  else launch_y<T, false>(p, stream);
+  if (p.h_float) launch_h<T, true>(p, stream);
+  else launch_h<T, false>(p, stream);
 }
 
 }  // namespace
