@@ -53,6 +53,15 @@ __device__ __forceinline__ void load8_as_float<__nv_bfloat16>(const __nv_bfloat1
   }
 }
 
+// One 32-bit word of two 16-bit values (first at the lower address) as two floats.
+template <typename T> __device__ __forceinline__ float2 pair_to_float2(uint32_t bits);
+template <> __device__ __forceinline__ float2 pair_to_float2<__nv_bfloat16>(uint32_t bits) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+}
+template <> __device__ __forceinline__ float2 pair_to_float2<__half>(uint32_t bits) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+}
+
 // Two floats packed into one 32-bit word of two 16-bit values (first at the lower address), or
 // for float, stored as they are. Used to build 16-byte stores.
 template <typename T> struct Pack2;

@@ -23,17 +23,6 @@ namespace {
 constexpr int kColumns = 64;  // per CTA: 32 lanes x 2
 constexpr int kRows = 4;      // rows whose loads a warp issues before their math
 
-template <typename T>
-__device__ __forceinline__ float2 to_float2(uint32_t bits);
-template <>
-__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t bits) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
-}
-template <>
-__device__ __forceinline__ float2 to_float2<__half>(uint32_t bits) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
-}
-
 template <typename T, int R_PAD, int WARPS, bool WITH_Y, bool H_FLOAT>
 __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p) {
   extern __shared__ float s_partial[];  // [WARPS][kColumns][R_PAD + 1]
@@ -77,7 +66,7 @@ __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p
       }
 #pragma unroll
       for (int u = 0; u < kRows; ++u) {
-        const float2 g = to_float2<T>(g_bits[u]);
+        const float2 g = pair_to_float2<T>(g_bits[u]);
 #pragma unroll
         for (int v = 0; v < kVecs; ++v) {
           const uint32_t words[4] = {h_raw[u][v].x, h_raw[u][v].y, h_raw[u][v].z, h_raw[u][v].w};
@@ -92,7 +81,7 @@ __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p
           } else {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const float2 hv = to_float2<T>(words[e]);
+              const float2 hv = pair_to_float2<T>(words[e]);
               const int k = v * 8 + 2 * e;
               acc[0][k] = fmaf(g.x, hv.x, acc[0][k]);
               acc[1][k] = fmaf(g.y, hv.x, acc[1][k]);
@@ -102,7 +91,7 @@ __global__ void __launch_bounds__(32 * WARPS) column_reduce(ColumnReduceParams p
           }
         }
         if constexpr (WITH_Y) {
-          const float2 yv = to_float2<T>(y_bits[u]);
+          const float2 yv = pair_to_float2<T>(y_bits[u]);
           acc[0][R_PAD] = fmaf(g.x, yv.x, acc[0][R_PAD]);
           acc[1][R_PAD] = fmaf(g.y, yv.y, acc[1][R_PAD]);
         }

@@ -30,17 +30,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 128;  // k per shared-memory stage of A: 32 lanes x 4
 
-template <typename T>
-__device__ __forceinline__ float2 pair_to_float2(uint32_t bits);
-template <>
-__device__ __forceinline__ float2 pair_to_float2<__nv_bfloat16>(uint32_t bits) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
-}
-template <>
-__device__ __forceinline__ float2 pair_to_float2<__half>(uint32_t bits) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
-}
-
 // Rows of the packed 4-bit W0 as exact float32 values: 4 elements per lane per chunk.
 template <bool NESTED>
 struct Packed4bitRows {
