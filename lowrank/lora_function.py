@@ -9,13 +9,13 @@ matmul) and keeps only what the backward needs:
     forward   h = x' A^T                      [M, r]      x' = dropout(x), mask from a seed
               y = x W^T + s h B^T (+ bias)     the low-rank term added in place into y by one
                                                addmm (beta = 1): no [M, out] temporary
-    DoRA      y = v * (x W^T + s h B^T) + bias, v = m / n (n detached); v folded into the
-              weight's rows (dequantized weight scaled in place, B scaled: [out, r]) rather than
-              a pass over y, except at M <= 16 where the fused 4-bit kernel runs and y is small
+    DoRA      y = v * (x W^T + s h B^T) + bias, v = m / n (n detached): z built as above, then
+              scaled in place by v in float32 (v rounded to bf16 would put one relative error
+              on a whole output column, and dm sums that column)
     saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (for
               dm) and v; for a 4-bit base only the packed weight
     backward  g  = dY B_v                      [M, r] fp32 B_v = v * B for DoRA, B for LoRA
-              dX = dY W_v + s (g A) * mask     one GEMM over the dequantized (scaled) weight, the
+              dX = (v dY) W + s (g A) * mask   one GEMM over the (dequantized) weight, the
                                                low-rank term added in place
               dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free;
               dY^T h and sum_M(dY * y) come from one op (lora_column_reduce: one read of dY and y),
@@ -52,13 +52,11 @@ def _dropped(x2, seed, p):
     return x2 * keep.to(x2.dtype) * (1.0 / (1.0 - p))
 
 
-def _base_weight(weight, quant, dtype, row_scale=None):
-    """The base weight [out, in] in ``dtype``, rows scaled by ``row_scale`` (DoRA's v) if given."""
+def _base_weight(weight, quant, dtype):
+    """The base weight [out, in] in ``dtype`` (a temporary for a 4-bit base)."""
     if quant is not None:
-        w = quant.dequantize(dtype)  # a fresh temporary: scale it in place
-        return w.mul_(row_scale.to(dtype)[:, None]) if row_scale is not None else w
-    w = weight if weight.dtype == dtype else weight.to(dtype)
-    return w * row_scale.to(dtype)[:, None] if row_scale is not None else w
+        return quant.dequantize(dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
 
 
 def _base_matmul(x2, weight, quant, bias):
@@ -89,12 +87,13 @@ class LoraFunction(torch.autograd.Function):
             v = None
         else:
             v = magnitude.detach().float() / weight_norm  # n is detached (DoRA section 4.3)
-            b_v = b_c * v.to(cd)[:, None]
-            if quant is not None and m_rows <= 16:  # the fused kernel, then scale the small y
-                y = _base_matmul(x2, None, quant, None).mul_(v.to(cd))
-            else:
-                y = F.linear(x2, _base_weight(weight, quant, cd, v), None)
-            y.addmm_(h_c, b_v.t(), alpha=scaling)  # y = v * (x W^T + s h B^T), no bias yet
+            # z = x W^T + s h B^T in x's dtype, then y = v z with v in float32: one rounding of
+            # each of z and y. Folding v into W (or into y) in bf16 rounds v itself, the same
+            # relative error on a whole column of y, and dm = sum_M(dY y) / m adds that error
+            # coherently over M (my reading of the H100 run's dm error at 3x PEFT's, 4-bit base).
+            y = _base_matmul(x2, weight, quant, None)
+            y.addmm_(h_c, b_c.t(), alpha=scaling)
+            y.mul_(v)  # y = v * (x W^T + s h B^T), no bias yet
         ctx.save_for_backward(x2, h, lora_A, lora_B, magnitude, weight_norm if dora else None, v,
                               y if dora else None)
         ctx.weight, ctx.quant, ctx.scaling, ctx.dropout_p, ctx.seed = weight, quant, scaling, dropout_p, seed
@@ -115,7 +114,8 @@ class LoraFunction(torch.autograd.Function):
         g = ops.lora_project(dy2, b32.t().contiguous())  # dY B_v [M, r] float32, dY read once
         grad_x = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_x = dy2 @ _base_weight(ctx.weight, ctx.quant, cd, v)
+            dy_v = dy2 if v is None else dy2.mul(v).to(cd)  # v in float32 (see the forward)
+            grad_x = dy_v @ _base_weight(ctx.weight, ctx.quant, cd)
             if keep is None:
                 grad_x.addmm_(g.to(cd), a_c, alpha=s)
             else:

@@ -267,11 +267,11 @@ def test_opcheck_lora_project(device):
                               (torch.randn(70, 132, device=device, dtype=dtype), torch.randn(16, 132, device=device)))
 
 
-# --- the layer on CUDA in bf16, against PEFT by the 2x rule ----------------------------------------
+# --- the layer in bf16 (CPU and CUDA), against PEFT by the 2x rule ----------------------------------------
 
 @pytest.mark.parametrize("four_bit", [False, True])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_cuda_bf16_layer_within_twice_peft_error(cuda_device, four_bit, use_dora):
+def test_bf16_layer_within_twice_peft_error(device, four_bit, use_dora):
     """Outputs and gradients (x, A, B, m) of LoraLinear in bf16 against a float64 evaluation of the
     same formula, within 2x the error of PEFT's layer (bf16 base, float32 adapters) on the same
     weights (+ a floor of 1e-3 of the reference's scale for exactly-zero errors)."""
@@ -279,7 +279,7 @@ def test_cuda_bf16_layer_within_twice_peft_error(cuda_device, four_bit, use_dora
     import copy
     torch.manual_seed(0)
     k, n, m = 512, 384, 96
-    linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device=cuda_device)
+    linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device=device)
     base = lowrank.nn.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16) if four_bit else linear
     ours = lowrank.nn.LoraLinear(base, r=16, lora_alpha=32, use_dora=use_dora)
     with torch.no_grad():
@@ -287,7 +287,7 @@ def test_cuda_bf16_layer_within_twice_peft_error(cuda_device, four_bit, use_dora
         ours.lora_B.weight.normal_(std=0.05)
     w0 = ours.base_weight_fp32()
     if four_bit:  # PEFT gets the same (dequantized) base in bf16
-        linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device=cuda_device)
+        linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device=device)
         with torch.no_grad():
             linear.weight.copy_(w0)
         w0 = linear.weight.float()
@@ -308,8 +308,8 @@ def test_cuda_bf16_layer_within_twice_peft_error(cuda_device, four_bit, use_dora
         t.lora_B["default"].weight.copy_(ours.lora_B.weight)
         if use_dora:
             t.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
-    x = torch.randn(m, k, device=cuda_device, dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device=cuda_device, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     leaves64 = [x.double().requires_grad_(), ours.lora_A.weight.double().detach().requires_grad_(),
                 ours.lora_B.weight.double().detach().requires_grad_()]
     x64, a64, b64 = leaves64
