@@ -12,7 +12,9 @@ copies that the 50 MB L2 cannot serve them. Targets (issue 3, H100): M=1 28672x8
 14336x4096 <= 16 us; M=16 >= 3x faster than bf16 on 28672x8192 and 14336x4096; M=128 <= 0.7x bf16
 on 28672x8192; M >= 2048 forward and forward+backward <= 1.03x bf16.
 
-GB/s counts the bytes a perfect kernel moves (4-bit codes + absmax codes + x + y; bf16: weight +
+Times: forward passes at M <= 128 are device time per call from a captured CUDA graph ("timing":
+"graph"; the eager time, host overhead included, is beside it as eager_us); larger M, where the
+device time dwarfs the host's, and forward+backward passes are eager. GB/s counts the bytes a perfect kernel moves (4-bit codes + absmax codes + x + y; bf16: weight +
 x + y); TFLOP/s is 2 M N K per forward (x2 with the backward's dX). Ceilings measured in the same
 run: the copy bandwidth and a large bf16 cuBLAS GEMM.
 
@@ -69,6 +71,14 @@ def gemm_ceiling_tflops() -> float:
     return 2 * 8192**3 / (t * 1e-3) / 1e12
 
 
+def _forced_row_tiles(rows, x, q):
+    os.environ["LOWRANK_SKINNY_ROW_TILES"] = str(rows)  # read by the launcher at each launch
+    try:
+        return lowrank.matmul_4bit(x, q, path="skinny")
+    finally:
+        os.environ.pop("LOWRANK_SKINNY_ROW_TILES", None)
+
+
 def fwd_bwd(fn, x, gy):
     def run(*a):
         x.grad = None
@@ -82,6 +92,8 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,28672x8192")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--sweep-row-tiles", action="store_true",
+                    help="also time the skinny kernel at each forced tile height (LOWRANK_SKINNY_ROW_TILES)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_matmul.py needs a CUDA device")
@@ -124,16 +136,27 @@ def main():
                 if m <= 16:
                     impls["lowrank-dequantize"] = (lambda xx, q: lowrank.matmul_4bit(xx, q, path="dequantize"),
                                                    [(q,) for q in qs], q4_bytes)
+                if m <= 16 and args.sweep_row_tiles:
+                    for rows in (1, 2, 4):
+                        impls[f"skinny-rows{16 * rows}"] = (
+                            lambda xx, q, rows=rows: _forced_row_tiles(rows, xx, q), [(q,) for q in qs], q4_bytes)
                 if bnb is not None:
                     impls["bitsandbytes"] = (lambda xx, p, s: bnb.matmul_4bit(xx, p.t(), quant_state=s),
                                              bnb_ws, q4_bytes)
                 for impl, (fn, inputs, weight_bytes) in impls.items():
                     run = fwd_bwd(fn, xg, gy) if backward else (lambda *a, fn=fn: fn(x, *a))
-                    t = harness.time_cuda(run, inputs, warmup=3, reps=args.reps)
+                    eager = harness.time_cuda(run, inputs, warmup=3, reps=args.reps)
+                    t, timing = eager, "eager"
+                    if not backward and m <= 128:  # device time from a captured graph; eager beside it
+                        try:
+                            t, timing = harness.time_cuda_graph(run, inputs), "graph"
+                        except Exception as e:  # noqa: BLE001
+                            print(f"  {impl}: graph capture failed ({type(e).__name__}: {e}); eager time only")
                     sec = t["median_ms"] * 1e-3
                     mult = 2 if backward else 1
-                    row = {"shape": [n, k], "m": m, "pass": pass_name, "impl": impl, **t,
-                           "us": t["median_ms"] * 1e3, "gbs": mult * (weight_bytes + io_bytes) / sec / 1e9,
+                    row = {"shape": [n, k], "m": m, "pass": pass_name, "impl": impl, **t, "timing": timing,
+                           "us": t["median_ms"] * 1e3, "eager_us": eager["median_ms"] * 1e3,
+                           "gbs": mult * (weight_bytes + io_bytes) / sec / 1e9,
                            "tflops": mult * flops / sec / 1e12}
                     rows.append(row)
                 for row in rows[-len(impls):]:
@@ -147,6 +170,7 @@ def main():
                             row["target"] = {"kind": kind, "value": value}
                             row["meets_target"] = (row["us"] <= value) if kind == "us" else (row["vs_bf16"] <= value)
                     print(f"{n:6d}x{k:<6d} M={m:<5d} {pass_name:16s} {row['impl']:18s} {row['us']:10.1f} us "
+                          f"({row['timing']}; eager {row['eager_us']:.1f}) "
                           f"{row['vs_bf16']:6.2f}x bf16 {row['gbs']:7.0f} GB/s {row['tflops']:6.1f} TFLOP/s"
                           + (f"  target {'met' if row['meets_target'] else 'MISSED'}" if "meets_target" in row else ""))
             del x

@@ -63,4 +63,7 @@ def matmul_4bit(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None =
                          f"{list(bias.shape)} on {bias.device}")
     if path not in ops.MATMUL_PATHS:
         raise ValueError(f"matmul_4bit: path must be one of {ops.MATMUL_PATHS}, got {path!r}")
-    return _MatMul4bit.apply(x, bias, q, path)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _MatMul4bit.apply(x, bias, q, path)
+    # inference: the op alone, no autograd node (at M = 1 the host side is on the critical path)
+    return _forward(x, q, None if bias is None else bias.to(x.dtype), path)

@@ -6,7 +6,8 @@
 #   LOWRANK_COMMIT=$(git rev-parse HEAD) LOWRANK_CSRC_TREE=$(git rev-parse HEAD:csrc) bash scripts/gpu_check.sh
 #
 # (the device machine gets a copy of the work tree without .git, so the commit comes in by env).
-# Steps: build | tests | bench (or bench_quant, bench_matmul, bench_lora) | profile | sanitizer | debug;
+# Steps: build | tests | bench (or bench_quant, bench_matmul, bench_lora) | profile | profile_matmul |
+# sanitizer | debug; LOWRANK_BENCH_<NAME>_ARGS adds arguments to one benchmark;
 # LOWRANK_STEPS picks a subset (default: build,tests,bench,sanitizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +58,10 @@ fi
 for b in quant matmul lora; do
   if { has bench || has "bench_$b"; } && [ -f "benchmarks/bench_$b.py" ]; then
     echo "== bench_$b"
-    timeout 540 python3 "benchmarks/bench_$b.py" --out "benchmarks/results/bench_$b.json" 2>&1 | tee "$LOGS/bench_$b.log"
+    extra="LOWRANK_BENCH_${b^^}_ARGS"  # e.g. LOWRANK_BENCH_MATMUL_ARGS="--sweep-row-tiles --ms 1,16"
+    # shellcheck disable=SC2086
+    timeout 540 python3 "benchmarks/bench_$b.py" --out "benchmarks/results/bench_$b.json" ${!extra:-} 2>&1 \
+      | tee "$LOGS/bench_$b.log"
   fi
 done
 
@@ -69,6 +73,13 @@ if has profile; then  # kernel times of one call (torch.profiler), then ncu on t
     -k regex:"quantize_4bit_full_blocks|dequantize_4bit_words" -s 4 -c 2 \
     python3 scripts/profile_quant.py > "$LOGS/ncu_quant.txt" 2>&1
   echo "ncu rc=$?"; grep -E "[(]256, 1, 1[)]|Duration|DRAM Throughput|Compute [(]SM[)] Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|No Eligible|Pipe" "$LOGS/ncu_quant.txt" | head -40
+fi
+
+if has profile_matmul; then  # ncu on the skinny kernel at M = 1 and 16 on the two target shapes
+  ncu --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section LaunchStats --section SourceCounters \
+    -k regex:"gemm_4bit_skinny" -c 4 python3 scripts/profile_matmul.py > "$LOGS/ncu_matmul.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "gemm_4bit_skinny|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|No Eligible|Stall|Grid Size|Block Limit|L1/TEX Hit|L2 Hit" "$LOGS/ncu_matmul.txt" | cut -c1-150 | head -80
 fi
 
 if has sanitizer; then

@@ -29,6 +29,8 @@
 // g. In k-step s it feeds bytes 2s and 2s+1 (elements 4s .. 4s+3) as its A registers and x words
 // 2s and 2s+1 as its B registers: the mma's k order is a permutation of the chunk's 64 elements,
 // the same one for A and B, so the sum is the same dot product.
+#include <cstdlib>
+
 #include <cuda_runtime.h>
 
 #include "common/cuda_float.cuh"
@@ -232,29 +234,83 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_skinny(Gemm4bitParams p
 }
 
 int multiprocessor_count() {
-  int device = 0, count = 0;
+  // Cached per device: the attribute query costs host time on every launch (M = 1 calls are
+  // ~10 us of device time, so the host side is on the critical path of eager decoding).
+  static int counts[64] = {};
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 132;
+  if (device < 0 || device >= 64) device = 0;
+  if (counts[device] == 0) {
+    int count = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    counts[device] = count > 0 ? count : 132;
+  }
+  return counts[device];
+}
+
+// CTAs per SM of one kernel instantiation, queried once (same value on every GPU of a process
+// with one architecture; the build targets one architecture per binary image).
+template <typename Kernel>
+int ctas_per_sm(Kernel kernel) {
+  static int per_sm = 0;
+  if (per_sm == 0) {
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+    if (per_sm <= 0) per_sm = 1;
+  }
+  return per_sm;
 }
 
 template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
 void launch_tiles(const Gemm4bitParams& p, cudaStream_t stream) {
   auto kernel = gemm_4bit_skinny<T, TILES_M, ROW_TILES, NESTED>;
-  int per_sm = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  const int64_t slots = int64_t(per_sm > 0 ? per_sm : 1) * multiprocessor_count();
+  const int64_t slots = int64_t(ctas_per_sm(kernel)) * multiprocessor_count();
   const int64_t n_tiles = (p.n + kRowsPerTile * ROW_TILES - 1) / (kRowsPerTile * ROW_TILES);
   kernel<<<unsigned(n_tiles < slots ? n_tiles : slots), kThreads, 0, stream>>>(p);
 }
 
+// How well a persistent grid of n_tiles uses the SMs: CTA b takes tiles b, b + G, ...; the first
+// SM-count CTAs land one per SM, the next ones in the second slots. Returns (mean SM load / max
+// SM load) times the fraction of CTA slots filled (a half-empty SM has half the bytes in flight).
+double grid_score(int64_t n_tiles, int64_t sms, int64_t per_sm) {
+  const int64_t slots = sms * per_sm;
+  const int64_t grid = n_tiles < slots ? n_tiles : slots;
+  const int64_t base = n_tiles / grid, extra = n_tiles % grid;
+  int64_t worst = 0;
+  for (int64_t s = 0; s < sms; ++s) {
+    int64_t load = 0;
+    for (int64_t b = s; b < grid; b += sms) load += base + (b < extra ? 1 : 0);
+    worst = load > worst ? load : worst;
+  }
+  if (worst == 0) return 0.0;
+  return double(n_tiles) / double(sms) / double(worst) * double(grid) / double(slots);
+}
+
+// LOWRANK_SKINNY_ROW_TILES = 1, 2 or 4 forces the tile height (benchmark sweeps); 0 or unset:
+// the rule below.
+int row_tiles_override() {
+  const char* env = std::getenv("LOWRANK_SKINNY_ROW_TILES");
+  const int v = env != nullptr ? std::atoi(env) : 0;
+  return (v == 1 || v == 2 || v == 4) ? v : 0;
+}
+
 template <typename T, int TILES_M, bool NESTED>
 void launch_rows(const Gemm4bitParams& p, cudaStream_t stream) {
-  // More weight rows per CTA reuse each x fragment over more rows (fewer x loads per weight
-  // byte), fewer CTAs balance worse: the widest tile that still gives two CTAs per SM.
-  const int64_t want = 2 * int64_t(multiprocessor_count());
-  if ((p.n + 63) / 64 >= want) launch_tiles<T, TILES_M, 4, NESTED>(p, stream);
-  else if ((p.n + 31) / 32 >= want) launch_tiles<T, TILES_M, 2, NESTED>(p, stream);
+  // Taller tiles reuse each x fragment over more rows (fewer x loads per weight byte) but cut the
+  // work into fewer pieces: 28672 rows in 64-row tiles are 448 tiles on 264 CTA slots, so some
+  // SMs do 4 tiles and others 3 (score 0.85); 32-row tiles: 0.97. 14336 rows: 0.85 / 0.85 / 0.97
+  // for 64 / 32 / 16 rows; 4096 rows in 32-row tiles fill half the slots (0.48), 16-row: 0.97.
+  // The rule: the tallest tile whose score is within 2% of the best.
+  int rows = row_tiles_override();
+  if (rows == 0) {
+    const int64_t sms = multiprocessor_count();
+    const int64_t per_sm = 2;  // __launch_bounds__(kThreads, 2)
+    const double b4 = grid_score((p.n + 63) / 64, sms, per_sm), b2 = grid_score((p.n + 31) / 32, sms, per_sm),
+                 b1 = grid_score((p.n + 15) / 16, sms, per_sm);
+    const double best = b4 > b2 ? (b4 > b1 ? b4 : b1) : (b2 > b1 ? b2 : b1);
+    rows = b4 >= best - 0.02 ? 4 : (b2 >= best - 0.02 ? 2 : 1);
+  }
+  if (rows == 4) launch_tiles<T, TILES_M, 4, NESTED>(p, stream);
+  else if (rows == 2) launch_tiles<T, TILES_M, 2, NESTED>(p, stream);
   else launch_tiles<T, TILES_M, 1, NESTED>(p, stream);
 }
 
