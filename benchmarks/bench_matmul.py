@@ -71,8 +71,8 @@ def gemm_ceiling_tflops() -> float:
     return 2 * 8192**3 / (t * 1e-3) / 1e12
 
 
-def _forced_row_tiles(rows, x, q):
-    os.environ["LOWRANK_SKINNY_ROW_TILES"] = str(rows)  # read by the launcher at each launch
+def _forced_row_tiles(tiles, x, q):
+    os.environ["LOWRANK_SKINNY_ROW_TILES"] = str(tiles)  # read by the launcher at each launch
     try:
         return lowrank.matmul_4bit(x, q, path="skinny")
     finally:
@@ -137,9 +137,9 @@ def main():
                     impls["lowrank-dequantize"] = (lambda xx, q: lowrank.matmul_4bit(xx, q, path="dequantize"),
                                                    [(q,) for q in qs], q4_bytes)
                 if m <= 16 and args.sweep_row_tiles:
-                    for rows in (1, 2, 4):
-                        impls[f"skinny-rows{16 * rows}"] = (
-                            lambda xx, q, rows=rows: _forced_row_tiles(rows, xx, q), [(q,) for q in qs], q4_bytes)
+                    for tiles in (1, 2, 4):
+                        impls[f"skinny-rows{16 * tiles}"] = (
+                            lambda xx, q, tiles=tiles: _forced_row_tiles(tiles, xx, q), [(q,) for q in qs], q4_bytes)
                 if bnb is not None:
                     impls["bitsandbytes"] = (lambda xx, p, s: bnb.matmul_4bit(xx, p.t(), quant_state=s),
                                              bnb_ws, q4_bytes)

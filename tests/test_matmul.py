@@ -23,12 +23,20 @@ def _assert_within_rule(y, x, q, bias):
     b32 = None if bias is None else bias.float()
     ref = torch.nn.functional.linear(x.float(), w_hat, b32)
     plain = torch.nn.functional.linear(x, w_hat.to(x.dtype), bias)
+    # The rounding-noise scale of each output: the unit roundoff of x's dtype times the root sum
+    # of squares of its K products (what K independent roundings of the weight add up to). On a
+    # few outputs the 2x ratio alone is a coin toss: the H100 run drew M = N = 1, K = 128, where
+    # plain F.linear happened to land 1e-4 from the reference and the kernel 4e-4, both well
+    # inside that scale (~2e-3). The norm rule gets the RMS of that scale as a floor: one
+    # element's worth, which decides at M = N = 1 and vanishes against the ratio on many outputs.
+    noise = ((x.float() ** 2) @ (w_hat ** 2).t()).sqrt() * (torch.finfo(x.dtype).eps / 2)
     err, plain_err = (y.float() - ref).norm(), (plain.float() - ref).norm()
     assert torch.isfinite(y).all()
-    assert err <= ERROR_FACTOR * plain_err + 1e-6 * ref.norm(), (err, plain_err)
+    noise_rms = noise.norm() / noise.numel() ** 0.5
+    assert err <= ERROR_FACTOR * plain_err + noise_rms, (err, plain_err, noise_rms)
     # a localised indexing error hides in a norm over many elements: bound the worst element too
     worst, plain_worst = (y.float() - ref).abs().max(), (plain.float() - ref).abs().max()
-    assert worst <= 4 * plain_worst + 1e-5 * ref.abs().max(), (worst, plain_worst)
+    assert worst <= 4 * plain_worst + 2 * noise.max(), (worst, plain_worst, noise.max())
 
 
 # --- the skinny kernel (CUDA) ------------------------------------------------------------------
