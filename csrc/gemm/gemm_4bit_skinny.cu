@@ -23,6 +23,14 @@
 // contiguous ranges of 64-wide chunks and their partial sums are added in shared memory in warp
 // order (deterministic). The grid is persistent (the table is built once per CTA).
 //
+// Instruction budget: the first version issued ~160 instructions per 512 packed bytes per warp
+// and ncu (H100, 28672 x 8192, M = 1) showed the schedulers issuing 0.56 per cycle with 44% of
+// cycles having no eligible warp, DRAM at 36%: issue-bound at 16 warps per SM. Half of those
+// instructions were the lookup index arithmetic (6 per lookup), 64-bit address math and
+// branches around predicated loads. Now a lookup is 3 instructions (pair_word), rows past N and
+// x rows past M read a clamped valid row instead of being predicated (their mma rows/columns are
+// never stored), offsets are 32-bit, and the streamed codes bypass L1.
+//
 // Fragment mapping (mma.m16n8k16, A = 16 weight rows x 16 k, B = 16 k x 8 x rows): lane
 // (g = lane / 4, t = lane % 4) loads 8 packed bytes of weight rows g and g + 8 at byte offset
 // 32 c + 8 t of chunk c, i.e. elements 64 c + 16 t + [0, 16), and the same 16 elements of x row
@@ -65,10 +73,22 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Byte j (0..7) of 8 packed bytes, as a table row offset (byte * 32 words).
-__device__ __forceinline__ uint32_t pair_row(const uint2& w, int j) {
-  const uint32_t word = j < 4 ? w.x : w.y;
-  return ((word >> (8 * (j & 3))) & 0xffu) << 5;
+// The table word of byte j (0..3) of a packed word, for this lane. A table row is 32 words = 128
+// bytes, so the byte offset is byte * 128 + lane * 4: one shift and one AND-OR (LOP3) put the
+// byte at bits 7..14 beside the lane's bits 2..6, then the shared load (3 instructions; the
+// plain index arithmetic compiled to 6).
+template <int J>
+__device__ __forceinline__ uint32_t pair_word(const char* table, uint32_t word, uint32_t lane4) {
+  const uint32_t shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
+  return *reinterpret_cast<const uint32_t*>(table + ((shifted & 0x7f80u) | lane4));
+}
+
+// 8 packed bytes read once: no L1 allocation, so L1 keeps x and the absmax codes (the ncu run
+// put L1 throughput at 76% with the codes allocating).
+__device__ __forceinline__ uint2 load_stream_u2(const uint8_t* ptr) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
 }
 
 // Word j (0..7) of 16 x elements held as two uint4.
@@ -82,15 +102,24 @@ __device__ __forceinline__ uint32_t x_word(const uint4 (&v)[2], int j) {
   }
 }
 
-// Chunks (of 64 k) whose loads one warp issues before it uses any: ROWS_IN_FLIGHT weight-row
-// tiles' worth (4 x 256 bytes per warp) whatever ROW_TILES is.
+// Chunks (of 64 k) whose loads one warp issues before it uses any: about 4 row tiles' worth
+// (4 x 512 bytes of codes per warp) whatever ROW_TILES is; 3 for 16-row tiles at M <= 8, whose
+// kernel is held to 80 registers for 3 CTAs per SM (4 spilled 32 bytes there).
 template <int ROW_TILES, int TILES_M>
 struct ChunksPerStep {
-  static constexpr int value = (4 / ROW_TILES / TILES_M) > 0 ? 4 / ROW_TILES / TILES_M : 1;
+  static constexpr int value = (ROW_TILES == 1 && TILES_M == 1) ? 3
+                               : (4 / ROW_TILES / TILES_M) > 0 ? 4 / ROW_TILES / TILES_M : 1;
+};
+
+// CTAs per SM the register budget is set for: 16-row tiles fit 80 registers (3 CTAs, 24 warps
+// per SM); taller tiles need ~100-128 (2 CTAs).
+template <int ROW_TILES>
+struct MinCtasPerSm {
+  static constexpr int value = ROW_TILES == 1 ? 3 : 2;
 };
 
 template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
-__global__ void __launch_bounds__(kThreads, 2) gemm_4bit_skinny(Gemm4bitParams p) {
+__global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm_4bit_skinny(Gemm4bitParams p) {
   constexpr int kSteps = ChunksPerStep<ROW_TILES, TILES_M>::value;
   __shared__ uint32_t s_pairs[256 * 32];
   __shared__ float s_qmap[NESTED ? 256 : 1];
@@ -109,19 +138,40 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_skinny(Gemm4bitParams p
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t M = p.m, N = p.n, K = p.k;
-  const int64_t row_bytes = K / 2;
+  const char* table = reinterpret_cast<const char*>(s_pairs);
+  const uint32_t lane4 = uint32_t(lane) * 4u;
+  // 32-bit offsets: the launcher refuses weights of 2^31 packed bytes or more.
+  const int M = int(p.m);
+  const int64_t N = p.n;
+  const uint32_t K = uint32_t(p.k);
+  const uint32_t row_bytes = K / 2;
   const int block_shift = 31 - __clz(p.blocksize);
-  const int64_t blocks_per_row = K >> block_shift;
+  const int chunk_block_shift = block_shift - 6;  // chunks of 64 per absmax block, as a shift
+  const uint32_t blocks_per_row = K >> block_shift;
   const int nested_shift = NESTED ? 31 - __clz(p.nested_blocksize) : 0;
   const float offset = NESTED ? *p.offset : 0.0f;
-  const int64_t n_chunks = K / kSkinnyChunk;
-  const int64_t c_begin = n_chunks * warp / kWarps, c_end = n_chunks * (warp + 1) / kWarps;
+  const int n_chunks = int(K / kSkinnyChunk);
+  const int c_begin = n_chunks * warp / kWarps, c_end = n_chunks * (warp + 1) / kWarps;
   const T* x = static_cast<const T*>(p.x);
   const int64_t n_tiles = (N + kRowsPerTile * ROW_TILES - 1) / (kRowsPerTile * ROW_TILES);
+  // x rows past M read row M - 1 (their mma columns are never stored): no predicated loads.
+  uint32_t x_off[TILES_M];
+#pragma unroll
+  for (int j = 0; j < TILES_M; ++j) x_off[j] = uint32_t(min(j * 8 + g, M - 1)) * K + uint32_t(t) * 16u;
 
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile * ROW_TILES;
+    // Rows past N read row N - 1 (their mma rows are never stored), for the same reason.
+    uint32_t w_off[ROW_TILES][2], block_off[ROW_TILES][2];
+#pragma unroll
+    for (int r = 0; r < ROW_TILES; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row_raw = row0 + r * kRowsPerTile + g + 8 * h;
+        const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
+        w_off[r][h] = row * row_bytes + uint32_t(t) * 8u;
+        block_off[r][h] = row * blocks_per_row;
+      }
     float acc[ROW_TILES][TILES_M][4];
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r)
@@ -130,41 +180,36 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_skinny(Gemm4bitParams p
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.0f;
 
-    for (int64_t c0 = c_begin; c0 < c_end; c0 += kSteps) {
+    for (int c0 = c_begin; c0 < c_end; c0 += kSteps) {
       // Every load of kSteps chunks first (codes, absmax or its code and scale, x), then the math.
+      // A chunk past this warp's range re-reads the last one and is skipped below.
       uint2 w[kSteps][ROW_TILES][2];
       float scale[kSteps][ROW_TILES][2];
       uint32_t code[kSteps][ROW_TILES][2];
       uint4 xv[kSteps][TILES_M][2];
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
-        const int64_t c = c0 + u;
-        const bool chunk_ok = c < c_end;
+        const uint32_t c = uint32_t(min(c0 + u, c_end - 1));
 #pragma unroll
         for (int r = 0; r < ROW_TILES; ++r) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int64_t row = row0 + r * kRowsPerTile + g + 8 * h;
-            const bool ok = chunk_ok && row < N;
-            const int64_t block = ok ? row * blocks_per_row + ((c * kSkinnyChunk) >> block_shift) : 0;
-            w[u][r][h] = ok ? *reinterpret_cast<const uint2*>(p.packed + row * row_bytes + c * 32 + t * 8)
-                            : make_uint2(0u, 0u);
+            const uint32_t block = block_off[r][h] + (c >> chunk_block_shift);
+            w[u][r][h] = load_stream_u2(p.packed + w_off[r][h] + c * 32u);
             if constexpr (NESTED) {
-              code[u][r][h] = ok ? p.absmax_codes[block] : 0u;
-              scale[u][r][h] = ok ? p.nested_absmax[block >> nested_shift] : 0.0f;
+              code[u][r][h] = __ldg(p.absmax_codes + block);
+              scale[u][r][h] = __ldg(p.nested_absmax + (block >> nested_shift));
             } else {
               code[u][r][h] = 0u;
-              scale[u][r][h] = ok ? p.absmax[block] : 0.0f;
+              scale[u][r][h] = __ldg(p.absmax + block);
             }
           }
         }
 #pragma unroll
         for (int j = 0; j < TILES_M; ++j) {
-          const int64_t m = j * 8 + g;
-          const bool ok = chunk_ok && m < M;
-          const uint4* src = reinterpret_cast<const uint4*>(x + m * K + c * kSkinnyChunk + t * 16);
-          xv[u][j][0] = ok ? src[0] : make_uint4(0u, 0u, 0u, 0u);
-          xv[u][j][1] = ok ? src[1] : make_uint4(0u, 0u, 0u, 0u);
+          const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
+          xv[u][j][0] = __ldg(src);
+          xv[u][j][1] = __ldg(src + 1);
         }
       }
 #pragma unroll
@@ -184,15 +229,20 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_skinny(Gemm4bitParams p
           for (int j = 0; j < TILES_M; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
+          // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
 #pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            const uint32_t a0 = s_pairs[pair_row(w[u][r][0], 2 * s) + lane];
-            const uint32_t a1 = s_pairs[pair_row(w[u][r][1], 2 * s) + lane];
-            const uint32_t a2 = s_pairs[pair_row(w[u][r][0], 2 * s + 1) + lane];
-            const uint32_t a3 = s_pairs[pair_row(w[u][r][1], 2 * s + 1) + lane];
+          for (int half = 0; half < 2; ++half) {
+            const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
+            const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
+            const uint32_t a00 = pair_word<0>(table, lo, lane4), a01 = pair_word<0>(table, hi, lane4);
+            const uint32_t a02 = pair_word<1>(table, lo, lane4), a03 = pair_word<1>(table, hi, lane4);
+            const uint32_t a10 = pair_word<2>(table, lo, lane4), a11 = pair_word<2>(table, hi, lane4);
+            const uint32_t a12 = pair_word<3>(table, lo, lane4), a13 = pair_word<3>(table, hi, lane4);
+            const int s0 = 2 * half, s1 = 2 * half + 1;
 #pragma unroll
             for (int j = 0; j < TILES_M; ++j) {
-              mma_16816<T>(chunk[j], a0, a1, a2, a3, x_word(xv[u][j], 2 * s), x_word(xv[u][j], 2 * s + 1));
+              mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
+              mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
             }
           }
 #pragma unroll
@@ -297,15 +347,15 @@ template <typename T, int TILES_M, bool NESTED>
 void launch_rows(const Gemm4bitParams& p, cudaStream_t stream) {
   // Taller tiles reuse each x fragment over more rows (fewer x loads per weight byte) but cut the
   // work into fewer pieces: 28672 rows in 64-row tiles are 448 tiles on 264 CTA slots, so some
-  // SMs do 4 tiles and others 3 (score 0.85); 32-row tiles: 0.97. 14336 rows: 0.85 / 0.85 / 0.97
-  // for 64 / 32 / 16 rows; 4096 rows in 32-row tiles fill half the slots (0.48), 16-row: 0.97.
+  // SMs do 4 tiles and others 3 (score 0.85); 32-row tiles: 0.97. 14336 rows: 0.72 / 0.85 / 0.97
+  // for 64 / 32 / 16 rows (16-row tiles run 3 CTAs per SM); 4096 rows: 0.12 / 0.47 / 0.63.
   // The rule: the tallest tile whose score is within 2% of the best.
   int rows = row_tiles_override();
   if (rows == 0) {
     const int64_t sms = multiprocessor_count();
-    const int64_t per_sm = 2;  // __launch_bounds__(kThreads, 2)
-    const double b4 = grid_score((p.n + 63) / 64, sms, per_sm), b2 = grid_score((p.n + 31) / 32, sms, per_sm),
-                 b1 = grid_score((p.n + 15) / 16, sms, per_sm);
+    const double b4 = grid_score((p.n + 63) / 64, sms, MinCtasPerSm<4>::value),
+                 b2 = grid_score((p.n + 31) / 32, sms, MinCtasPerSm<2>::value),
+                 b1 = grid_score((p.n + 15) / 16, sms, MinCtasPerSm<1>::value);
     const double best = b4 > b2 ? (b4 > b1 ? b4 : b1) : (b2 > b1 ? b2 : b1);
     rows = b4 >= best - 0.02 ? 4 : (b2 >= best - 0.02 ? 2 : 1);
   }

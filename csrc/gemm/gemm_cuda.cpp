@@ -19,6 +19,8 @@ const char* skinny_refusal(const at::Tensor& x, const Weight4bit& w, int64_t m) 
   if (m > kSkinnyMaxM) return "it takes at most 16 rows of x";
   if (w.blocksize < kSkinnyChunk) return "it needs blocksize >= 64";
   if (w.in_features % w.blocksize != 0) return "it needs in_features to be a multiple of blocksize";
+  if (w.out_features * w.in_features / 2 >= (int64_t(1) << 31))
+    return "it indexes the packed weight with 32-bit offsets (fewer than 2^31 packed bytes)";
   if (reinterpret_cast<uintptr_t>(w.packed.const_data_ptr()) % 8 != 0)
     return "it needs the packed weight 8-byte aligned";
   return nullptr;
