@@ -102,13 +102,11 @@ __device__ __forceinline__ uint32_t x_word(const uint4 (&v)[2], int j) {
   }
 }
 
-// Chunks (of 64 k) whose loads one warp issues before it uses any: about 4 row tiles' worth
-// (4 x 512 bytes of codes per warp) whatever ROW_TILES is; 3 for 16-row tiles at M <= 8, whose
-// kernel is held to 80 registers for 3 CTAs per SM (4 spilled 32 bytes there).
+// Chunks (of 64 k) whose loads one warp issues before it uses any: 4 row tiles' worth (4 x 512
+// bytes of codes per warp) whatever ROW_TILES is.
 template <int ROW_TILES, int TILES_M>
 struct ChunksPerStep {
-  static constexpr int value = (ROW_TILES == 1 && TILES_M == 1) ? 3
-                               : (4 / ROW_TILES / TILES_M) > 0 ? 4 / ROW_TILES / TILES_M : 1;
+  static constexpr int value = (4 / ROW_TILES / TILES_M) > 0 ? 4 / ROW_TILES / TILES_M : 1;
 };
 
 // CTAs per SM the register budget is set for: 16-row tiles fit 80 registers (3 CTAs, 24 warps
@@ -121,9 +119,18 @@ struct MinCtasPerSm {
 template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
 __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm_4bit_skinny(Gemm4bitParams p) {
   constexpr int kSteps = ChunksPerStep<ROW_TILES, TILES_M>::value;
+  constexpr int kTileRows = kRowsPerTile * ROW_TILES;
+  constexpr int kSegment = 16 / ROW_TILES;  // chunks per absmax segment (16 x 16 decoded values)
   __shared__ uint32_t s_pairs[256 * 32];
   __shared__ float s_qmap[NESTED ? 256 : 1];
-  __shared__ float s_partial[kWarps][TILES_M * 4][32];
+  // Per warp: the decoded absmax of its tile rows for one segment of its k range (padded rows:
+  // the 8 rows a load touches fall in 8 banks); reused after the k loop for the warps' partial
+  // sums, so the CTA stays under the 48 KB of static shared memory.
+  constexpr int kAbsmaxFloats = kWarps * kTileRows * (kSegment + 1);
+  constexpr int kPartialFloats = kWarps * TILES_M * 4 * 32;
+  __shared__ float s_scratch[kAbsmaxFloats > kPartialFloats ? kAbsmaxFloats : kPartialFloats];
+  float(*s_partial)[TILES_M * 4][32] = reinterpret_cast<float(*)[TILES_M * 4][32]>(s_scratch);
+  float(*s_absmax)[kSegment + 1] = reinterpret_cast<float(*)[kSegment + 1]>(s_scratch);
 
   // The pair table, one copy per lane: word [byte][lane] = (value[byte >> 4], value[byte & 15]) in
   // T, the first element (high nibble) in the low half as the mma reads it.
@@ -162,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile * ROW_TILES;
     // Rows past N read row N - 1 (their mma rows are never stored), for the same reason.
-    uint32_t w_off[ROW_TILES][2], block_off[ROW_TILES][2];
+    uint32_t w_off[ROW_TILES][2];
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r)
 #pragma unroll
@@ -170,7 +177,6 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
         const int64_t row_raw = row0 + r * kRowsPerTile + g + 8 * h;
         const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
         w_off[r][h] = row * row_bytes + uint32_t(t) * 8u;
-        block_off[r][h] = row * blocks_per_row;
       }
     float acc[ROW_TILES][TILES_M][4];
 #pragma unroll
@@ -180,77 +186,86 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.0f;
 
-    for (int c0 = c_begin; c0 < c_end; c0 += kSteps) {
-      // Every load of kSteps chunks first (codes, absmax or its code and scale, x), then the math.
-      // A chunk past this warp's range re-reads the last one and is skipped below.
-      uint2 w[kSteps][ROW_TILES][2];
-      float scale[kSteps][ROW_TILES][2];
-      uint32_t code[kSteps][ROW_TILES][2];
-      uint4 xv[kSteps][TILES_M][2];
+    float(*my_absmax)[kSegment + 1] = s_absmax + warp * kTileRows;
+    for (int seg = c_begin; seg < c_end; seg += kSegment) {
+      const int seg_len = min(kSegment, c_end - seg);
+      // The segment's absmax, decoded once per (row, chunk) with coalesced loads: the codes of a
+      // row's consecutive blocks are consecutive bytes. (Loading them inside the chunk loop, 8
+      // rows per warp load, was a third of the L1 wavefronts in the ncu run.)
+      __syncwarp();
 #pragma unroll
-      for (int u = 0; u < kSteps; ++u) {
-        const uint32_t c = uint32_t(min(c0 + u, c_end - 1));
-#pragma unroll
-        for (int r = 0; r < ROW_TILES; ++r) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t block = block_off[r][h] + (c >> chunk_block_shift);
-            w[u][r][h] = load_stream_u2(p.packed + w_off[r][h] + c * 32u);
-            if constexpr (NESTED) {
-              code[u][r][h] = __ldg(p.absmax_codes + block);
-              scale[u][r][h] = __ldg(p.nested_absmax + (block >> nested_shift));
-            } else {
-              code[u][r][h] = 0u;
-              scale[u][r][h] = __ldg(p.absmax + block);
-            }
+      for (int i = lane; i < kTileRows * kSegment; i += 32) {
+        const int rr = i / kSegment, cc = i % kSegment;
+        if (cc < seg_len) {
+          const int64_t row_raw = row0 + rr;
+          const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
+          const uint32_t block = row * blocks_per_row + (uint32_t(seg + cc) >> chunk_block_shift);
+          if constexpr (NESTED) {
+            // a rounded product, then a rounded sum, exactly as dequantize_4bit_nested
+            my_absmax[rr][cc] = __fadd_rn(__fmul_rn(s_qmap[__ldg(p.absmax_codes + block)],
+                                                    __ldg(p.nested_absmax + (block >> nested_shift))), offset);
+          } else {
+            my_absmax[rr][cc] = __ldg(p.absmax + block);
           }
-        }
-#pragma unroll
-        for (int j = 0; j < TILES_M; ++j) {
-          const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
-          xv[u][j][0] = __ldg(src);
-          xv[u][j][1] = __ldg(src + 1);
         }
       }
+      __syncwarp();
+      const int seg_end = seg + seg_len;
+      for (int c0 = seg; c0 < seg_end; c0 += kSteps) {
+        // Every load of kSteps chunks first (codes and x), then the math. A chunk past the
+        // segment re-reads the last one and is skipped below.
+        uint2 w[kSteps][ROW_TILES][2];
+        uint4 xv[kSteps][TILES_M][2];
 #pragma unroll
-      for (int u = 0; u < kSteps; ++u) {
-        if (c0 + u >= c_end) break;
+        for (int u = 0; u < kSteps; ++u) {
+          const uint32_t c = uint32_t(min(c0 + u, seg_end - 1));
 #pragma unroll
-        for (int r = 0; r < ROW_TILES; ++r) {
-          float absmax[2];
+          for (int r = 0; r < ROW_TILES; ++r) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            // Nested: a rounded product, then a rounded sum, exactly as dequantize_4bit_nested.
-            absmax[h] = NESTED ? __fadd_rn(__fmul_rn(s_qmap[code[u][r][h]], scale[u][r][h]), offset)
-                               : scale[u][r][h];
-          }
-          float chunk[TILES_M][4];
-#pragma unroll
-          for (int j = 0; j < TILES_M; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
-          // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
-            const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
-            const uint32_t a00 = pair_word<0>(table, lo, lane4), a01 = pair_word<0>(table, hi, lane4);
-            const uint32_t a02 = pair_word<1>(table, lo, lane4), a03 = pair_word<1>(table, hi, lane4);
-            const uint32_t a10 = pair_word<2>(table, lo, lane4), a11 = pair_word<2>(table, hi, lane4);
-            const uint32_t a12 = pair_word<3>(table, lo, lane4), a13 = pair_word<3>(table, hi, lane4);
-            const int s0 = 2 * half, s1 = 2 * half + 1;
-#pragma unroll
-            for (int j = 0; j < TILES_M; ++j) {
-              mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
-              mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
-            }
+            for (int h = 0; h < 2; ++h) w[u][r][h] = load_stream_u2(p.packed + w_off[r][h] + c * 32u);
           }
 #pragma unroll
           for (int j = 0; j < TILES_M; ++j) {
-            acc[r][j][0] = fmaf(chunk[j][0], absmax[0], acc[r][j][0]);
-            acc[r][j][1] = fmaf(chunk[j][1], absmax[0], acc[r][j][1]);
-            acc[r][j][2] = fmaf(chunk[j][2], absmax[1], acc[r][j][2]);
-            acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
+            const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
+            xv[u][j][0] = __ldg(src);
+            xv[u][j][1] = __ldg(src + 1);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kSteps; ++u) {
+          if (c0 + u >= seg_end) break;
+#pragma unroll
+          for (int r = 0; r < ROW_TILES; ++r) {
+            const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
+                                     my_absmax[r * kRowsPerTile + g + 8][c0 + u - seg]};
+            float chunk[TILES_M][4];
+#pragma unroll
+            for (int j = 0; j < TILES_M; ++j)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
+            // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
+              const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
+              const uint32_t a00 = pair_word<0>(table, lo, lane4), a01 = pair_word<0>(table, hi, lane4);
+              const uint32_t a02 = pair_word<1>(table, lo, lane4), a03 = pair_word<1>(table, hi, lane4);
+              const uint32_t a10 = pair_word<2>(table, lo, lane4), a11 = pair_word<2>(table, hi, lane4);
+              const uint32_t a12 = pair_word<3>(table, lo, lane4), a13 = pair_word<3>(table, hi, lane4);
+              const int s0 = 2 * half, s1 = 2 * half + 1;
+#pragma unroll
+              for (int j = 0; j < TILES_M; ++j) {
+                mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
+                mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < TILES_M; ++j) {
+              acc[r][j][0] = fmaf(chunk[j][0], absmax[0], acc[r][j][0]);
+              acc[r][j][1] = fmaf(chunk[j][1], absmax[0], acc[r][j][1]);
+              acc[r][j][2] = fmaf(chunk[j][2], absmax[1], acc[r][j][2]);
+              acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
+            }
           }
         }
       }
@@ -258,6 +273,8 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
 
     // The warps' partial sums, added in warp order, then bias, one rounding, store. Accumulator i
     // of lane (g, t) in x tile j is y[m = 8 j + 2 t + (i & 1)][n = row tile + g + 8 (i >> 1)].
+    // The partial sums reuse the absmax scratch: every warp must be past its last absmax read.
+    __syncthreads();
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r) {
 #pragma unroll
@@ -298,22 +315,18 @@ int multiprocessor_count() {
   return counts[device];
 }
 
-// CTAs per SM of one kernel instantiation, queried once (same value on every GPU of a process
-// with one architecture; the build targets one architecture per binary image).
-template <typename Kernel>
-int ctas_per_sm(Kernel kernel) {
+template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
+void launch_tiles(const Gemm4bitParams& p, cudaStream_t stream) {
+  auto kernel = gemm_4bit_skinny<T, TILES_M, ROW_TILES, NESTED>;
+  // CTAs per SM of this instantiation, queried once (a static per template instance: every
+  // instantiation has the same function-pointer type, so a static keyed on that type would be
+  // shared, as it was in the first version: every kernel ran with the first one's count).
   static int per_sm = 0;
   if (per_sm == 0) {
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
     if (per_sm <= 0) per_sm = 1;
   }
-  return per_sm;
-}
-
-template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
-void launch_tiles(const Gemm4bitParams& p, cudaStream_t stream) {
-  auto kernel = gemm_4bit_skinny<T, TILES_M, ROW_TILES, NESTED>;
-  const int64_t slots = int64_t(ctas_per_sm(kernel)) * multiprocessor_count();
+  const int64_t slots = int64_t(per_sm) * multiprocessor_count();
   const int64_t n_tiles = (p.n + kRowsPerTile * ROW_TILES - 1) / (kRowsPerTile * ROW_TILES);
   kernel<<<unsigned(n_tiles < slots ? n_tiles : slots), kThreads, 0, stream>>>(p);
 }
