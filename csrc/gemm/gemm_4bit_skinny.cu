@@ -166,18 +166,30 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
 #pragma unroll
   for (int j = 0; j < TILES_M; ++j) x_off[j] = uint32_t(min(j * 8 + g, M - 1)) * K + uint32_t(t) * 16u;
 
-  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const int64_t row0 = tile * kRowsPerTile * ROW_TILES;
-    // Rows past N read row N - 1 (their mma rows are never stored), for the same reason.
-    uint32_t w_off[ROW_TILES][2];
+  // This warp's chunks of a tile come in groups of kSteps; the codes of the next group (the next
+  // tile's first group after a tile's last) are loaded while the current one is computed, so the
+  // DRAM stream never waits on the math (the ncu run of the load-then-compute loop showed warps
+  // stalled on those loads 46% of the time and DRAM at 37%).
+  const int n_groups = (c_end - c_begin + kSteps - 1) / kSteps;
+  float(*my_absmax)[kSegment + 1] = s_absmax + warp * kTileRows;
+  auto load_group = [&](int64_t tile, int c0, uint2(&w)[kSteps][ROW_TILES][2]) {
+    const int64_t row0 = tile * kTileRows;
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        // Rows past N read row N - 1 (their mma rows are never stored): no predicated loads.
         const int64_t row_raw = row0 + r * kRowsPerTile + g + 8 * h;
-        const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
-        w_off[r][h] = row * row_bytes + uint32_t(t) * 8u;
+        const uint8_t* row_codes = p.packed + uint32_t(row_raw < N ? row_raw : N - 1) * row_bytes + t * 8;
+#pragma unroll
+        for (int u = 0; u < kSteps; ++u) w[u][r][h] = load_stream_u2(row_codes + uint32_t(min(c0 + u, c_end - 1)) * 32u);
       }
+  };
+  uint2 w_next[kSteps][ROW_TILES][2];
+  if (n_groups > 0 && int64_t(blockIdx.x) < n_tiles) load_group(blockIdx.x, c_begin, w_next);
+
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * kTileRows;
     float acc[ROW_TILES][TILES_M][4];
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r)
@@ -186,86 +198,90 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.0f;
 
-    float(*my_absmax)[kSegment + 1] = s_absmax + warp * kTileRows;
-    for (int seg = c_begin; seg < c_end; seg += kSegment) {
-      const int seg_len = min(kSegment, c_end - seg);
-      // The segment's absmax, decoded once per (row, chunk) with coalesced loads: the codes of a
-      // row's consecutive blocks are consecutive bytes. (Loading them inside the chunk loop, 8
-      // rows per warp load, was a third of the L1 wavefronts in the ncu run.)
-      __syncwarp();
+    for (int gi = 0; gi < n_groups; ++gi) {
+      const int c0 = c_begin + gi * kSteps;
+      uint2 w[kSteps][ROW_TILES][2];
 #pragma unroll
-      for (int i = lane; i < kTileRows * kSegment; i += 32) {
-        const int rr = i / kSegment, cc = i % kSegment;
-        if (cc < seg_len) {
-          const int64_t row_raw = row0 + rr;
-          const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
-          const uint32_t block = row * blocks_per_row + (uint32_t(seg + cc) >> chunk_block_shift);
-          if constexpr (NESTED) {
-            // a rounded product, then a rounded sum, exactly as dequantize_4bit_nested
-            my_absmax[rr][cc] = __fadd_rn(__fmul_rn(s_qmap[__ldg(p.absmax_codes + block)],
-                                                    __ldg(p.nested_absmax + (block >> nested_shift))), offset);
-          } else {
-            my_absmax[rr][cc] = __ldg(p.absmax + block);
+      for (int u = 0; u < kSteps; ++u)
+#pragma unroll
+        for (int r = 0; r < ROW_TILES; ++r) w[u][r][0] = w_next[u][r][0], w[u][r][1] = w_next[u][r][1];
+      if (gi + 1 < n_groups) load_group(tile, c0 + kSteps, w_next);
+      else if (tile + gridDim.x < n_tiles) load_group(tile + gridDim.x, c_begin, w_next);
+
+      // A segment's absmax, decoded once per (row, chunk) with coalesced loads: the codes of a
+      // row's consecutive blocks are consecutive bytes. (Loading them with the weight codes, 8
+      // rows per warp load, was a third of the L1 wavefronts in the ncu run.) Groups never
+      // straddle segments: kSegment is a multiple of kSteps.
+      const int seg = c_begin + ((c0 - c_begin) / kSegment) * kSegment;
+      if (c0 == seg) {
+        const int seg_len = min(kSegment, c_end - seg);
+        __syncwarp();
+#pragma unroll
+        for (int i = lane; i < kTileRows * kSegment; i += 32) {
+          const int rr = i / kSegment, cc = i % kSegment;
+          if (cc < seg_len) {
+            const int64_t row_raw = row0 + rr;
+            const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
+            const uint32_t block = row * blocks_per_row + (uint32_t(seg + cc) >> chunk_block_shift);
+            if constexpr (NESTED) {
+              // a rounded product, then a rounded sum, exactly as dequantize_4bit_nested
+              my_absmax[rr][cc] = __fadd_rn(__fmul_rn(s_qmap[__ldg(p.absmax_codes + block)],
+                                                      __ldg(p.nested_absmax + (block >> nested_shift))), offset);
+            } else {
+              my_absmax[rr][cc] = __ldg(p.absmax + block);
+            }
           }
         }
+        __syncwarp();
       }
-      __syncwarp();
-      const int seg_end = seg + seg_len;
-      for (int c0 = seg; c0 < seg_end; c0 += kSteps) {
-        // Every load of kSteps chunks first (codes and x), then the math. A chunk past the
-        // segment re-reads the last one and is skipped below.
-        uint2 w[kSteps][ROW_TILES][2];
-        uint4 xv[kSteps][TILES_M][2];
+
+      // x rows past M read row M - 1 (their mma columns are never stored); a chunk past the
+      // range re-reads the last one and is skipped below.
+      uint4 xv[kSteps][TILES_M][2];
 #pragma unroll
-        for (int u = 0; u < kSteps; ++u) {
-          const uint32_t c = uint32_t(min(c0 + u, seg_end - 1));
+      for (int u = 0; u < kSteps; ++u) {
+        const uint32_t c = uint32_t(min(c0 + u, c_end - 1));
 #pragma unroll
-          for (int r = 0; r < ROW_TILES; ++r) {
+        for (int j = 0; j < TILES_M; ++j) {
+          const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
+          xv[u][j][0] = __ldg(src);
+          xv[u][j][1] = __ldg(src + 1);
+        }
+      }
 #pragma unroll
-            for (int h = 0; h < 2; ++h) w[u][r][h] = load_stream_u2(p.packed + w_off[r][h] + c * 32u);
+      for (int u = 0; u < kSteps; ++u) {
+        if (c0 + u >= c_end) break;
+#pragma unroll
+        for (int r = 0; r < ROW_TILES; ++r) {
+          const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
+                                   my_absmax[r * kRowsPerTile + g + 8][c0 + u - seg]};
+          float chunk[TILES_M][4];
+#pragma unroll
+          for (int j = 0; j < TILES_M; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
+          // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
+            const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
+            const uint32_t a00 = pair_word<0>(table, lo, lane4), a01 = pair_word<0>(table, hi, lane4);
+            const uint32_t a02 = pair_word<1>(table, lo, lane4), a03 = pair_word<1>(table, hi, lane4);
+            const uint32_t a10 = pair_word<2>(table, lo, lane4), a11 = pair_word<2>(table, hi, lane4);
+            const uint32_t a12 = pair_word<3>(table, lo, lane4), a13 = pair_word<3>(table, hi, lane4);
+            const int s0 = 2 * half, s1 = 2 * half + 1;
+#pragma unroll
+            for (int j = 0; j < TILES_M; ++j) {
+              mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
+              mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
+            }
           }
 #pragma unroll
           for (int j = 0; j < TILES_M; ++j) {
-            const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
-            xv[u][j][0] = __ldg(src);
-            xv[u][j][1] = __ldg(src + 1);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kSteps; ++u) {
-          if (c0 + u >= seg_end) break;
-#pragma unroll
-          for (int r = 0; r < ROW_TILES; ++r) {
-            const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
-                                     my_absmax[r * kRowsPerTile + g + 8][c0 + u - seg]};
-            float chunk[TILES_M][4];
-#pragma unroll
-            for (int j = 0; j < TILES_M; ++j)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
-            // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
-              const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
-              const uint32_t a00 = pair_word<0>(table, lo, lane4), a01 = pair_word<0>(table, hi, lane4);
-              const uint32_t a02 = pair_word<1>(table, lo, lane4), a03 = pair_word<1>(table, hi, lane4);
-              const uint32_t a10 = pair_word<2>(table, lo, lane4), a11 = pair_word<2>(table, hi, lane4);
-              const uint32_t a12 = pair_word<3>(table, lo, lane4), a13 = pair_word<3>(table, hi, lane4);
-              const int s0 = 2 * half, s1 = 2 * half + 1;
-#pragma unroll
-              for (int j = 0; j < TILES_M; ++j) {
-                mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
-                mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
-              }
-            }
-#pragma unroll
-            for (int j = 0; j < TILES_M; ++j) {
-              acc[r][j][0] = fmaf(chunk[j][0], absmax[0], acc[r][j][0]);
-              acc[r][j][1] = fmaf(chunk[j][1], absmax[0], acc[r][j][1]);
-              acc[r][j][2] = fmaf(chunk[j][2], absmax[1], acc[r][j][2]);
-              acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
-            }
+            acc[r][j][0] = fmaf(chunk[j][0], absmax[0], acc[r][j][0]);
+            acc[r][j][1] = fmaf(chunk[j][1], absmax[0], acc[r][j][1]);
+            acc[r][j][2] = fmaf(chunk[j][2], absmax[1], acc[r][j][2]);
+            acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
           }
         }
       }
