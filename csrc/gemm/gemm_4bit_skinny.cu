@@ -347,23 +347,6 @@ void launch_tiles(const Gemm4bitParams& p, cudaStream_t stream) {
   kernel<<<unsigned(n_tiles < slots ? n_tiles : slots), kThreads, 0, stream>>>(p);
 }
 
-// How well a persistent grid of n_tiles uses the SMs: CTA b takes tiles b, b + G, ...; the first
-// SM-count CTAs land one per SM, the next ones in the second slots. Returns (mean SM load / max
-// SM load) times the fraction of CTA slots filled (a half-empty SM has half the bytes in flight).
-double grid_score(int64_t n_tiles, int64_t sms, int64_t per_sm) {
-  const int64_t slots = sms * per_sm;
-  const int64_t grid = n_tiles < slots ? n_tiles : slots;
-  const int64_t base = n_tiles / grid, extra = n_tiles % grid;
-  int64_t worst = 0;
-  for (int64_t s = 0; s < sms; ++s) {
-    int64_t load = 0;
-    for (int64_t b = s; b < grid; b += sms) load += base + (b < extra ? 1 : 0);
-    worst = load > worst ? load : worst;
-  }
-  if (worst == 0) return 0.0;
-  return double(n_tiles) / double(sms) / double(worst) * double(grid) / double(slots);
-}
-
 // LOWRANK_SKINNY_ROW_TILES = 1, 2 or 4 forces the tile height (benchmark sweeps); 0 or unset:
 // the rule below.
 int row_tiles_override() {
@@ -375,18 +358,18 @@ int row_tiles_override() {
 template <typename T, int TILES_M, bool NESTED>
 void launch_rows(const Gemm4bitParams& p, cudaStream_t stream) {
   // Taller tiles reuse each x fragment over more rows (fewer x loads per weight byte) but cut the
-  // work into fewer pieces: 28672 rows in 64-row tiles are 448 tiles on 264 CTA slots, so some
-  // SMs do 4 tiles and others 3 (score 0.85); 32-row tiles: 0.97. 14336 rows: 0.72 / 0.85 / 0.97
-  // for 64 / 32 / 16 rows (16-row tiles run 3 CTAs per SM); 4096 rows: 0.12 / 0.47 / 0.63.
-  // The rule: the tallest tile whose score is within 2% of the best.
+  // work into fewer pieces. The rule is the H100 sweep of bench_matmul --sweep-row-tiles (device
+  // time, us, rows 16 / 32 / 64): 28672 x 8192 M = 1: 71.5 / 76.8 / 83.5, M = 16: 96.6 / 89.8 /
+  // 98.4; 14336 x 4096 M = 1: 25.4 / 23.0 / 23.9, M = 16: 30.9 / 26.7 / 27.2; 4096 x 14336 (a run
+  // before the prefetch) M = 1: 23.5 / 27.4 / 37.3, M = 16: 27.2 / 31.6 / 46.4. 32-row tiles
+  // once there are two per CTA slot, 16-row tiles below that and for M <= 8 when there are 8 per
+  // SM or more.
   int rows = row_tiles_override();
   if (rows == 0) {
     const int64_t sms = multiprocessor_count();
-    const double b4 = grid_score((p.n + 63) / 64, sms, MinCtasPerSm<4>::value),
-                 b2 = grid_score((p.n + 31) / 32, sms, MinCtasPerSm<2>::value),
-                 b1 = grid_score((p.n + 15) / 16, sms, MinCtasPerSm<1>::value);
-    const double best = b4 > b2 ? (b4 > b1 ? b4 : b1) : (b2 > b1 ? b2 : b1);
-    rows = b4 >= best - 0.02 ? 4 : (b2 >= best - 0.02 ? 2 : 1);
+    if (TILES_M == 1 && (p.n + 15) / 16 >= 8 * sms) rows = 1;
+    else if ((p.n + 31) / 32 >= 2 * sms) rows = 2;
+    else rows = 1;
   }
   if (rows == 4) launch_tiles<T, TILES_M, 4, NESTED>(p, stream);
   else if (rows == 2) launch_tiles<T, TILES_M, 2, NESTED>(p, stream);
