@@ -335,3 +335,20 @@ def test_bf16_layer_within_twice_peft_error(device, four_bit, use_dora):
     for name, o, p, ref in zip(names, ours_out, peft_out, refs):
         err, peft_err = (o.double() - ref).norm(), (p.double() - ref).norm()
         assert err <= 2 * peft_err + 1e-3 * ref.norm(), (name, float(err), float(peft_err))
+
+
+@pytest.mark.parametrize("m, k", [(96, 64), (32, 128)])  # v into W (in <= M), v into dY (in > M)
+def test_dora_grad_input_scaling_either_operand(device, m, k):
+    """dY diag(v) W with v in float32 folded into the smaller operand: within 2x the error of
+    rounding dY v once to bf16 and multiplying, on both branches."""
+    from lowrank.lora_function import _scaled_grad_input
+    torch.manual_seed(3)
+    n = 80
+    dy = torch.randn(m, n, device=device).bfloat16()
+    w = torch.randn(n, k, device=device).bfloat16()
+    v = torch.rand(n, device=device) + 0.5
+    ref = (dy.double() * v.double()) @ w.double()
+    plain = ((dy.float() * v).bfloat16() @ w).double()
+    got = _scaled_grad_input(dy, v, w, None, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, k)
+    assert (got.double() - ref).norm() <= 2 * (plain - ref).norm()
