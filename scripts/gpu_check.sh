@@ -7,7 +7,7 @@
 #
 # (the device machine gets a copy of the work tree without .git, so the commit comes in by env).
 # Steps: build | tests | bench (or bench_quant, bench_matmul, bench_lora) | profile | profile_matmul |
-# sanitizer | debug; LOWRANK_BENCH_<NAME>_ARGS adds arguments to one benchmark;
+# profile_lora | sanitizer | debug; LOWRANK_BENCH_<NAME>_ARGS adds arguments to one benchmark;
 # LOWRANK_STEPS picks a subset (default: build,tests,bench,sanitizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +80,12 @@ if has profile_matmul; then  # ncu on the skinny kernel at M = 1 and 16 on the t
     --section MemoryWorkloadAnalysis --section LaunchStats --section SourceCounters \
     -k regex:"gemm_4bit_skinny" -c 4 python3 scripts/profile_matmul.py > "$LOGS/ncu_matmul.txt" 2>&1
   echo "ncu rc=$?"; grep -E "gemm_4bit_skinny|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|No Eligible|Stall|Grid Size|Block Limit|L1/TEX Hit|L2 Hit" "$LOGS/ncu_matmul.txt" | cut -c1-150 | head -80
+fi
+
+if has profile_lora; then  # kernel-by-kernel time of one QLoRA and one QDoRA layer step
+  python3 scripts/profile_lora.py > "$LOGS/profile_lora.txt" 2>&1
+  echo "profile_lora rc=$?"; grep -E "^==|Self CUDA time total" "$LOGS/profile_lora.txt"
+  cp "$LOGS/profile_lora.txt" "$OUT/" 2>/dev/null
 fi
 
 if has sanitizer; then
