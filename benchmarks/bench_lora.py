@@ -258,17 +258,12 @@ def main():
         except Exception as e:  # noqa: BLE001  (recorded, not hidden)
             payload["model_error"] = f"{type(e).__name__}: {e}"
             print("model step failed:", payload["model_error"])
-    harness.write_json(args.out, payload)
-    plot(payload, os.path.splitext(args.out)[0] + ".png")
+    harness.write_results(args.out, payload, plot)
 
 
 def plot(payload, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     shapes = [tuple(s) for s in dict.fromkeys(tuple(r["shape"]) for r in payload["rows"])]
     fig, axes = plt.subplots(2, len(shapes), figsize=(6 * len(shapes), 8), squeeze=False)

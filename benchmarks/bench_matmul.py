@@ -178,19 +178,16 @@ def main():
         torch.cuda.empty_cache()
     payload = {"benchmark": "matmul", "env": env, "copy_ceiling_gbs": copy_gbs, "gemm_ceiling_tflops": gemm_tflops,
                "rows": rows}
-    harness.write_json(args.out, payload)
-    plot(payload, os.path.splitext(args.out)[0] + ".png")
+    harness.write_results(args.out, payload, plot)
 
 
 def plot(payload, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     shapes = [tuple(s) for s in dict.fromkeys(tuple(r["shape"]) for r in payload["rows"])]
+    impls = list(dict.fromkeys(r["impl"] for r in payload["rows"]))
+    colors = {impl: f"C{i}" for i, impl in enumerate(impls)}  # one colour per impl in every panel
     fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 8), squeeze=False)
     for col, s in enumerate(shapes):
         for row_i, pass_name in enumerate(["forward", "forward+backward"]):
@@ -199,7 +196,7 @@ def plot(payload, path):
             for impl in dict.fromkeys(r["impl"] for r in pts):
                 xs = [r["m"] for r in pts if r["impl"] == impl]
                 ys = [r["vs_bf16"] for r in pts if r["impl"] == impl]
-                ax.plot(xs, ys, marker="o", label=impl)
+                ax.plot(xs, ys, marker="o", label=impl, color=colors[impl])
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

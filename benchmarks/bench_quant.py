@@ -108,17 +108,12 @@ def main():
         del ws, qs
         torch.cuda.empty_cache()
     payload = {"benchmark": "quant", "env": env, "copy_ceiling_gbs": ceiling, "targets_gbs": TARGETS, "rows": rows}
-    harness.write_json(args.out, payload)
-    plot(payload, os.path.splitext(args.out)[0] + ".png")
+    harness.write_results(args.out, payload, plot)
 
 
 def plot(payload, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     impls = ["lowrank", "lowrank-nosync", "lowrank-4bit-kernel", "bitsandbytes", "torch"]

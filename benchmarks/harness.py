@@ -108,3 +108,21 @@ def write_json(path: str, payload: dict):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return None
+    return plt
+
+
+def write_results(out: str, payload: dict, plot) -> None:
+    """The benchmark's JSON at ``out`` and ``plot(payload, png_path)`` beside it (same name, .png)."""
+    write_json(out, payload)
+    plot(payload, os.path.splitext(out)[0] + ".png")
