@@ -288,12 +288,33 @@ def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling
     (``base_row_sq_norm(weight)``), to pass when cached; computed here otherwise.
     Rows whose expansion may be off by more than ``rtol`` (relative) are recomputed exactly
     (``fallback=False`` skips that, and the host synchronisation it needs). See the module docstring."""
+    n, flagged = dora_weight_norm_flagged(weight, lora_A, lora_B, scaling, base_sq_norm, rtol, chunk_bytes,
+                                          cross_unit_roundoff)
+    if fallback and bool(flagged.any()):
+        n = fix_flagged_rows(n, flagged, weight, lora_A, lora_B, scaling, chunk_bytes)
+    return n
+
+
+@torch.no_grad()
+def dora_weight_norm_flagged(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                             base_sq_norm: torch.Tensor | None = None, rtol: float = RTOL,
+                             chunk_bytes: int | None = None,
+                             cross_unit_roundoff: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expansion's n (float32 [out]) and the rows it may get wrong by more than ``rtol``
+    (bool [out]), with no host synchronisation: the caller decides when to look at the flags
+    (``LoraLinear`` looks after the layer's GEMMs are queued) and fixes them with
+    ``fix_flagged_rows``."""
     n2, bound = expanded_row_sq_norm(weight, lora_A, lora_B, scaling, base_sq_norm, chunk_bytes,
                                      cross_unit_roundoff)
-    n = n2.clamp_min(0).sqrt()
-    if fallback:
-        flagged = bound > (2 * rtol) * n2  # also every row with n2 <= 0 unless it is exactly 0
-        if bool(flagged.any()):
-            rows = flagged.nonzero().reshape(-1)
-            n[rows] = exact_row_norm(weight, lora_A, lora_B, scaling, rows.cpu(), chunk_bytes)
-    return n.float()
+    flagged = bound > (2 * rtol) * n2  # also every row with n2 <= 0 unless it is exactly 0
+    return n2.clamp_min(0).sqrt().float(), flagged
+
+
+@torch.no_grad()
+def fix_flagged_rows(n: torch.Tensor, flagged: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float, chunk_bytes: int | None = None) -> torch.Tensor:
+    """n with its flagged rows recomputed exactly (``exact_row_norm``); a new tensor."""
+    rows = flagged.nonzero().reshape(-1)
+    n = n.clone()
+    n[rows] = exact_row_norm(weight, lora_A, lora_B, scaling, rows.cpu(), chunk_bytes).float()
+    return n

@@ -7,26 +7,30 @@ function computes the same math in x's compute dtype with fp32 accumulation (cuB
 matmul) and keeps only what the backward needs:
 
     forward   h = x' A^T                      [M, r]      x' = dropout(x), mask from a seed
-              y = x W^T + s h B^T (+ bias)     the low-rank term added in place into y by one
-                                               addmm (beta = 1): no [M, out] temporary
-    DoRA      y = v * (x W^T + s h B^T) + bias, v = m / n (n detached): z built as above, then
-              scaled in place by v in float32 (v rounded to bf16 would put one relative error
-              on a whole output column, and dm sums that column)
+              y = s h B^T (+ bias), then y += x W^T by cuBLAS with y as its C operand (beta = 1):
+                                               no [M, out] temporary and no second pass over y
+                                               (M <= 16 on a 4-bit base: the fused skinny kernel
+                                               first, then y += s h B^T)
+    DoRA      y = v * (x W^T + s h B^T) + bias, v = m / n (n detached), v in float32: for a 4-bit
+              base folded into the dequantized weight (into each block's absmax, one rounding per
+              element) and into B; for a float base y is scaled in place. (v rounded to bf16 on its
+              own would put one relative error on a whole output column, and dm sums that column.)
     saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (for
               dm) and v; for a 4-bit base only the packed weight
     backward  g  = dY B_v                      [M, r] fp32 B_v = v * B for DoRA, B for LoRA
-              dX = (v dY) W + s (g A) * mask   one GEMM over the (dequantized) weight, the
-                                               low-rank term added in place
-              dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free;
-              dY^T h and sum_M(dY * y) come from one op (lora_column_reduce: one read of dY and y),
-              g^T x' from the same op over x'. The low-rank terms enter y and dX through cuBLAS
-              with h, g and B, A rounded to the compute dtype (their contribution to a 16-bit output)
+              dX = s g A + (v dY) W            the low-rank term first, the big GEMM adds into it
+              dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free.
+    bf16 on CUDA: the adapter products (h, g, dY^T h, x'^T g) are cuBLAS GEMMs against a 3-way bf16
+    split of their float32 side (float32-exact, ``_mm_f32``), and sum_M(dY * y) one streaming
+    kernel; elsewhere the CUDA-core kernels lora_project / lora_column_reduce (one read of dY and y
+    for both reductions) and on CPU PyTorch ops.
 
-A 4-bit base goes through lowrank.matmul_4bit's op (the fused skinny kernel for M <= 16, else
-dequantize + cuBLAS). What is not here yet (issue 4/5): the low-rank term inside the base GEMM's
-epilogue, v folded into the dequantize kernel, and DoRA with dropout (it takes the unfused path).
+What is not here yet (issue 4/5): one fused GEMM for the base and the low-rank term (the cuBLAS C
+operand costs one write and one read of y), and DoRA with dropout (it takes the unfused path).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,88 @@ def _dropped(x2, seed, p):
     return x2 * keep.to(x2.dtype) * (1.0 / (1.0 - p))
 
 
+# Rows of x up to which the 4-bit base's GEMM goes through matmul_4bit's op (its fused skinny
+# kernel takes M <= 16 on CUDA); above, the weight is dequantized here and the low-rank term enters
+# cuBLAS's GEMM as its C operand (beta = 1) instead of a second pass over y (H100, M = 8192,
+# 14336 x 4096: 1.36 ms vs 1.58 ms for y = x W^T then y += s h B^T; the bare GEMM 1.22 ms).
+SKINNY_MAX_M = 16
+
+
+def _split_mm_enabled(t: torch.Tensor) -> bool:
+    """Whether the adapter products of ``t`` (a bf16 CUDA operand) go through cuBLAS with a 3-way
+    split of their float32 side (``_mm_f32``); LOWRANK_SPLIT_MM=0 turns it off (the CUDA-core kernels
+    lora_project / lora_column_reduce then do them)."""
+    global _SPLIT_MM
+    if t.device.type != "cuda" or t.dtype != torch.bfloat16:
+        return False
+    if _SPLIT_MM is None:
+        if os.environ.get("LOWRANK_SPLIT_MM", "1") == "0":
+            _SPLIT_MM = False
+        else:
+            try:  # torch.mm(..., out_dtype=float32) with bf16 operands (aten::mm.dtype, CUDA)
+                probe = torch.ones(16, 16, device=t.device, dtype=torch.bfloat16)
+                _SPLIT_MM = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+            except (RuntimeError, TypeError, NotImplementedError):
+                _SPLIT_MM = False
+    return _SPLIT_MM
+
+
+_SPLIT_MM = None
+
+
+def _mm_f32(a16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
+    """a16 [M, K] (bf16) @ b32 [K, n] (float32) -> float32 [M, n], to float32 accuracy on the tensor
+    cores: b32 = hi + mid + lo exactly (three bf16 parts of 8 significant bits each hold float32's
+    24), each product of bf16 values is exact in the float32 accumulator, so one cuBLAS GEMM against
+    [hi | mid | lo] and the sum of its three column blocks is the float32 product. Why: the adapter
+    products are memory-bound reads of x or dY with a 16-wide other side; on the H100 the CUDA-core
+    kernels took 246 us for dY B and 438 us for dY^T h at M = 8192, N = 14336 where one read of dY
+    is 78 us (cuBLAS at 3 x 16 columns reads it once too)."""
+    n = b32.shape[1]
+    out = torch.mm(a16, torch.cat(split3(b32, a16.dtype), 1), out_dtype=torch.float32)
+    return (out[:, :n] + out[:, n:2 * n]) + out[:, 2 * n:]
+
+
+def split3(b32: torch.Tensor, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hi, mid, lo) in bf16 with hi + mid + lo == b32 exactly: hi = bf16(b), b - hi is exact in
+    float32 and has at most 16 significant bits, mid = bf16(b - hi) takes 8 of them and the rest
+    (at most 8 bits) is exact in bf16 (bf16 has float32's exponent range: no underflow)."""
+    hi = b32.to(dtype)
+    rest = b32 - hi.float()
+    mid = rest.to(dtype)
+    return hi, mid, (rest - mid.float()).to(dtype)
+
+
+def _project(x16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
+    """x16 [M, K] @ b32 [K, r] in float32: h = x' A^T, g = dY B_v."""
+    if _split_mm_enabled(x16):
+        return _mm_f32(x16, b32)
+    return ops.lora_project(x16, b32.t().contiguous())
+
+
+def _reduce_rows(a16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
+    """a16 [M, N]^T @ b32 [M, r] in float32 [N, r]: dY^T h (dB), x'^T g (dA)."""
+    if _split_mm_enabled(a16):
+        return _mm_f32(a16.t(), b32)
+    return ops.lora_column_reduce(a16, b32, None)[0]
+
+
+def _dequantized(quant: QuantizedTensor, dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The 4-bit base weight [out, in] in ``dtype`` (a temporary). With ``row_scale`` (DoRA's v,
+    float32 [out]): v folded into each block's float32 absmax, so an element is value * (absmax v)
+    rounded once to ``dtype``, in the one dequantize launch the weight costs anyway (an in-place
+    W *= v took 386 us on the H100 at 14336 x 4096, a non-vectorized mixed-dtype kernel). Blocks
+    must not straddle rows (in % blocksize == 0; else a float32 temporary does it)."""
+    if row_scale is None:
+        return quant.dequantize(dtype)
+    n_out, n_in = quant.shape
+    if n_in % quant.blocksize != 0:
+        return (quant.dequantize(torch.float32) * row_scale[:, None]).to(dtype)
+    absmax = (quant.float_absmax().view(n_out, n_in // quant.blocksize) * row_scale[:, None]).reshape(-1)
+    return ops.dequantize_4bit(quant.packed.reshape(-1), absmax, quant.quant_map, quant.blocksize, quant.numel(),
+                               dtype).view(n_out, n_in)
+
+
 def _base_weight(weight, quant, dtype):
     """The base weight [out, in] in ``dtype`` (a temporary for a 4-bit base)."""
     if quant is not None:
@@ -67,20 +153,43 @@ def _base_matmul(x2, weight, quant, bias):
     return F.linear(x2, weight, bias)
 
 
-def _scaled_grad_input(dy2, v, weight, quant, cd):
-    """dY diag(v) W in x's dtype (v = None: dY W), v in float32 with one rounding of the scaled
-    operand and no float32 temporary: v goes into whichever of W [out, in] and dY [M, out] is
-    smaller (a 4-bit base's dequantized weight is a temporary anyway: scaled in place). The H100
-    bench measured 898 MB above inputs for QDoRA at M = 8192, 14336 x 4096 when dY v was built
-    in float32 ([M, out] x 4 bytes = 470 MB of it)."""
-    if v is None:
-        return dy2 @ _base_weight(weight, quant, cd)
+def _grad_input_operands(dy2, v, weight, quant, cd):
+    """(lhs, rhs) with lhs @ rhs = dY diag(v) W in x's dtype (v = None: dY W), v in float32 with one
+    rounding of the scaled operand and no float32 temporary: a 4-bit base's weight is dequantized
+    with v folded in (``_dequantized``); a float base puts v into whichever of W [out, in] and
+    dY [M, out] is smaller. (The H100 bench measured 898 MB above inputs for QDoRA at M = 8192,
+    14336 x 4096 when dY v was built in float32: [M, out] x 4 bytes = 470 MB of it.)"""
     if quant is not None:
-        return dy2 @ quant.dequantize(cd).mul_(v[:, None])
+        return dy2, _dequantized(quant, cd, v)
     w = weight if weight.dtype == cd else weight.to(cd)
+    if v is None:
+        return dy2, w
     if w.shape[1] <= dy2.shape[0]:  # in <= M: the weight is the smaller operand
-        return dy2 @ torch.mul(w, v[:, None], out=torch.empty_like(w))
-    return torch.mul(dy2, v, out=torch.empty_like(dy2)) @ w
+        return dy2, torch.mul(w, v[:, None], out=torch.empty_like(w))
+    return torch.mul(dy2, v, out=torch.empty_like(dy2)), w
+
+
+class _AsyncFlag:
+    """A device bool read on the host later without draining the stream: copied to pinned memory
+    when made and read after the long work queued since (the GEMMs), so the host waits for the
+    flag's own kernel, not for the queue. (A plain bool() at the point of use stalled the GPU while
+    the host queued the next kernels: the QDoRA layer step measured 6.6 ms against 5.0 ms of
+    kernel time on the H100.)"""
+
+    def __init__(self, flag: torch.Tensor):
+        self._event = None
+        if flag.is_cuda:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flag
+
+    def __bool__(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._host)
 
 
 class LoraFunction(torch.autograd.Function):
@@ -92,28 +201,43 @@ class LoraFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k_in)
         m_rows = x2.shape[0]
         xd = _dropped(x2, seed, dropout_p) if dropout_p > 0 else x2
-        b_c = lora_B.to(cd)
-        h = ops.lora_project(xd, lora_A.float())  # [M, r] float32: float32 adapters, x read once
-        h_c = h.to(cd)
+        h = _project(xd, lora_A.float().t())  # [M, r] float32: float32 adapters, x read once
         bias_c = None if bias is None else bias.to(cd)
         dora = magnitude is not None
-        if not dora:
-            y = _base_matmul(x2, weight, quant, bias_c)
-            y.addmm_(h_c, b_c.t(), alpha=scaling)
-            v = None
+        # DoRA: v = m / n with n detached (DoRA section 4.3), float32. y = v (x W^T + s h B^T): v
+        # rounded to bf16 and folded into W would put one relative error on a whole column of y,
+        # and dm = sum_M(dY y) / m adds that error coherently over M (the H100 run's dm error at 3x
+        # PEFT's, 4-bit base); v applied in float32 to each element before its one rounding does not.
+        v = magnitude.detach().float() / weight_norm if dora else None
+        if quant is not None and x2.is_cuda and m_rows <= SKINNY_MAX_M:
+            # few rows: the fused 4-bit kernel, then the small [M, out] updates
+            y = _base_matmul(x2, weight, quant, None if dora else bias_c)
+            y.addmm_(h.to(cd), lora_B.to(cd).t(), alpha=scaling)
+            if dora:
+                y.mul_(v)  # y = v * (x W^T + s h B^T), no bias yet
         else:
-            v = magnitude.detach().float() / weight_norm  # n is detached (DoRA section 4.3)
-            # z = x W^T + s h B^T in x's dtype, then y = v z with v in float32: one rounding of
-            # each of z and y. Folding v into W (or into y) in bf16 rounds v itself, the same
-            # relative error on a whole column of y, and dm = sum_M(dY y) / m adds that error
-            # coherently over M (my reading of the H100 run's dm error at 3x PEFT's, 4-bit base).
-            y = _base_matmul(x2, weight, quant, None)
-            y.addmm_(h_c, b_c.t(), alpha=scaling)
-            y.mul_(v)  # y = v * (x W^T + s h B^T), no bias yet
+            # y = s h B^T first, then the big GEMM adds x W^T into it (cuBLAS's C operand, beta = 1).
+            # A 4-bit base is dequantized here (matmul_4bit's own path for M > 16 does the same)
+            # with DoRA's v folded into the weight's absmax, and into B: y = x (v W)^T + s h (v B)^T.
+            fold_v = dora and quant is not None
+            b_c = (lora_B.float() * v[:, None]).to(cd) if fold_v else lora_B.to(cd)
+            hs_c = (h * scaling).to(cd)
+            if bias_c is not None and not dora:
+                y = torch.addmm(bias_c, hs_c, b_c.t())
+            else:
+                y = torch.mm(hs_c, b_c.t())
+            w = _dequantized(quant, cd, v if fold_v else None) if quant is not None else (
+                weight if weight.dtype == cd else weight.to(cd))
+            y.addmm_(x2, w.t())
+            del w
+            if dora and not fold_v:
+                y.mul_(v)  # a float base: y = v * (x W^T + s h B^T), no bias yet
         ctx.save_for_backward(x2, h, lora_A, lora_B, magnitude, weight_norm if dora else None, v,
                               y if dora else None)
         ctx.weight, ctx.quant, ctx.scaling, ctx.dropout_p, ctx.seed = weight, quant, scaling, dropout_p, seed
         ctx.lead, ctx.cd = lead, cd
+        # m == 0 loses z in y = v z (dm needs it): known now, read in backward without a stall
+        ctx.magnitude_has_zero = _AsyncFlag((magnitude.detach() == 0).any()) if dora else None
         if dora and bias_c is not None:
             y = y + bias_c  # a new tensor: the saved y stays bias-free
         return y.view(*lead, n_out)
@@ -127,32 +251,41 @@ class LoraFunction(torch.autograd.Function):
         a_c = lora_A.to(cd)
         b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
         keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device) if p > 0 else None
-        g = ops.lora_project(dy2, b32.t().contiguous())  # dY B_v [M, r] float32, dY read once
+        g = _project(dy2, b32)  # dY B_v [M, r] float32, dY read once
         grad_x = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_x = _scaled_grad_input(dy2, v, ctx.weight, ctx.quant, cd)
-            if keep is None:
-                grad_x.addmm_(g.to(cd), a_c, alpha=s)
+            lhs, rhs = _grad_input_operands(dy2, v, ctx.weight, ctx.quant, cd)
+            if keep is None:  # s g A first, then the big GEMM adds dY W into it (beta = 1)
+                grad_x = torch.mm((g * s).to(cd), a_c)
+                grad_x.addmm_(lhs, rhs)
             else:
+                grad_x = lhs @ rhs
                 grad_x.add_((g.to(cd) @ a_c) * keep.to(cd), alpha=s / (1.0 - p))
+            del lhs, rhs
             grad_x = grad_x.view(*ctx.lead, x2.shape[1])
         dora = v is not None
         want_b, want_m = ctx.needs_input_grad[2], dora and ctx.needs_input_grad[3]
-        if want_b or want_m:  # dY^T h and DoRA's sum_M(dY * y): one read of dY (and y) on CUDA
+        dh = dot = None
+        if _split_mm_enabled(dy2):  # dY^T h on the tensor cores, DoRA's sum_M(dY * y) streamed
+            if want_b:
+                dh = _reduce_rows(dy2, h)
+            if want_m:
+                dot = ops.lora_column_reduce(dy2, h.new_empty(h.shape[0], 0), y_saved)[1]
+        elif want_b or want_m:  # dY^T h and sum_M(dY * y): one read of dY (and y) on CUDA
             dh, dot = ops.lora_column_reduce(dy2, h, y_saved if want_m else None)
         if want_b:
             grad_b = dh * v[:, None] if dora else dh
             grad_b = (grad_b * s).to(lora_B.dtype)
-        if ctx.needs_input_grad[1]:  # dA = s g^T x': the same column reduction, over x' [M, in]
+        if ctx.needs_input_grad[1]:  # dA = s g^T x'
             xd = x2 if keep is None else x2 * keep.to(cd) * (1.0 / (1.0 - p))
-            grad_a = (ops.lora_column_reduce(xd, g, None)[0].t() * s).to(lora_A.dtype)
+            grad_a = (_reduce_rows(xd, g).t() * s).to(lora_A.dtype)
         if want_m:
             # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free)
             m32 = magnitude.detach().float()
             grad_m = dot
             zero = m32 == 0
             grad_m = torch.where(zero, torch.zeros_like(grad_m), grad_m / torch.where(zero, 1.0, m32))
-            if bool(zero.any()):  # y = 0 there, z is lost: rebuild those columns' z = x W^T + s h B^T
+            if bool(ctx.magnitude_has_zero):  # y = 0 there, z is lost: rebuild those columns' z
                 cols = zero.nonzero().flatten()
                 w_cols = _base_weight(ctx.weight, ctx.quant, torch.float32)[cols]
                 z = x2.float() @ w_cols.t() + s * (h @ lora_B.float()[cols].t())

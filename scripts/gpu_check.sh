@@ -7,7 +7,7 @@
 #
 # (the device machine gets a copy of the work tree without .git, so the commit comes in by env).
 # Steps: build | tests | bench (or bench_quant, bench_matmul, bench_lora) | profile | profile_matmul |
-# profile_lora | sanitizer | debug; LOWRANK_BENCH_<NAME>_ARGS adds arguments to one benchmark;
+# profile_lora | experiment_lora | sanitizer | debug; LOWRANK_BENCH_<NAME>_ARGS adds arguments to one benchmark;
 # LOWRANK_STEPS picks a subset (default: build,tests,bench,sanitizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +86,11 @@ if has profile_lora; then  # kernel-by-kernel time of one QLoRA and one QDoRA la
   python3 scripts/profile_lora.py > "$LOGS/profile_lora.txt" 2>&1
   echo "profile_lora rc=$?"; grep -E "^==|Self CUDA time total" "$LOGS/profile_lora.txt"
   cp "$LOGS/profile_lora.txt" "$OUT/" 2>/dev/null
+fi
+
+if has experiment_lora; then  # where the low-rank term should enter the big GEMMs (timings only)
+  python3 scripts/experiment_lora_order.py > "$LOGS/experiment_lora.txt" 2>&1
+  echo "experiment_lora rc=$?"; cat "$LOGS/experiment_lora.txt" | tail -20
 fi
 
 if has sanitizer; then

@@ -141,7 +141,21 @@ def test_cancellation_in_lora_layer(device):
         layer.lora_A.weight.copy_(A)
         layer.lora_B.weight.copy_(B)
     ref = _direct(w0, layer.lora_A.weight, layer.lora_B.weight, s)
-    assert float(_rel_err(layer.dora_weight_norm(), ref).max()) <= 1e-6
+    n_fixed = layer.dora_weight_norm()
+    assert float(_rel_err(n_fixed, ref).max()) <= 1e-6
+    # the layer's forward looks at the flags after queuing its GEMMs and re-runs with the fixed n:
+    # its output is the one with the fixed n, not the one with the plain expansion
+    from lowrank.lora_function import lora_forward
+    x = torch.randn(5, 200, device=device)
+    args = (x, layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
+    kw = dict(quant=layer.base_layer.quant, bias=layer.base_layer.bias, magnitude=layer.lora_magnitude_vector)
+    n_plain = dora.dora_weight_norm(layer.base_layer.quant, *args[1:], fallback=False)
+    with torch.no_grad():
+        y = layer(x)
+        y_fixed = lora_forward(*args, weight_norm=n_fixed, **kw)
+        y_plain = lora_forward(*args, weight_norm=n_plain, **kw)
+    assert torch.equal(y, y_fixed)
+    assert not torch.equal(y, y_plain)
 
 
 # -- memory: no [out, in] float tensor ------------------------------------------------------------

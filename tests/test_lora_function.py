@@ -341,7 +341,7 @@ def test_bf16_layer_within_twice_peft_error(device, four_bit, use_dora):
 def test_dora_grad_input_scaling_either_operand(device, m, k):
     """dY diag(v) W with v in float32 folded into the smaller operand: within 2x the error of
     rounding dY v once to bf16 and multiplying, on both branches."""
-    from lowrank.lora_function import _scaled_grad_input
+    from lowrank.lora_function import _grad_input_operands
     torch.manual_seed(3)
     n = 80
     dy = torch.randn(m, n, device=device).bfloat16()
@@ -349,6 +349,104 @@ def test_dora_grad_input_scaling_either_operand(device, m, k):
     v = torch.rand(n, device=device) + 0.5
     ref = (dy.double() * v.double()) @ w.double()
     plain = ((dy.float() * v).bfloat16() @ w).double()
-    got = _scaled_grad_input(dy, v, w, None, torch.bfloat16)
+    lhs, rhs = _grad_input_operands(dy, v, w, None, torch.bfloat16)
+    got = lhs @ rhs
     assert got.dtype == torch.bfloat16 and got.shape == (m, k)
     assert (got.double() - ref).norm() <= 2 * (plain - ref).norm()
+
+
+# -- the pieces of the fast CUDA path (split-precision products, the dot, v folded into W) -------
+
+@given(st.integers(0, 2**31 - 1))
+def test_split3_is_exact(seed):
+    """hi + mid + lo == b exactly for float32 b over a wide range of magnitudes (so the tensor-core
+    product against [hi | mid | lo] is a float32 product)."""
+    from lowrank.lora_function import split3
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(64, 7, generator=g) * torch.exp2(torch.randint(-60, 60, (64, 7), generator=g).float())
+    hi, mid, lo = split3(b)
+    assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi.double() + mid.double() + lo.double(), b.double())
+
+
+def test_mm_f32_matches_float64(cuda_device):
+    from lowrank.lora_function import _mm_f32, _split_mm_enabled
+    torch.manual_seed(0)
+    a = torch.randn(300, 1000, device=cuda_device).bfloat16()
+    if not _split_mm_enabled(a):
+        pytest.skip("torch.mm(out_dtype=float32) is not available: the CUDA-core kernels are used")
+    b = torch.randn(1000, 16, device=cuda_device)
+    ref = a.double() @ b.double()
+    got = _mm_f32(a, b)
+    assert got.dtype == torch.float32
+    # float32-level: a float32 GEMM errs by ~sqrt(K) 2^-24 |a||b|; a bf16-rounded b by 2^-9
+    scale = a.double().abs() @ b.double().abs()
+    assert float(((got.double() - ref).abs() / scale).max()) <= 2.0 ** -18
+    got_t = _mm_f32(a.t(), torch.randn(300, 8, device=cuda_device))  # a transposed view
+    assert got_t.shape == (1000, 8)
+
+
+@pytest.mark.parametrize("n", [8, 264, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_column_dot_alone(device, n, dtype):
+    """lora_column_reduce with r = 0: DoRA's sum_M(dY * y) alone (the streaming kernel on CUDA)."""
+    torch.manual_seed(1)
+    m = 333
+    dy = torch.randn(m, n, device=device).to(dtype)
+    y = torch.randn(m, n, device=device).to(dtype)
+    dh, dot = ops.lora_column_reduce(dy, dy.new_empty(m, 0), y)
+    assert dh.shape == (n, 0) and dot.shape == (n,) and dot.dtype == torch.float32
+    ref = (dy.double() * y.double()).sum(0)
+    scale = (dy.double() * y.double()).abs().sum(0)
+    assert float(((dot.double() - ref).abs() / scale).max()) <= 1e-5
+    # odd widths (n % 8 != 0) take the generic path and agree
+    dh2, dot2 = ops.lora_column_reduce(dy[:, :n - 2], dy.new_empty(m, 0), y[:, :n - 2])
+    assert float(((dot2.double() - ref[:n - 2]).abs() / scale[:n - 2]).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("k", [128, 96])  # k % blocksize == 0 (v into the absmax) and not (float32 path)
+def test_dequantized_with_row_scale(device, k):
+    """W' = value * absmax * v, one rounding to bf16: within half an ulp of bf16 (plus float32 noise)
+    of the float64 product, and equal to the plain dequantize where v = 1."""
+    from lowrank.lora_function import _dequantized
+    torch.manual_seed(2)
+    n = 40
+    q = lowrank.quantize_4bit(torch.randn(n, k, device=device), blocksize=64)
+    v = torch.rand(n, device=device) + 0.5
+    got = _dequantized(q, torch.bfloat16, v)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, k)
+    exact = q.dequantize(torch.float32).double() * v.double()[:, None]
+    assert bool(((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-30).all())
+    ones = _dequantized(q, torch.bfloat16, torch.ones(n, device=device))
+    assert torch.equal(ones, q.dequantize(torch.bfloat16))
+
+
+def test_async_flag(device):
+    from lowrank.lora_function import _AsyncFlag
+    assert bool(_AsyncFlag(torch.tensor([0.0, 1.0], device=device).eq(0).any()))
+    assert not bool(_AsyncFlag(torch.tensor([2.0, 1.0], device=device).eq(0).any()))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_bf16_split_and_kernel_paths_agree(cuda_device, use_dora, monkeypatch):
+    """The CUDA path with the split-precision cuBLAS products and the one with the CUDA-core kernels
+    (LOWRANK_SPLIT_MM=0) compute the same layer: outputs and every gradient within bf16 noise of
+    each other and of the float64 reference, at an M above the skinny kernel's (M = 80)."""
+    import lowrank.lora_function as lf
+    w, q, w_base, x, a, b, bias, mag = _problem(5, 80, 256, 192, 16, True, True, "cpu")
+    q = q.to(cuda_device)
+    results = []
+    for split in (None, False):
+        monkeypatch.setattr(lf, "_SPLIT_MM", split)
+        xx = x.to(cuda_device).bfloat16().requires_grad_()
+        aa, bb = a.to(cuda_device).requires_grad_(), b.to(cuda_device).requires_grad_()
+        mm = mag.to(cuda_device).requires_grad_() if use_dora else None
+        dora = dict(magnitude=mm, weight_norm=(w_base + 2.0 * b @ a).norm(dim=1).to(cuda_device)) if use_dora else {}
+        y = lora_forward(xx, aa, bb, 2.0, quant=q, bias=bias.to(cuda_device), **dora)
+        torch.manual_seed(9)
+        dy = torch.randn(y.shape, device=cuda_device).bfloat16()
+        y.backward(dy)
+        results.append([y.float(), xx.grad.float(), aa.grad, bb.grad] + ([mm.grad] if use_dora else []))
+    for name, s_, k_ in zip(["y", "dx", "dA", "dB", "dm"], *results):
+        rel = float((s_.double() - k_.double()).norm() / k_.double().norm())
+        assert rel <= 1e-2, (name, rel)  # both are bf16 computations of the same math (v off: ~5%)

@@ -23,6 +23,29 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
   const c10::cuda::CUDAGuard guard(dy_in.device());
   const int64_t m = dy_in.size(0), n = dy_in.size(1), r = h_in.size(1);
   const bool half = dy_in.scalar_type() == at::kHalf || dy_in.scalar_type() == at::kBFloat16;
+  if (r == 0 && y_in.has_value() && half && n % 8 == 0 && m > 0) {  // DoRA's dot alone: the streaming kernel
+    at::Tensor dy = dy_in.contiguous(), y = y_in->contiguous();
+    if (reinterpret_cast<uintptr_t>(dy.const_data_ptr()) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(y.const_data_ptr()) % 16 == 0) {
+      // Row splits: ~4 CTAs per SM (56 column blocks of 256 at N = 14336), each split >= 64 rows.
+      const int64_t col_blocks = (n + 255) / 256;
+      const int64_t want = 4 * int64_t(multiprocessor_count(dy.device()));
+      const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((want + col_blocks - 1) / col_blocks, m / 64));
+      at::Tensor dot_parts = at::empty({splits, n}, dy.options().dtype(at::kFloat));
+      ColumnReduceParams p{};
+      p.dy = dy.const_data_ptr();
+      p.y = y.const_data_ptr();
+      p.kind = dy.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
+      p.m = m;
+      p.n = n;
+      p.r = 0;
+      p.splits = int(splits);
+      p.dot = dot_parts.mutable_data_ptr<float>();
+      launch_column_reduce(p, c10::cuda::getCurrentCUDAStream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return {at::zeros({n, 0}, dy.options().dtype(at::kFloat)), dot_parts.sum(0)};
+    }
+  }
   // The kernel: 16-bit types, an even width, rank <= 32; anything else is rare: PyTorch ops.
   if (!half || n % 2 != 0 || r == 0 || r > kColumnReduceMaxRank || m == 0) return column_reduce_reference(dy_in, h_in, y_in);
   at::Tensor dy = dy_in.contiguous();

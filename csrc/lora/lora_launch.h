@@ -14,7 +14,8 @@ using quant::FloatKind;
 // For each column j of dy [M, N]:  dh[j, k] = sum_i dy[i, j] h[i, k]  (k < r; = (dy^T h)[j, k])
 //                                  dot[j]   = sum_i dy[i, j] y[i, j]   (when y is given)
 // in fp32, the rows of a column added in a fixed order (deterministic): each of `splits` row ranges
-// writes its partial sums, which the caller adds (at::sum over the split dimension).
+// writes its partial sums, which the caller adds (at::sum over the split dimension). r = 0 (with y):
+// the dot alone, by a streaming kernel that needs N % 8 == 0 and 16-byte aligned dy and y.
 struct ColumnReduceParams {
   const void* dy;   // [M, N] row-major, kind; N even, 4-byte aligned rows
   const void* h;    // [M, r] row-major, kind or float32 (h_float), 16-byte aligned rows (padded by the caller)
@@ -22,7 +23,7 @@ struct ColumnReduceParams {
   const void* y;    // [M, N] like dy, or nullptr
   FloatKind kind;   // fp16 or bf16
   int64_t m, n;
-  int r;            // rank (<= 32)
+  int r;            // rank (<= 32), or 0: the dot alone
   int h_stride;     // elements per row of h (>= r; 16 bytes: a multiple of 8, of 4 for float32)
   int splits;       // row ranges handled by separate CTAs (grid.y); the caller adds the partials
   float* dh;        // [splits, N, r] fp32 partial sums

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import dora as _dora
-from ..lora_function import lora_forward
+from ..lora_function import _AsyncFlag, lora_forward
 from ..matmul import matmul_4bit
 from ..quantized import quantize_4bit
 from .linear4bit import Linear4bit
@@ -150,9 +150,20 @@ class LoraLinear(nn.Module):
             cd, kw = x.dtype, dict(weight=base.weight)
         else:
             cd, kw = base.compute_dtype or x.dtype, dict(quant=base.quant)
-        dora = dict(magnitude=self.lora_magnitude_vector, weight_norm=self.dora_weight_norm()) if self.use_dora else {}
-        y = lora_forward(x.to(cd), self.lora_A.weight, self.lora_B.weight, self.scaling, bias=base.bias,
-                         dropout_p=self.lora_dropout.p if dropout_active else 0.0, **kw, **dora)
+        args = (x.to(cd), self.lora_A.weight, self.lora_B.weight, self.scaling)
+        kw.update(bias=base.bias, dropout_p=self.lora_dropout.p if dropout_active else 0.0)
+        if not self.use_dora:
+            return lora_forward(*args, **kw).to(x.dtype)
+        # DoRA: the expansion's n, and its cancellation flags looked at only once the layer's GEMMs
+        # are queued (a flagged row, rare, re-runs the forward with the exact n): no GPU stall.
+        weight = self._base_weight()
+        n, flagged = _dora.dora_weight_norm_flagged(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                                    base_sq_norm=self.base_row_sq_norm())
+        any_flagged = _AsyncFlag(flagged.any())
+        y = lora_forward(*args, magnitude=self.lora_magnitude_vector, weight_norm=n, **kw)
+        if bool(any_flagged):
+            n = _dora.fix_flagged_rows(n, flagged, weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            y = lora_forward(*args, magnitude=self.lora_magnitude_vector, weight_norm=n, **kw)
         return y.to(x.dtype)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
