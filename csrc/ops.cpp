@@ -25,6 +25,9 @@ TORCH_LIBRARY(lowrank, m) {
   // x [M, K] fp32/fp16/bf16, a fp32 [r, K] -> x a^T fp32 [M, r]: the adapter's h = x A^T and g = dY B
   // with float32 adapters and float32 sums, the 16-bit x read once (no float32 copy of x)
   m.def("lora_project(Tensor x, Tensor a) -> Tensor");
+  // b fp32 [K, n] -> bf16 [K, 3n] = [hi | mid | lo] with hi + mid + lo == b exactly: the float32 side
+  // of an adapter product as three bf16 tensor-core operands
+  m.def("split_bf16x3(Tensor b) -> Tensor");
   // LoRA/DoRA backward: dy [M, N], h [M, r] (dy's dtype or fp32), y [M, N] or None -> (dy^T h fp32 [N, r],
   // sum over rows of dy * y fp32 [N], or [0] without y): dB and DoRA's dm in one read of dy
   m.def("lora_column_reduce(Tensor dy, Tensor h, Tensor? y) -> (Tensor, Tensor)");

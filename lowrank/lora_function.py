@@ -93,19 +93,15 @@ def _mm_f32(a16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
     products are memory-bound reads of x or dY with a 16-wide other side; on the H100 the CUDA-core
     kernels took 246 us for dY B and 438 us for dY^T h at M = 8192, N = 14336 where one read of dY
     is 78 us (cuBLAS at 3 x 16 columns reads it once too)."""
-    n = b32.shape[1]
-    out = torch.mm(a16, torch.cat(split3(b32, a16.dtype), 1), out_dtype=torch.float32)
-    return (out[:, :n] + out[:, n:2 * n]) + out[:, 2 * n:]
+    out = torch.mm(a16, ops.split_bf16x3(b32), out_dtype=torch.float32)
+    return out.view(out.shape[0], 3, b32.shape[1]).sum(1)
 
 
-def split3(b32: torch.Tensor, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hi, mid, lo) in bf16 with hi + mid + lo == b32 exactly: hi = bf16(b), b - hi is exact in
-    float32 and has at most 16 significant bits, mid = bf16(b - hi) takes 8 of them and the rest
-    (at most 8 bits) is exact in bf16 (bf16 has float32's exponent range: no underflow)."""
-    hi = b32.to(dtype)
-    rest = b32 - hi.float()
-    mid = rest.to(dtype)
-    return hi, mid, (rest - mid.float()).to(dtype)
+def split3(b32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hi, mid, lo) in bf16 with hi + mid + lo == b32 exactly (``ops.split_bf16x3``'s blocks): hi =
+    bf16(b), b - hi is exact in float32 and has at most 16 significant bits, mid = bf16(b - hi) takes
+    8 of them and the rest (at most 8 bits) is exact in bf16 (bf16 has float32's exponent range)."""
+    return ops.split_bf16x3(b32).chunk(3, dim=1)
 
 
 def _project(x16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:

@@ -299,3 +299,19 @@ def _(x, a):
     torch._check(x.dim() == 2 and a.dim() == 2 and a.shape[1] == x.shape[1] and a.dtype == torch.float32,
                  lambda: f"x must be [M, K] and a float32 [r, K], got x {tuple(x.shape)} and a {a.dtype} {tuple(a.shape)}")
     return x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32)
+
+
+# --- split_bf16x3 ------------------------------------------------------------------------------
+
+def split_bf16x3(b: torch.Tensor) -> torch.Tensor:
+    """float32 ``b`` [K, n] (any strides) as bf16 [K, 3n] = [hi | mid | lo] with hi + mid + lo == b
+    exactly: hi = bf16(b), mid = bf16(b - hi), lo = bf16(b - hi - mid) (each difference exact in
+    float32, lo exact in bf16). One launch on CUDA."""
+    return torch.ops.lowrank.split_bf16x3(b)
+
+
+@torch.library.register_fake("lowrank::split_bf16x3")
+def _(b):
+    torch._check(b.dim() == 2 and b.dtype == torch.float32,
+                 lambda: f"b must be a 2-D float32 tensor, got {b.dtype} {tuple(b.shape)}")
+    return b.new_empty((b.shape[0], 3 * b.shape[1]), dtype=torch.bfloat16)

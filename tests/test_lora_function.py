@@ -8,6 +8,8 @@ import lowrank
 from lowrank import ops
 from lowrank.lora_function import dropout_keep_mask, lora_forward
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def _problem(seed, m, k, n, r, four_bit, with_bias, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -360,13 +362,29 @@ def test_dora_grad_input_scaling_either_operand(device, m, k):
 @given(st.integers(0, 2**31 - 1))
 def test_split3_is_exact(seed):
     """hi + mid + lo == b exactly for float32 b over a wide range of magnitudes (so the tensor-core
-    product against [hi | mid | lo] is a float32 product)."""
-    from lowrank.lora_function import split3
+    product against [hi | mid | lo] is a float32 product); the CUDA kernel equals the CPU ops bit
+    for bit, strided input (a transposed view) included."""
     g = torch.Generator().manual_seed(seed)
     b = torch.randn(64, 7, generator=g) * torch.exp2(torch.randint(-60, 60, (64, 7), generator=g).float())
-    hi, mid, lo = split3(b)
-    assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
-    assert torch.equal(hi.double() + mid.double() + lo.double(), b.double())
+    for device in DEVICES:
+        for src in (b, b.t()):
+            out = ops.split_bf16x3(src.to(device))
+            assert out.dtype == torch.bfloat16 and out.shape == (src.shape[0], 3 * src.shape[1])
+            hi, mid, lo = out.cpu().double().chunk(3, dim=1)
+            assert torch.equal(hi + mid + lo, src.double())
+            if device != "cpu":
+                assert torch.equal(out.cpu(), ops.split_bf16x3(src))
+
+
+def test_split_bf16x3_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="2-D float32"):
+        ops.split_bf16x3(torch.zeros(4, 4, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="2-D float32"):
+        ops.split_bf16x3(torch.zeros(4))
+
+
+def test_split_bf16x3_opcheck(device):
+    torch.library.opcheck(torch.ops.lowrank.split_bf16x3.default, (torch.randn(5, 3, device=device),))
 
 
 def test_mm_f32_matches_float64(cuda_device):

@@ -56,4 +56,17 @@ inline void check_dora_cross(const gemm::Weight4bit& w, const at::Tensor& a) {
   quant::check_same_device(a, w.packed, op, "a");
 }
 
+inline void check_split_bf16x3(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat, "lowrank::split_bf16x3: b must be a 2-D float32 tensor, got ",
+              b.scalar_type(), " ", quant::shape(b));
+}
+
+// The math in PyTorch ops (the CPU backend): hi = bf16(b), mid = bf16(b - hi), lo = bf16(b - hi - mid).
+inline at::Tensor split_bf16x3_reference(const at::Tensor& b) {
+  const at::Tensor hi = b.to(at::kBFloat16);
+  const at::Tensor rest = b - hi.to(at::kFloat);
+  const at::Tensor mid = rest.to(at::kBFloat16);
+  return at::cat({hi, mid, (rest - mid.to(at::kFloat)).to(at::kBFloat16)}, 1);
+}
+
 }  // namespace lowrank::lora

@@ -16,6 +16,11 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cpu(const at::Tensor& dy, const
   return column_reduce_reference(dy, h, y);
 }
 
+at::Tensor split_bf16x3_cpu(const at::Tensor& b) {
+  check_split_bf16x3(b);
+  return split_bf16x3_reference(b);
+}
+
 at::Tensor lora_project_cpu(const at::Tensor& x, const at::Tensor& a) {
   check_lora_project(x, a);
   return at::matmul(x.to(at::kFloat), a.t());
@@ -78,5 +83,6 @@ at::Tensor dora_cross_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cpu);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cpu);
+  m.impl("split_bf16x3", &lowrank::lora::split_bf16x3_cpu);
   m.impl("lora_project", &lowrank::lora::lora_project_cpu);
 }

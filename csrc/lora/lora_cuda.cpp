@@ -90,6 +90,23 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
   return {dh_parts.sum(0), dot};
 }
 
+at::Tensor split_bf16x3_cuda(const at::Tensor& b) {
+  check_split_bf16x3(b);
+  const c10::cuda::CUDAGuard guard(b.device());
+  at::Tensor out = at::empty({b.size(0), 3 * b.size(1)}, b.options().dtype(at::kBFloat16));
+  if (b.numel() == 0) return out;
+  SplitParams p{};
+  p.b = b.const_data_ptr<float>();
+  p.rows = b.size(0);
+  p.cols = b.size(1);
+  p.row_stride = b.stride(0);
+  p.col_stride = b.stride(1);
+  p.out = out.mutable_data_ptr();
+  launch_split_bf16x3(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 at::Tensor lora_project_cuda(const at::Tensor& x_in, const at::Tensor& a_in) {
   check_lora_project(x_in, a_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -158,5 +175,6 @@ at::Tensor dora_cross_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cuda);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cuda);
+  m.impl("split_bf16x3", &lowrank::lora::split_bf16x3_cuda);
   m.impl("lora_project", &lowrank::lora::lora_project_cuda);
 }

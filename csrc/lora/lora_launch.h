@@ -70,4 +70,13 @@ struct LoraProjectParams {
 
 void launch_lora_project(const LoraProjectParams& p, cudaStream_t stream);
 
+// b float32 [rows, cols] (strided) -> out bf16 [rows, 3 cols] = [hi | mid | lo], hi + mid + lo == b.
+struct SplitParams {
+  const float* b;
+  int64_t rows, cols, row_stride, col_stride;
+  void* out;
+};
+
+void launch_split_bf16x3(const SplitParams& p, cudaStream_t stream);
+
 }  // namespace lowrank::lora
