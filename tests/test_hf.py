@@ -82,3 +82,64 @@ def test_rejects_other_quantization_methods(tmp_path):
 def test_save_needs_linear4bit_layers(tmp_path):
     with pytest.raises(ValueError, match="no lowrank.nn.Linear4bit layer"):
         lowrank.save_pretrained(_tiny_llama(), str(tmp_path))
+
+
+# -- checkpoints made by transformers + bitsandbytes themselves (scripts/make_bnb_checkpoint.py,
+# run on the H100 with bitsandbytes 0.50.2 and transformers 5.17: tests/data/*/made_by.json) -------
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+BNB_MADE = [("bnb_tiny_llama_nf4_dq", "nf4", True), ("bnb_tiny_llama_fp4", "fp4", False)]
+
+
+@pytest.mark.parametrize("name,quant_type,double_quant", BNB_MADE)
+def test_bnb_made_checkpoint_logits_match_bitsandbytes(device, name, quant_type, double_quant):
+    """lowrank.from_pretrained on a checkpoint that transformers + bitsandbytes wrote, without
+    bitsandbytes: the logits equal the ones bitsandbytes computed on the H100 when it made the
+    checkpoint, to float32 summation noise (both compute in float32; measured 4e-7 relative)."""
+    from safetensors.torch import load_file
+    path = os.path.join(DATA, name)
+    recorded = load_file(os.path.join(path, "bnb_logits.safetensors"))
+    model = lowrank.from_pretrained(path, device=device)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and all(m.quant.quant_type == quant_type for m in layers)
+    assert all(m.quant.double_quant == double_quant for m in layers)
+    logits = _logits(model, recorded["input_ids"].to(device)).float().cpu()
+    ref = recorded["logits"]
+    assert logits.shape == ref.shape
+    assert float((logits - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("name,quant_type,double_quant", BNB_MADE)
+def test_bnb_made_checkpoint_bytes(tmp_path, name, quant_type, double_quant):
+    """Every 4-bit tensor bitsandbytes wrote survives lowrank's load -> save byte for byte, and
+    equals lowrank's own quantization of the same float weights (the tiny model's seeded init)."""
+    from safetensors.torch import load_file
+    path = os.path.join(DATA, name)
+    theirs = load_file(os.path.join(path, "model.safetensors"))
+    lowrank.save_pretrained(lowrank.from_pretrained(path), str(tmp_path))
+    ours = load_file(str(tmp_path / "model.safetensors"))
+    quant_keys = [k for k in theirs if ".weight." in k or k.endswith("_proj.weight")]
+    assert len(quant_keys) == 14 * (6 if double_quant else 4)
+    for k in quant_keys:
+        assert torch.equal(ours[k], theirs[k]), k
+    float_model = _tiny_llama()
+    if not torch.equal(float_model.model.embed_tokens.weight, theirs["model.embed_tokens.weight"]):
+        pytest.skip("this transformers version initialises the tiny model differently from the one that made it")
+    mine = lowrank.quantize_model(float_model, quant_type, double_quant, compute_dtype=torch.float32).state_dict()
+    ulp_apart = 0
+    for k in quant_keys:
+        if k.endswith(f"quant_state.bitsandbytes__{quant_type}"):  # the JSON blob: its offset, below
+            continue
+        if k.endswith(".nested_absmax") and not torch.equal(mine[k], theirs[k]):
+            # bitsandbytes' offset is a float32 mean in its CUDA reduction's order, ours the float64
+            # mean rounded once (docs/format.md): up to one ulp of the offset apart, which moves
+            # nested_absmax = max |absmax - offset| by as much (2 to 4 of its own ulps here)
+            blob = json.loads(bytes(theirs[k.replace(".nested_absmax", f".quant_state.bitsandbytes__{quant_type}")]
+                                    .tolist()))
+            offset = torch.tensor(blob["nested_offset"], dtype=torch.float32)
+            ulp = lambda t: (torch.nextafter(t, torch.full_like(t, float("inf"))) - t).abs()  # noqa: E731
+            assert bool(((mine[k] - theirs[k]).abs() <= ulp(offset) + ulp(theirs[k])).all()), k
+            ulp_apart += 1
+            continue
+        assert torch.equal(mine[k].cpu(), theirs[k]), k  # packed codes, absmax (or its 8-bit codes), maps
+    assert ulp_apart <= 14 if double_quant else ulp_apart == 0
