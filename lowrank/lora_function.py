@@ -175,10 +175,12 @@ class _AsyncFlag:
     def __init__(self, flag: torch.Tensor):
         self._event = None
         if flag.is_cuda:
+            stream = torch.cuda.current_stream(flag.device)  # the copy's stream, whatever the current device
             self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._host.copy_(flag, non_blocking=True)
+            with torch.cuda.stream(stream):
+                self._host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(stream)
         else:
             self._host = flag
 
