@@ -40,7 +40,7 @@ def _reference(x, w_base, a, b, bias, s, keep=None, p=0.0, mag=None):
     return y, leaves
 
 
-@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([64, 128]), st.sampled_from([16, 48]),
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([64, 96, 128]), st.sampled_from([16, 48]),
        st.sampled_from([1, 4, 16]), st.booleans(), st.booleans(), st.booleans())
 def test_lora_and_dora_match_float64(device, seed, m, k, n, r, four_bit, with_bias, dora):
     w, q, w_base, x, a, b, bias, mag = _problem(seed, m, k, n, r, four_bit, with_bias, device)
