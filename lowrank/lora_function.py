@@ -97,13 +97,6 @@ def _mm_f32(a16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
     return out.view(out.shape[0], 3, b32.shape[1]).sum(1)
 
 
-def split3(b32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hi, mid, lo) in bf16 with hi + mid + lo == b32 exactly (``ops.split_bf16x3``'s blocks): hi =
-    bf16(b), b - hi is exact in float32 and has at most 16 significant bits, mid = bf16(b - hi) takes
-    8 of them and the rest (at most 8 bits) is exact in bf16 (bf16 has float32's exponent range)."""
-    return ops.split_bf16x3(b32).chunk(3, dim=1)
-
-
 def _project(x16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
     """x16 [M, K] @ b32 [K, r] in float32: h = x' A^T, g = dY B_v."""
     if _split_mm_enabled(x16):
@@ -157,7 +150,7 @@ def _grad_input_operands(dy2, v, weight, quant, cd):
     14336 x 4096 when dY v was built in float32: [M, out] x 4 bytes = 470 MB of it.)"""
     if quant is not None:
         return dy2, _dequantized(quant, cd, v)
-    w = weight if weight.dtype == cd else weight.to(cd)
+    w = _base_weight(weight, None, cd)
     if v is None:
         return dy2, w
     if w.shape[1] <= dy2.shape[0]:  # in <= M: the weight is the smaller operand
@@ -224,8 +217,7 @@ class LoraFunction(torch.autograd.Function):
                 y = torch.addmm(bias_c, hs_c, b_c.t())
             else:
                 y = torch.mm(hs_c, b_c.t())
-            w = _dequantized(quant, cd, v if fold_v else None) if quant is not None else (
-                weight if weight.dtype == cd else weight.to(cd))
+            w = _dequantized(quant, cd, v if fold_v else None) if quant is not None else _base_weight(weight, None, cd)
             y.addmm_(x2, w.t())
             del w
             if dora and not fold_v:
