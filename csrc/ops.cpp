@@ -35,6 +35,14 @@ TORCH_LIBRARY(lowrank, m) {
   // matmul_4bit) and a = lora_A float32 [r, in_features]; float32 products of the exact dequantized
   // values, no [out, in] tensor
   m.def("dora_cross_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a) -> Tensor");
+  // The merged LoRA/DoRA weight round(v (W0 + s B A)) [out_features, in_features] in dtype, straight
+  // from the packed 4-bit W0: a = lora_A float32 [r, in_features], b = lora_B float32
+  // [out_features, r], row_scale = DoRA's v float32 [out_features] or None, scaling = s
+  m.def("lora_merge_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a, Tensor b, Tensor? row_scale, float scaling, ScalarType dtype) -> Tensor");
+  // DoRA's row norm from its expansion (lowrank/dora.py): w2 = ||W0||^2 per row float64 [out], p =
+  // W0 A^T float32 [out, r], a = lora_A float32 [r, in], b = lora_B float32 [out, r] -> (n float32
+  // [out], flagged bool [out]: rows whose error bound exceeds rtol)
+  m.def("dora_norm(Tensor w2, Tensor p, Tensor a, Tensor b, float scaling, float unit_cross, float unit_fp64, float rtol) -> (Tensor, Tensor)");
   m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor? bias, str path) -> Tensor");
 }
 

@@ -304,6 +304,19 @@ def dora_weight_norm_flagged(weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
     (bool [out]), with no host synchronisation: the caller decides when to look at the flags
     (``LoraLinear`` looks after the layer's GEMMs are queued) and fixes them with
     ``fix_flagged_rows``."""
+    out_features, in_features = _shape(weight)
+    r = lora_A.shape[0] if lora_A.dim() == 2 else 0
+    if (lora_A.dim() == 2 and lora_B.dim() == 2 and lora_A.shape[1] == in_features and
+            lora_B.shape == (out_features, r) and (weight.device.type != "cuda" or r <= 64)):
+        # the per-row steps of expanded_row_sq_norm in one op (ops.dora_norm: the same float64
+        # formulas, one launch instead of ~30)
+        if base_sq_norm is None:
+            base_sq_norm = base_row_sq_norm(weight, chunk_bytes)
+        if cross_unit_roundoff is None:
+            cross_unit_roundoff = default_cross_unit_roundoff(weight.device)
+        p = base_times_adapter(weight, lora_A, chunk_bytes).t()
+        return ops.dora_norm(base_sq_norm.to(torch.float64), p, lora_A.detach().float(), lora_B.detach().float(),
+                             scaling, cross_unit_roundoff, U_FP64, rtol)
     n2, bound = expanded_row_sq_norm(weight, lora_A, lora_B, scaling, base_sq_norm, chunk_bytes,
                                      cross_unit_roundoff)
     flagged = bound > (2 * rtol) * n2  # also every row with n2 <= 0 unless it is exactly 0

@@ -127,6 +127,36 @@ def _dequantized(quant: QuantizedTensor, dtype, row_scale: torch.Tensor | None =
                                dtype).view(n_out, n_in)
 
 
+# The merged weight (ops.lora_merge_4bit) runs on CUDA only: the CPU op is a scalar loop (the
+# exact arithmetic, for tests), slower there than the unmerged PyTorch path. Tests set this True to
+# run the merged path on CPU.
+MERGE_ON_CPU = False
+
+
+def _merge_applies(x2: torch.Tensor, quant, lora_A: torch.Tensor, dropout_p: float) -> bool:
+    """Whether both big GEMMs take the merged weight W' = v (W0 + s B A) (``_merged``): a 4-bit
+    base, no dropout (x' = x, so x W^T + s x' A^T B^T = x W'^T), M > SKINNY_MAX_M on CUDA, and
+    the kernel's shapes (in_features % 4 == 0, r <= 32). LOWRANK_MERGE=0 turns it off."""
+    if quant is None or dropout_p > 0 or os.environ.get("LOWRANK_MERGE", "1") == "0":
+        return False
+    if x2.is_cuda:
+        if x2.shape[0] <= SKINNY_MAX_M:
+            return False
+    elif not MERGE_ON_CPU:
+        return False
+    return quant.shape[1] % 4 == 0 and lora_A.shape[0] <= 32 and len(quant.shape) == 2
+
+
+def _merged(quant: QuantizedTensor, lora_A, lora_B, scaling: float, v, dtype) -> torch.Tensor:
+    """W' = round(v (W0 + s B A)) [out, in] in ``dtype`` from the packed weight in one launch:
+    each element rounded once (the low-rank sum is float32; v, when given, in float32 before the
+    rounding, as ``_dequantized``)."""
+    q = quant
+    return ops.lora_merge_4bit(q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset,
+                               q.quant_map, q.blocksize, q.nested_blocksize, q.shape[0], q.shape[1],
+                               lora_A.detach().float(), lora_B.detach().float(), v, scaling, dtype)
+
+
 def _base_weight(weight, quant, dtype):
     """The base weight [out, in] in ``dtype`` (a temporary for a 4-bit base)."""
     if quant is not None:
@@ -200,7 +230,13 @@ class LoraFunction(torch.autograd.Function):
         # and dm = sum_M(dY y) / m adds that error coherently over M (the H100 run's dm error at 3x
         # PEFT's, 4-bit base); v applied in float32 to each element before its one rounding does not.
         v = magnitude.detach().float() / weight_norm if dora else None
-        if quant is not None and x2.is_cuda and m_rows <= SKINNY_MAX_M:
+        merged = _merge_applies(x2, quant, lora_A, dropout_p)
+        if merged:
+            # one GEMM against W' = v (W0 + s B A): the low-rank term and DoRA's v are in the weight
+            w = _merged(quant, lora_A, lora_B, scaling, v, cd)
+            y = torch.addmm(bias_c, x2, w.t()) if bias_c is not None and not dora else torch.mm(x2, w.t())
+            del w
+        elif quant is not None and x2.is_cuda and m_rows <= SKINNY_MAX_M:
             # few rows: the fused 4-bit kernel, then the small [M, out] updates
             y = _base_matmul(x2, weight, quant, None if dora else bias_c)
             y.addmm_(h.to(cd), lora_B.to(cd).t(), alpha=scaling)
@@ -225,7 +261,7 @@ class LoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, h, lora_A, lora_B, magnitude, weight_norm if dora else None, v,
                               y if dora else None)
         ctx.weight, ctx.quant, ctx.scaling, ctx.dropout_p, ctx.seed = weight, quant, scaling, dropout_p, seed
-        ctx.lead, ctx.cd = lead, cd
+        ctx.lead, ctx.cd, ctx.merged = lead, cd, merged
         # m == 0 loses z in y = v z (dm needs it): known now, read in backward without a stall
         ctx.magnitude_has_zero = _AsyncFlag((magnitude.detach() == 0).any()) if dora else None
         if dora and bias_c is not None:
@@ -238,12 +274,20 @@ class LoraFunction(torch.autograd.Function):
         cd, s, p = ctx.cd, ctx.scaling, ctx.dropout_p
         n_out = lora_B.shape[0]
         dy2 = dy.reshape(-1, n_out).to(cd)
-        a_c = lora_A.to(cd)
-        b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
         keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device) if p > 0 else None
-        g = _project(dy2, b32)  # dY B_v [M, r] float32, dY read once
+        # dY B_v [M, r] float32, dY read once: for dA, and for dX unless the weight is merged
+        need_g = ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and not ctx.merged)
+        g = None
+        if need_g:
+            b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
+            g = _project(dy2, b32)
         grad_x = grad_a = grad_b = grad_m = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
+            w = _merged(ctx.quant, lora_A, lora_B, s, v, cd)
+            grad_x = torch.mm(dy2, w).view(*ctx.lead, x2.shape[1])
+            del w
+        elif ctx.needs_input_grad[0]:
+            a_c = lora_A.to(cd)
             lhs, rhs = _grad_input_operands(dy2, v, ctx.weight, ctx.quant, cd)
             if keep is None:  # s g A first, then the big GEMM adds dY W into it (beta = 1)
                 grad_x = torch.mm((g * s).to(cd), a_c)
@@ -272,10 +316,11 @@ class LoraFunction(torch.autograd.Function):
         if want_m:
             # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free)
             m32 = magnitude.detach().float()
-            grad_m = dot
-            zero = m32 == 0
-            grad_m = torch.where(zero, torch.zeros_like(grad_m), grad_m / torch.where(zero, 1.0, m32))
-            if bool(ctx.magnitude_has_zero):  # y = 0 there, z is lost: rebuild those columns' z
+            if not bool(ctx.magnitude_has_zero):  # (known since the forward: no stall)
+                grad_m = dot / m32
+            else:  # y = 0 where m = 0, z is lost: rebuild those columns' z
+                zero = m32 == 0
+                grad_m = torch.where(zero, torch.zeros_like(dot), dot / torch.where(zero, 1.0, m32))
                 cols = zero.nonzero().flatten()
                 w_cols = _base_weight(ctx.weight, ctx.quant, torch.float32)[cols]
                 z = x2.float() @ w_cols.t() + s * (h @ lora_B.float()[cols].t())

@@ -285,6 +285,68 @@ def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nes
     return a.new_empty((out_features, a.shape[0]), dtype=torch.float32)
 
 
+# --- lora_merge_4bit ---------------------------------------------------------------------------
+
+def lora_merge_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                    nested_qmap: torch.Tensor | None, offset: torch.Tensor | None, values: torch.Tensor,
+                    blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
+                    a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None, scaling: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The merged weight round(v (W0 + s B A)) [out_features, in_features] in ``dtype``, straight
+    from the packed 4-bit W0 (absmax forms as matmul_4bit): ``a`` = lora_A float32 [r, in_features],
+    ``b`` = lora_B float32 [out_features, r], ``row_scale`` = DoRA's v float32 [out_features] or
+    None. Per element: w0 = value * (absmax * v) and the low-rank sum as a float32 fma chain over
+    r terms of (s v B) * A, added once and rounded once (CPU and CUDA agree bit for bit). CUDA:
+    in_features % 4 == 0 and r <= 32."""
+    return torch.ops.lowrank.lora_merge_4bit(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
+                                             nested_blocksize, out_features, in_features, a, b, row_scale,
+                                             float(scaling), dtype)
+
+
+@torch.library.register_fake("lowrank::lora_merge_4bit")
+def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
+      in_features, a, b, row_scale, scaling, dtype):
+    torch._check(out_features > 0 and in_features > 0,
+                 lambda: f"the weight shape must be positive, got [{out_features}, {in_features}]")
+    torch._check(packed.dtype == torch.uint8 and packed.numel() == _ceil_div(out_features * in_features, 2),
+                 lambda: "packed must be uint8 with ceil(out_features * in_features / 2) bytes")
+    _check_blocksize(blocksize)
+    _check_table(values, packed, 16, torch.float32, "values")
+    torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
+                 lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
+    torch._check(b.dtype == torch.float32 and b.dim() == 2 and b.shape[0] == out_features and b.shape[1] == a.shape[0],
+                 lambda: f"b (lora_B) must be float32 [out_features = {out_features}, r], got {b.dtype} {tuple(b.shape)}")
+    torch._check(dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return packed.new_empty((out_features, in_features), dtype=dtype)
+
+
+# --- dora_norm ---------------------------------------------------------------------------------
+
+def dora_norm(w2: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+              unit_cross: float, unit_fp64: float, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA's row norm n = ||W0 + s B A|| from the expansion of lowrank/dora.py, in one launch:
+    ``w2`` = ||W0||^2 per row float64 [out], ``p`` = W0 A^T float32 [out, r], ``a`` = lora_A float32
+    [r, in], ``b`` = lora_B float32 [out, r]. Returns (n float32 [out], flagged bool [out]): flagged
+    rows are those whose error bound (``unit_cross``, ``unit_fp64``) exceeds ``rtol``. float64
+    throughout. CUDA: r <= 64."""
+    return torch.ops.lowrank.dora_norm(w2, p, a, b, float(scaling), float(unit_cross), float(unit_fp64), float(rtol))
+
+
+@torch.library.register_fake("lowrank::dora_norm")
+def _(w2, p, a, b, scaling, unit_cross, unit_fp64, rtol):
+    torch._check(w2.dtype == torch.float64 and w2.dim() == 1,
+                 lambda: f"w2 must be float64 [out_features], got {w2.dtype} {tuple(w2.shape)}")
+    torch._check(a.dtype == torch.float32 and a.dim() == 2,
+                 lambda: f"a (lora_A) must be float32 [r, in_features], got {a.dtype} {tuple(a.shape)}")
+    shape = (w2.shape[0], a.shape[0])
+    torch._check(p.dtype == torch.float32 and tuple(p.shape) == shape,
+                 lambda: f"p (W0 A^T) must be float32 {list(shape)}, got {p.dtype} {tuple(p.shape)}")
+    torch._check(b.dtype == torch.float32 and tuple(b.shape) == shape,
+                 lambda: f"b (lora_B) must be float32 {list(shape)}, got {b.dtype} {tuple(b.shape)}")
+    return w2.new_empty(w2.shape, dtype=torch.float32), w2.new_empty(w2.shape, dtype=torch.bool)
+
+
 # --- lora_project ------------------------------------------------------------------------------
 
 def lora_project(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -365,3 +365,67 @@ def test_tf32_widens_the_error_model():
         assert dora.default_cross_unit_roundoff(torch.device("cuda")) == dora.U_TF32
     finally:
         matmul.allow_tf32 = saved
+
+
+# -- ops.dora_norm: the expansion's per-row steps in one op -------------------------------------------
+
+@given(st.sampled_from(BASES), st.integers(1, 300), st.sampled_from([64, 100, 256]), st.integers(1, 64),
+       st.sampled_from([0.5, 2.0, -1.0]), st.integers(0, 2**31 - 1))
+def test_dora_norm_op_matches_the_expansion(device, kind, out_features, in_features, r, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) * 0.05
+    base, w0 = _base(w.to(device), kind)
+    A = torch.randn(r, in_features, generator=g) * 0.1
+    B = torch.randn(out_features, r, generator=g) * 0.1
+    A, B = A.float().to(device), B.float().to(device)
+    n, flagged = dora.dora_weight_norm_flagged(base, A, B, s)
+    n2, bound = dora.expanded_row_sq_norm(base, A, B, s)
+    # the same float64 formulas in another order: equal to float64 rounding, then rounded to float32
+    ref = n2.clamp_min(0).sqrt()
+    assert n.dtype == torch.float32 and flagged.dtype == torch.bool and n.shape == flagged.shape == (out_features,)
+    assert ((n.double() - ref).abs() <= 2.0 ** -23 * ref + 1e-30).all()
+    margin = ((bound - 2 * dora.RTOL * n2).abs() > 1e-12 * (bound.abs() + n2.abs()))  # rows not on the edge
+    assert torch.equal(flagged[margin], (bound > 2 * dora.RTOL * n2)[margin])
+
+
+def test_dora_norm_op_flags_cancelling_rows(device):
+    torch.manual_seed(0)
+    w = (torch.randn(96, 200) * 0.02).to(device)
+    base, w0 = _base(w, "nf4-dq")
+    A, B, s = _cancelling_adapter(w0.cpu())
+    _, flagged = dora.dora_weight_norm_flagged(base, A.to(device), B.to(device), s)
+    assert flagged.nonzero().reshape(-1).tolist() == CANCEL_ROWS
+
+
+def test_dora_norm_op_rejects_bad_input(device):
+    from lowrank import ops
+    w2 = torch.rand(8, device=device, dtype=torch.float64)
+    p, a, b = torch.randn(8, 4, device=device), torch.randn(4, 32, device=device), torch.randn(8, 4, device=device)
+    with pytest.raises(RuntimeError, match="w2 .* must be float64 \\[out_features\\]"):
+        ops.dora_norm(w2.float(), p, a, b, 1.0, 2.0 ** -18, 2.0 ** -40, 1e-4)
+    with pytest.raises(RuntimeError, match="a \\(lora_A\\) must be float32 \\[r, in_features\\]"):
+        ops.dora_norm(w2, p, a.double(), b, 1.0, 2.0 ** -18, 2.0 ** -40, 1e-4)
+    with pytest.raises(RuntimeError, match="p \\(W0 A\\^T\\) must be float32 \\[out_features = 8, r = 4\\]"):
+        ops.dora_norm(w2, p[:, :3], a, b, 1.0, 2.0 ** -18, 2.0 ** -40, 1e-4)
+    with pytest.raises(RuntimeError, match="b \\(lora_B\\) must be float32 \\[out_features = 8, r = 4\\]"):
+        ops.dora_norm(w2, p, a, b[:7], 1.0, 2.0 ** -18, 2.0 ** -40, 1e-4)
+
+
+def test_dora_norm_cuda_rank_limit(cuda_device):
+    from lowrank import ops
+    w2 = torch.rand(8, device=cuda_device, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="r <= 64"):
+        ops.dora_norm(w2, torch.randn(8, 65, device=cuda_device), torch.randn(65, 16, device=cuda_device),
+                      torch.randn(8, 65, device=cuda_device), 1.0, 2.0 ** -18, 2.0 ** -40, 1e-4)
+    # lowrank.dora keeps the PyTorch expansion for such ranks
+    q = lowrank.quantize_4bit(torch.randn(8, 64, device=cuda_device))
+    n, _ = dora.dora_weight_norm_flagged(q, torch.randn(65, 64, device=cuda_device) * 0.01,
+                                         torch.randn(8, 65, device=cuda_device) * 0.01, 1.0)
+    assert n.shape == (8,)
+
+
+def test_opcheck_dora_norm(device):
+    from lowrank import ops
+    args = (torch.rand(24, device=device, dtype=torch.float64) + 0.1, torch.randn(24, 16, device=device),
+            torch.randn(16, 64, device=device), torch.randn(24, 16, device=device), 0.5, 2.0 ** -18, 2.0 ** -40, 1e-4)
+    torch.library.opcheck(torch.ops.lowrank.dora_norm.default, args)

@@ -43,6 +43,24 @@ def _reference(x, w_base, a, b, bias, s, keep=None, p=0.0, mag=None):
 @given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([64, 96, 128]), st.sampled_from([16, 48]),
        st.sampled_from([1, 4, 16]), st.booleans(), st.booleans(), st.booleans())
 def test_lora_and_dora_match_float64(device, seed, m, k, n, r, four_bit, with_bias, dora):
+    _check_against_float64(device, seed, m, k, n, r, four_bit, with_bias, dora)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(17, 40), st.sampled_from([64, 96, 128]), st.sampled_from([16, 48]),
+       st.sampled_from([1, 4, 16, 32]), st.booleans(), st.booleans())
+def test_merged_weight_path_matches_float64(device, seed, m, k, n, r, with_bias, dora):
+    """The 4-bit base's merged path (both GEMMs against W' = v (W0 + s B A), ops.lora_merge_4bit),
+    which CUDA takes for M > 16, forced on CPU too."""
+    import lowrank.lora_function as lf
+    lf.MERGE_ON_CPU = True
+    try:
+        _check_against_float64(device, seed, m, k, n, r, True, with_bias, dora, expect_merged=True)
+    finally:
+        lf.MERGE_ON_CPU = False
+
+
+def _check_against_float64(device, seed, m, k, n, r, four_bit, with_bias, dora, expect_merged=None):
+    import lowrank.lora_function as lf
     w, q, w_base, x, a, b, bias, mag = _problem(seed, m, k, n, r, four_bit, with_bias, device)
     s = 0.5
     ref, leaves = _reference(x, w_base, a, b, bias, s, mag=mag if dora else None)
@@ -53,6 +71,8 @@ def test_lora_and_dora_match_float64(device, seed, m, k, n, r, four_bit, with_bi
     norm = (w_base + s * b @ a).norm(dim=1).to(device) if dora else None
     y = lora_forward(xs, as_, bs, s, weight=None if four_bit else w.to(device), quant=q,
                      bias=None if bias is None else bias.to(device), magnitude=ms, weight_norm=norm)
+    if expect_merged is not None:
+        assert lf._merge_applies(xs.reshape(-1, k), q, as_, 0.0) == expect_merged
     y.backward(dy.float().to(device))
     tol = dict(rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(y.cpu().double(), ref.detach(), **tol)
@@ -226,6 +246,106 @@ def test_opcheck_dora_cross(device):
     for double_quant in (False, True):
         q = lowrank.quantize_4bit(torch.randn(24, 128, device=device), double_quant=double_quant)
         torch.library.opcheck(torch.ops.lowrank.dora_cross_4bit.default, _cross_args(q, torch.randn(16, 128, device=device)))
+
+
+# --- lora_merge_4bit: W' = v (W0 + s B A) from the packed weight -----------------------------------
+
+def _merge_args(q, a, b, v, s, dtype):
+    return (q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.quant_map,
+            q.blocksize, q.nested_blocksize, q.shape[0], q.shape[1], a, b, v, s, dtype)
+
+
+@given(st.integers(1, 300), st.sampled_from([4, 64, 100, 128, 260, 1024]), st.integers(1, 32),
+       st.sampled_from(["nf4", "fp4"]), st.sampled_from([32, 64, 256]), st.booleans(), st.booleans(),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.integers(0, 2**31 - 1))
+def test_lora_merge_matches_float64(device, n, k, r, quant_type, blocksize, double_quant, row_scale, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = lowrank.quantize_4bit((torch.randn(n, k, generator=g) * 0.05).to(device), quant_type, blocksize, double_quant)
+    a = torch.randn(r, k, generator=g).to(device) * 0.1
+    b = torch.randn(n, r, generator=g).to(device) * 0.1
+    v = (torch.rand(n, generator=g) + 0.5).to(device) if row_scale else None
+    s = 0.75
+    out = ops.lora_merge_4bit(*_merge_args(q, a, b, v, s, dtype))
+    assert out.shape == (n, k) and out.dtype == dtype
+    w0 = q.dequantize(torch.float32).double().cpu()
+    a64, b64 = a.double().cpu(), b.double().cpu()
+    v64 = v.double().cpu()[:, None] if row_scale else torch.ones(n, 1, dtype=torch.float64)
+    ref = v64 * (w0 + s * b64 @ a64)
+    # float32 steps: w0 * v (2 roundings), the r-term fma chain (<= r + 1 roundings of its partial
+    # sums), the sum; then one rounding to dtype (half its ulp: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32)
+    low_rank = s * (v64 * b64.abs()) @ a64.abs()
+    f32 = 2.0 ** -24 * (3 * (v64 * w0).abs() + (r + 2) * low_rank)
+    unit = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+    err = (out.cpu().double() - ref).abs()
+    assert (err <= f32 + unit * (ref.abs() + f32) + (2.0 ** -24 if dtype == torch.float16 else 0.0)).all()
+    if device == "cuda":  # the same operations in the same order: the CPU op is bit-identical
+        q_cpu = q.to("cpu")
+        assert torch.equal(out.cpu(), ops.lora_merge_4bit(*_merge_args(q_cpu, a.cpu(), b.cpu(),
+                                                                        None if v is None else v.cpu(), s, dtype)))
+
+
+def test_lora_merge_without_adapter_is_the_dequantized_weight(device):
+    q = lowrank.quantize_4bit(torch.randn(40, 256, device=device) * 0.05)
+    a, b = torch.randn(16, 256, device=device), torch.zeros(40, 16, device=device)
+    v = torch.rand(40, device=device) + 0.5
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(ops.lora_merge_4bit(*_merge_args(q, a, b, None, 2.0, dtype)), q.dequantize(dtype))
+        # with DoRA's v: v folded into each block's absmax, as lora_function._dequantized
+        from lowrank.lora_function import _dequantized
+        assert torch.equal(ops.lora_merge_4bit(*_merge_args(q, a, b, v, 2.0, dtype)), _dequantized(q, dtype, v))
+
+
+def test_lora_merge_rejects_bad_input(device):
+    q = lowrank.quantize_4bit(torch.randn(8, 64, device=device))
+    a, b = torch.randn(4, 64, device=device), torch.randn(8, 4, device=device)
+    with pytest.raises(RuntimeError, match="a \\(lora_A\\) must be float32 \\[r, in_features = 64\\]"):
+        ops.lora_merge_4bit(*_merge_args(q, torch.randn(4, 63, device=device), b, None, 1.0, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="a \\(lora_A\\) must be float32"):
+        ops.lora_merge_4bit(*_merge_args(q, a.double(), b, None, 1.0, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="b \\(lora_B\\) must be float32 \\[out_features = 8, r = 4\\]"):
+        ops.lora_merge_4bit(*_merge_args(q, a, torch.randn(8, 5, device=device), None, 1.0, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="b \\(lora_B\\) must be float32"):
+        ops.lora_merge_4bit(*_merge_args(q, a, b.half(), None, 1.0, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="row_scale must be float32 \\[out_features = 8\\]"):
+        ops.lora_merge_4bit(*_merge_args(q, a, b, torch.ones(7, device=device), 1.0, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16"):
+        ops.lora_merge_4bit(*_merge_args(q, a, b, None, 1.0, torch.int32))
+    with pytest.raises(RuntimeError, match="packed must be contiguous uint8"):
+        ops.lora_merge_4bit(q.packed.reshape(-1)[:-1], *_merge_args(q, a, b, None, 1.0, torch.bfloat16)[1:])
+
+
+def test_lora_merge_cuda_limits(cuda_device):
+    q = lowrank.quantize_4bit(torch.randn(8, 66, device=cuda_device), blocksize=32)
+    with pytest.raises(RuntimeError, match="in_features % 4 == 0 and r <= 32"):
+        ops.lora_merge_4bit(*_merge_args(q, torch.randn(4, 66, device=cuda_device), torch.randn(8, 4, device=cuda_device),
+                                         None, 1.0, torch.bfloat16))
+    q = lowrank.quantize_4bit(torch.randn(8, 64, device=cuda_device))
+    with pytest.raises(RuntimeError, match="in_features % 4 == 0 and r <= 32"):
+        ops.lora_merge_4bit(*_merge_args(q, torch.randn(33, 64, device=cuda_device),
+                                         torch.randn(8, 33, device=cuda_device), None, 1.0, torch.bfloat16))
+
+
+def test_opcheck_lora_merge(device):
+    for double_quant in (False, True):
+        q = lowrank.quantize_4bit(torch.randn(24, 128, device=device), double_quant=double_quant)
+        a, b = torch.randn(16, 128, device=device), torch.randn(24, 16, device=device)
+        for v in (None, torch.rand(24, device=device)):
+            torch.library.opcheck(torch.ops.lowrank.lora_merge_4bit.default,
+                                  _merge_args(q, a, b, v, 0.5, torch.bfloat16))
+
+
+def test_merge_applies_only_where_it_is_exact(monkeypatch):
+    import lowrank.lora_function as lf
+    q = lowrank.quantize_4bit(torch.randn(8, 64))
+    x, a = torch.randn(32, 64), torch.randn(4, 64)
+    assert not lf._merge_applies(x, q, a, 0.0)  # CPU: off unless forced
+    monkeypatch.setattr(lf, "MERGE_ON_CPU", True)
+    assert lf._merge_applies(x, q, a, 0.0)
+    assert not lf._merge_applies(x, q, a, 0.1)                      # dropout: x' != x
+    assert not lf._merge_applies(x, None, a, 0.0)                   # a float base
+    assert not lf._merge_applies(x, q, torch.randn(33, 64), 0.0)    # r > 32
+    monkeypatch.setenv("LOWRANK_MERGE", "0")
+    assert not lf._merge_applies(x, q, a, 0.0)
 
 
 # --- lora_project: x A^T in float32 with float32 adapters ------------------------------------------

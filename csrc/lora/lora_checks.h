@@ -56,6 +56,50 @@ inline void check_dora_cross(const gemm::Weight4bit& w, const at::Tensor& a) {
   quant::check_same_device(a, w.packed, op, "a");
 }
 
+// lora_merge_4bit: the 4-bit weight, a float32 [r, in], b float32 [out, r], row_scale float32 [out]
+inline void check_lora_merge(const gemm::Weight4bit& w, const at::Tensor& a, const at::Tensor& b,
+                             const std::optional<at::Tensor>& row_scale, at::ScalarType dtype) {
+  constexpr const char* op = "lowrank::lora_merge_4bit";
+  gemm::check_weight_4bit(w, op);
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(1) == w.in_features && a.size(0) >= 1, op,
+              ": a (lora_A) must be float32 [r, in_features = ", quant::num(w.in_features), "], got ", a.scalar_type(),
+              " ", quant::shape(a));
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 2 && b.size(0) == w.out_features && b.size(1) == a.size(0),
+              op, ": b (lora_B) must be float32 [out_features = ", quant::num(w.out_features), ", r = ",
+              quant::num(a.size(0)), "], got ", b.scalar_type(), " ", quant::shape(b));
+  quant::check_same_device(a, w.packed, op, "a");
+  quant::check_same_device(b, w.packed, op, "b");
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->dim() == 1 &&
+                    row_scale->size(0) == w.out_features,
+                op, ": row_scale must be float32 [out_features = ", quant::num(w.out_features), "], got ",
+                row_scale->scalar_type(), " ", quant::shape(*row_scale));
+    quant::check_same_device(*row_scale, w.packed, op, "row_scale");
+  }
+  TORCH_CHECK(quant::is_supported_float(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+}
+
+// dora_norm: w2 float64 [N], p float32 [N, r], a float32 [r, K], b float32 [N, r]
+inline void check_dora_norm(const at::Tensor& w2, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b) {
+  constexpr const char* op = "lowrank::dora_norm";
+  TORCH_CHECK(w2.scalar_type() == at::kDouble && w2.dim() == 1 && w2.size(0) >= 1, op,
+              ": w2 (the base's squared row norms) must be float64 [out_features], got ", w2.scalar_type(), " ",
+              quant::shape(w2));
+  const int64_t n = w2.size(0);
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(0) >= 1, op,
+              ": a (lora_A) must be float32 [r, in_features], got ", a.scalar_type(), " ", quant::shape(a));
+  const int64_t r = a.size(0);
+  TORCH_CHECK(p.scalar_type() == at::kFloat && p.dim() == 2 && p.size(0) == n && p.size(1) == r, op,
+              ": p (W0 A^T) must be float32 [out_features = ", quant::num(n), ", r = ", quant::num(r), "], got ",
+              p.scalar_type(), " ", quant::shape(p));
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 2 && b.size(0) == n && b.size(1) == r, op,
+              ": b (lora_B) must be float32 [out_features = ", quant::num(n), ", r = ", quant::num(r), "], got ",
+              b.scalar_type(), " ", quant::shape(b));
+  quant::check_same_device(p, w2, op, "p");
+  quant::check_same_device(a, w2, op, "a");
+  quant::check_same_device(b, w2, op, "b");
+}
+
 inline void check_split_bf16x3(const at::Tensor& b) {
   TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat, "lowrank::split_bf16x3: b must be a 2-D float32 tensor, got ",
               b.scalar_type(), " ", quant::shape(b));

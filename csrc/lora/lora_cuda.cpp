@@ -169,10 +169,91 @@ at::Tensor dora_cross_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   return out;
 }
 
+at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset,
+                                const at::Tensor& values, int64_t blocksize, int64_t nested_blocksize,
+                                int64_t out_features, int64_t in_features, const at::Tensor& a_in,
+                                const at::Tensor& b_in, const std::optional<at::Tensor>& row_scale, double scaling,
+                                at::ScalarType dtype) {
+  const gemm::Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
+                           out_features, in_features};
+  check_lora_merge(w, a_in, b_in, row_scale, dtype);
+  TORCH_CHECK(in_features % 4 == 0 && a_in.size(0) <= kLoraMergeMaxRank,
+              "lowrank::lora_merge_4bit: the CUDA kernel needs in_features % 4 == 0 and r <= ",
+              kLoraMergeMaxRank, ", got in_features ", quant::num(in_features), " and r ", quant::num(a_in.size(0)),
+              " (lowrank.lora_function keeps the unmerged path there)");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 2 == 0,
+              "lowrank::lora_merge_4bit: packed must be 2-byte aligned");
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor v = row_scale.has_value() ? row_scale->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({out_features, in_features}, a.options().dtype(dtype));
+  LoraMerge4bitParams p{};
+  p.packed = packed.const_data_ptr<uint8_t>();
+  p.n = out_features;
+  p.k = in_features;
+  p.blocksize = int(blocksize);
+  p.values = values.const_data_ptr<float>();
+  if (w.nested()) {
+    p.absmax_codes = absmax.const_data_ptr<uint8_t>();
+    p.nested_absmax = nested_absmax->const_data_ptr<float>();
+    p.nested_qmap = nested_qmap->const_data_ptr<float>();
+    p.offset = offset->const_data_ptr<float>();
+    p.nested_blocksize = int(nested_blocksize);
+  } else {
+    p.absmax = absmax.const_data_ptr<float>();
+  }
+  p.a = a.const_data_ptr<float>();
+  p.b = b.const_data_ptr<float>();
+  p.row_scale = v.defined() ? v.const_data_ptr<float>() : nullptr;
+  p.scaling = static_cast<float>(scaling);
+  p.r = int(a.size(0));
+  p.out_kind = dtype == at::kFloat ? FloatKind::kFloat32 : dtype == at::kHalf ? FloatKind::kFloat16
+                                                                               : FloatKind::kBFloat16;
+  p.out = out.mutable_data_ptr();
+  launch_lora_merge_4bit(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_norm_cuda(const at::Tensor& w2_in, const at::Tensor& p_in,
+                                                  const at::Tensor& a_in, const at::Tensor& b_in, double scaling,
+                                                  double unit_cross, double unit_fp64, double rtol) {
+  check_dora_norm(w2_in, p_in, a_in, b_in);
+  TORCH_CHECK(a_in.size(0) <= kDoraNormMaxRank, "lowrank::dora_norm: the CUDA kernel takes r <= ", kDoraNormMaxRank,
+              ", got r ", quant::num(a_in.size(0)), " (lowrank.dora computes the expansion with PyTorch ops there)");
+  const c10::cuda::CUDAGuard guard(w2_in.device());
+  const at::Tensor a64 = a_in.to(at::kDouble);
+  const at::Tensor gram = at::mm(a64, a64.t()).contiguous();
+  const at::Tensor w2 = w2_in.contiguous(), p = p_in.contiguous(), b = b_in.contiguous();
+  const int64_t n = w2.size(0);
+  at::Tensor norm = at::empty({n}, w2.options().dtype(at::kFloat));
+  at::Tensor flagged = at::empty({n}, w2.options().dtype(at::kBool));
+  DoraNormParams prm{};
+  prm.w2 = w2.const_data_ptr<double>();
+  prm.p = p.const_data_ptr<float>();
+  prm.b = b.const_data_ptr<float>();
+  prm.gram = gram.const_data_ptr<double>();
+  prm.n = n;
+  prm.r = int(a_in.size(0));
+  prm.scaling = scaling;
+  prm.unit_cross = unit_cross;
+  prm.unit_fp64 = unit_fp64;
+  prm.rtol = rtol;
+  prm.norm = norm.mutable_data_ptr<float>();
+  prm.flagged = flagged.mutable_data_ptr<bool>();
+  launch_dora_norm(prm, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {norm, flagged};
+}
+
 }  // namespace
 }  // namespace lowrank::lora
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+  m.impl("dora_norm", &lowrank::lora::dora_norm_cuda);
+  m.impl("lora_merge_4bit", &lowrank::lora::lora_merge_4bit_cuda);
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cuda);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cuda);
   m.impl("split_bf16x3", &lowrank::lora::split_bf16x3_cuda);

@@ -70,6 +70,50 @@ struct LoraProjectParams {
 
 void launch_lora_project(const LoraProjectParams& p, cudaStream_t stream);
 
+// The merged weight W' = round_T(v (W0 + s B A)) [N, K] straight from the packed 4-bit W0 (merge.cu
+// gives the exact arithmetic): the LoRA/DoRA layer's two big GEMMs then take it as their weight.
+struct LoraMerge4bitParams {
+  const uint8_t* packed;        // [N K / 2], 2-byte aligned
+  int64_t n, k;                 // K % 4 == 0
+  int blocksize;
+  const float* values;          // [16]
+  const float* absmax;          // [n_blocks] or nullptr when nested
+  const uint8_t* absmax_codes;  // nested
+  const float* nested_absmax;
+  const float* nested_qmap;
+  const float* offset;
+  int nested_blocksize;
+  const float* a;               // [r, K] float32, row-major
+  const float* b;               // [N, r] float32, row-major
+  const float* row_scale;       // [N] float32 (DoRA's v) or nullptr
+  float scaling;
+  int r;                        // 1 .. kLoraMergeMaxRank
+  FloatKind out_kind;
+  void* out;                    // [N, K] row-major
+};
+
+constexpr int kLoraMergeMaxRank = 32;
+
+void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream);
+
+// DoRA's row norm from the expansion (dora_norm.cu): n float32 [N] and the rows whose bound says
+// the expansion may be off by more than rtol, bool [N].
+struct DoraNormParams {
+  const double* w2;    // [N] ||W0_o||^2
+  const float* p;      // [N, r] P = W0 A^T, row-major
+  const float* b;      // [N, r] lora_B, row-major
+  const double* gram;  // [r, r] A A^T
+  int64_t n;
+  int r;               // <= kDoraNormMaxRank (the Gram matrix in shared memory)
+  double scaling, unit_cross, unit_fp64, rtol;
+  float* norm;
+  bool* flagged;
+};
+
+constexpr int kDoraNormMaxRank = 64;  // the Gram matrix and its diagonal: 33 KB of shared memory
+
+void launch_dora_norm(const DoraNormParams& p, cudaStream_t stream);
+
 // b float32 [rows, cols] (strided) -> out bf16 [rows, 3 cols] = [hi | mid | lo], hi + mid + lo == b.
 struct SplitParams {
   const float* b;
