@@ -186,7 +186,9 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   const c10::cuda::CUDAGuard guard(packed.device());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 2 == 0,
               "lowrank::lora_merge_4bit: packed must be 2-byte aligned");
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  at::Tensor a = a_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();  // float4 loads of A
+  const at::Tensor b = b_in.contiguous();
   const at::Tensor v = row_scale.has_value() ? row_scale->contiguous() : at::Tensor();
   at::Tensor out = at::empty({out_features, in_features}, a.options().dtype(dtype));
   LoraMerge4bitParams p{};

@@ -31,7 +31,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRowsPerWarp = 32;
 constexpr int kRowsPerCta = kWarps * kRowsPerWarp;
-constexpr int kBatch = 8;  // rows whose loads are in flight together
+constexpr int kBatch = 4;  // rows per batch; two batches' loads are in flight (double buffering)
 
 template <typename T, int COLS> struct OutVec;
 template <> struct OutVec<float, 4> {
@@ -61,8 +61,45 @@ template <> __device__ __forceinline__ uint32_t load_codes<4>(const uint8_t* p) 
 }
 template <> __device__ __forceinline__ uint32_t load_codes<2>(const uint8_t* p) { return *p; }
 
+template <int COLS> __device__ __forceinline__ void load_a(const float* p, float (&v)[COLS]);
+template <> __device__ __forceinline__ void load_a<4>(const float* p, float (&v)[4]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+}
+template <> __device__ __forceinline__ void load_a<2>(const float* p, float (&v)[2]) {
+  const float2 a = *reinterpret_cast<const float2*>(p);
+  v[0] = a.x; v[1] = a.y;
+}
+
+// The global loads of kBatch rows: codes, and the absmax or its 8-bit code and scale.
+template <int COLS, bool NESTED>
+struct RowBatch {
+  uint32_t codes[kBatch];
+  float absmax_or_scale[kBatch];
+  uint32_t absmax_code[kBatch];
+  __device__ __forceinline__ void load(const LoraMerge4bitParams& p, int64_t first_row, int64_t col,
+                                       int block_shift, int nested_shift) {
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t o = first_row + u;
+      const bool ok = o < p.n;
+      const int64_t flat = (ok ? o : 0) * p.k + col;  // a multiple of COLS: one block holds the COLS
+      const int64_t block = flat >> block_shift;
+      codes[u] = ok ? load_codes<COLS>(p.packed + flat / 2) : 0u;
+      if constexpr (NESTED) {
+        absmax_code[u] = p.absmax_codes[block];
+        absmax_or_scale[u] = p.nested_absmax[block >> nested_shift];
+      } else {
+        absmax_code[u] = 0u;
+        absmax_or_scale[u] = p.absmax[block];
+      }
+    }
+  }
+};
+
+// 2 CTAs of 256 threads per SM: at most 128 registers (A takes 64 of them).
 template <int R_PAD, int COLS, typename T, bool NESTED>
-__global__ void __launch_bounds__(kThreads) lora_merge_4bit(LoraMerge4bitParams p) {
+__global__ void __launch_bounds__(kThreads, 2) lora_merge_4bit(LoraMerge4bitParams p) {
   static_assert(R_PAD % 4 == 0 && R_PAD * COLS <= 64, "A's registers");
   __shared__ float4 s_bs[kRowsPerCta][R_PAD / 4];  // (s v_o) B[o, :], zero past r
   __shared__ float s_v[kRowsPerCta];
@@ -71,9 +108,25 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit(LoraMerge4bitParams 
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row0 = int64_t(blockIdx.y) * kRowsPerCta;
+  const int64_t warp_row0 = row0 + warp * kRowsPerWarp;
   const int64_t col = (int64_t(blockIdx.x) * 32 + lane) * COLS;
   const bool col_ok = col < p.k;  // k % 4 == 0: a thread's columns are all in or all out
+  const int block_shift = 31 - __clz(p.blocksize);
+  const int nested_shift = NESTED ? 31 - __clz(p.nested_blocksize) : 0;
 
+  // the first batch's loads go out before the set-up below, whose loads and barrier they overlap
+  RowBatch<COLS, NESTED> cur;
+  if (col_ok) cur.load(p, warp_row0, col, block_shift, nested_shift);
+  float a[R_PAD][COLS];
+#pragma unroll
+  for (int j = 0; j < R_PAD; ++j) {
+    if (col_ok && j < p.r) {
+      load_a<COLS>(p.a + int64_t(j) * p.k + col, a[j]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < COLS; ++c) a[j][c] = 0.0f;
+    }
+  }
   if (threadIdx.x < 16) s_values[threadIdx.x] = p.values[threadIdx.x];
   if constexpr (NESTED) {
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
@@ -93,72 +146,51 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit(LoraMerge4bitParams 
     }
     s_bs_flat[i] = bs;
   }
-  float a[R_PAD][COLS];
-#pragma unroll
-  for (int j = 0; j < R_PAD; ++j) {
-#pragma unroll
-    for (int c = 0; c < COLS; ++c) a[j][c] = (col_ok && j < p.r) ? p.a[int64_t(j) * p.k + col + c] : 0.0f;
-  }
   __syncthreads();
   if (!col_ok) return;  // no barrier below
 
-  const int block_shift = 31 - __clz(p.blocksize);
-  const int nested_shift = NESTED ? 31 - __clz(p.nested_blocksize) : 0;
   const float offset = NESTED ? *p.offset : 0.0f;
   T* out = static_cast<T*>(p.out);
 
 #pragma unroll 1
   for (int b0 = 0; b0 < kRowsPerWarp; b0 += kBatch) {
-    uint32_t codes[kBatch];
-    float absmax_or_scale[kBatch];
-    uint32_t absmax_code[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t o = row0 + warp * kRowsPerWarp + b0 + u;
-      const bool ok = o < p.n;
-      const int64_t flat = (ok ? o : 0) * p.k + col;  // a multiple of COLS: one block holds the COLS
-      const int64_t block = flat >> block_shift;
-      codes[u] = ok ? load_codes<COLS>(p.packed + flat / 2) : 0u;
-      if constexpr (NESTED) {
-        absmax_code[u] = p.absmax_codes[block];
-        absmax_or_scale[u] = p.nested_absmax[block >> nested_shift];
-      } else {
-        absmax_code[u] = 0u;
-        absmax_or_scale[u] = p.absmax[block];
-      }
-    }
+    // the next batch's loads in flight while this one computes (double buffering)
+    RowBatch<COLS, NESTED> next;
+    if (b0 + kBatch < kRowsPerWarp) next.load(p, warp_row0 + b0 + kBatch, col, block_shift, nested_shift);
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int row = warp * kRowsPerWarp + b0 + u;
       const int64_t o = row0 + row;
-      if (o >= p.n) break;  // the same for every lane of the warp
-      // the block's float absmax as dequantize_4bit rebuilds it: a rounded product, a rounded sum
-      const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[absmax_code[u]], absmax_or_scale[u]), offset)
-                                  : absmax_or_scale[u];
-      const float scale = p.row_scale != nullptr ? __fmul_rn(absmax, s_v[row]) : absmax;
-      float acc[COLS];
+      if (o < p.n) {  // the same for every lane of the warp
+        // the block's float absmax as dequantize_4bit rebuilds it: a rounded product, a rounded sum
+        const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[cur.absmax_code[u]], cur.absmax_or_scale[u]), offset)
+                                    : cur.absmax_or_scale[u];
+        const float scale = p.row_scale != nullptr ? __fmul_rn(absmax, s_v[row]) : absmax;
+        float acc[COLS];
 #pragma unroll
-      for (int c = 0; c < COLS; ++c) acc[c] = 0.0f;
+        for (int c = 0; c < COLS; ++c) acc[c] = 0.0f;
 #pragma unroll
-      for (int j4 = 0; j4 < R_PAD / 4; ++j4) {
-        const float4 bs = s_bs[row][j4];
-        const float bsv[4] = {bs.x, bs.y, bs.z, bs.w};
+        for (int j4 = 0; j4 < R_PAD / 4; ++j4) {
+          const float4 bs = s_bs[row][j4];
+          const float bsv[4] = {bs.x, bs.y, bs.z, bs.w};
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
+          for (int jj = 0; jj < 4; ++jj) {
 #pragma unroll
-          for (int c = 0; c < COLS; ++c) acc[c] = __fmaf_rn(bsv[jj], a[4 * j4 + jj][c], acc[c]);
+            for (int c = 0; c < COLS; ++c) acc[c] = __fmaf_rn(bsv[jj], a[4 * j4 + jj][c], acc[c]);
+          }
         }
-      }
-      float result[COLS];
+        float result[COLS];
 #pragma unroll
-      for (int c = 0; c < COLS; ++c) {
-        // element c of the thread's run: byte c / 2, the first element in the high nibble
-        const uint32_t byte = (codes[u] >> (8 * (c / 2))) & 0xffu;
-        const uint32_t code = (c & 1) ? (byte & 15u) : (byte >> 4);
-        result[c] = __fadd_rn(__fmul_rn(s_values[code], scale), acc[c]);
+        for (int c = 0; c < COLS; ++c) {
+          // element c of the thread's run: byte c / 2, the first element in the high nibble
+          const uint32_t byte = (cur.codes[u] >> (8 * (c / 2))) & 0xffu;
+          const uint32_t code = (c & 1) ? (byte & 15u) : (byte >> 4);
+          result[c] = __fadd_rn(__fmul_rn(s_values[code], scale), acc[c]);
+        }
+        OutVec<T, COLS>::store(out + o * p.k + col, result);
       }
-      OutVec<T, COLS>::store(out + o * p.k + col, result);
     }
+    cur = next;
   }
 }
 
