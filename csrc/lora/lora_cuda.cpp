@@ -169,6 +169,8 @@ at::Tensor dora_cross_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   return out;
 }
 
+static_assert(kLoraMergeMaxRank == 32 && kDoraNormMaxRank == 64, "the error messages below name the limits");
+
 at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset,
@@ -180,8 +182,7 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                            out_features, in_features};
   check_lora_merge(w, a_in, b_in, row_scale, dtype);
   TORCH_CHECK(in_features % 4 == 0 && a_in.size(0) <= kLoraMergeMaxRank,
-              "lowrank::lora_merge_4bit: the CUDA kernel needs in_features % 4 == 0 and r <= ",
-              kLoraMergeMaxRank, ", got in_features ", quant::num(in_features), " and r ", quant::num(a_in.size(0)),
+              "lowrank::lora_merge_4bit: the CUDA kernel needs in_features % 4 == 0 and r <= 32, got in_features ", quant::num(in_features), " and r ", quant::num(a_in.size(0)),
               " (lowrank.lora_function keeps the unmerged path there)");
   const c10::cuda::CUDAGuard guard(packed.device());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 2 == 0,
@@ -223,8 +224,7 @@ std::tuple<at::Tensor, at::Tensor> dora_norm_cuda(const at::Tensor& w2_in, const
                                                   const at::Tensor& a_in, const at::Tensor& b_in, double scaling,
                                                   double unit_cross, double unit_fp64, double rtol) {
   check_dora_norm(w2_in, p_in, a_in, b_in);
-  TORCH_CHECK(a_in.size(0) <= kDoraNormMaxRank, "lowrank::dora_norm: the CUDA kernel takes r <= ", kDoraNormMaxRank,
-              ", got r ", quant::num(a_in.size(0)), " (lowrank.dora computes the expansion with PyTorch ops there)");
+  TORCH_CHECK(a_in.size(0) <= kDoraNormMaxRank, "lowrank::dora_norm: the CUDA kernel takes r <= 64, got r ", quant::num(a_in.size(0)), " (lowrank.dora computes the expansion with PyTorch ops there)");
   const c10::cuda::CUDAGuard guard(w2_in.device());
   const at::Tensor a64 = a_in.to(at::kDouble);
   const at::Tensor gram = at::mm(a64, a64.t()).contiguous();
