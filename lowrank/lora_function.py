@@ -7,26 +7,33 @@ function computes the same math in x's compute dtype with fp32 accumulation (cuB
 matmul) and keeps only what the backward needs:
 
     forward   h = x' A^T                      [M, r]      x' = dropout(x), mask from a seed
-              y = s h B^T (+ bias), then y += x W^T by cuBLAS with y as its C operand (beta = 1):
-                                               no [M, out] temporary and no second pass over y
-                                               (M <= 16 on a 4-bit base: the fused skinny kernel
-                                               first, then y += s h B^T)
+              4-bit base, no dropout, M > 16 on CUDA: y = x W'^T (+ bias), one cuBLAS GEMM against
+                the merged weight W' = v (W0 + s B A) that ops.lora_merge_4bit builds from the
+                packed codes in one launch (each element rounded once to x's dtype)
+              otherwise y = s h B^T (+ bias), then y += x W^T by cuBLAS with y as its C operand
+                (beta = 1); M <= 16 on a 4-bit base: the fused skinny kernel first, then
+                y += s h B^T
     DoRA      y = v * (x W^T + s h B^T) + bias, v = m / n (n detached), v in float32: for a 4-bit
-              base folded into the dequantized weight (into each block's absmax, one rounding per
-              element) and into B; for a float base y is scaled in place. (v rounded to bf16 on its
-              own would put one relative error on a whole output column, and dm sums that column.)
+              base folded into the weight (W', or each block's absmax) and into B; for a float
+              base y is scaled in place. (v rounded to bf16 on its own would put one relative
+              error on a whole output column, and dm sums that column.)
     saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (for
               dm) and v; for a 4-bit base only the packed weight
     backward  g  = dY B_v                      [M, r] fp32 B_v = v * B for DoRA, B for LoRA
-              dX = s g A + (v dY) W            the low-rank term first, the big GEMM adds into it
+              dX = dY W' (merged), or s g A first and the big GEMM adds (v dY) W into it
               dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free.
     bf16 on CUDA: the adapter products (h, g, dY^T h, x'^T g) are cuBLAS GEMMs against a 3-way bf16
     split of their float32 side (float32-exact, ``_mm_f32``), and sum_M(dY * y) one streaming
     kernel; elsewhere the CUDA-core kernels lora_project / lora_column_reduce (one read of dY and y
     for both reductions) and on CPU PyTorch ops.
 
-What is not here yet (issue 4/5): one fused GEMM for the base and the low-rank term (the cuBLAS C
-operand costs one write and one read of y), and DoRA with dropout (it takes the unfused path).
+Why the merged weight (H100, M = 8192, 14336 x 4096, r = 16): writing y = s h B^T first and reading
+it back as the GEMM's C operand cost ~140 us in the forward and ~60 us in dX; the merge adds ~16
+FMA per weight to the dequantization the GEMMs need anyway. Rounding W' once puts the same
+relative error (2^-9 in bf16) on v (W0 + s B A) that the dequantization puts on W0.
+
+What is not here yet (issue 4/5): one kernel for the dY-side products (g = dY B and dY^T h each
+read dY), and DoRA with dropout (it takes the unfused path).
 """
 from __future__ import annotations
 
