@@ -138,12 +138,18 @@ def _dequantized(quant: QuantizedTensor, dtype, row_scale: torch.Tensor | None =
 # exact arithmetic, for tests), slower there than the unmerged PyTorch path. Tests set this True to
 # run the merged path on CPU.
 MERGE_ON_CPU = False
+# Up to this rank: the merge kernel is bound by instruction issue (ncu: 66% issue slots busy, ~49
+# instructions per weight, 16 of them the rank-16 FMAs) and took 158 us at r = 16 and 294 us at
+# r = 32 on the H100 (14336 x 4096, bf16) against 55-78 us for the plain dequantize. At r = 16 that
+# about cancels what it saves (y's first write and C read, dX's too): QLoRA 2.99 vs 2.99 ms, QDoRA
+# 3.37 vs 3.42 ms in one run; at r = 32 it would cost ~0.2 ms more than it saves.
+MERGE_MAX_RANK = 16
 
 
 def _merge_applies(x2: torch.Tensor, quant, lora_A: torch.Tensor, dropout_p: float) -> bool:
     """Whether both big GEMMs take the merged weight W' = v (W0 + s B A) (``_merged``): a 4-bit
     base, no dropout (x' = x, so x W^T + s x' A^T B^T = x W'^T), M > SKINNY_MAX_M on CUDA, and
-    the kernel's shapes (in_features % 4 == 0, r <= 32). LOWRANK_MERGE=0 turns it off."""
+    in_features % 4 == 0 and r <= MERGE_MAX_RANK. LOWRANK_MERGE=0 turns it off."""
     if quant is None or dropout_p > 0 or os.environ.get("LOWRANK_MERGE", "1") == "0":
         return False
     if x2.is_cuda:
@@ -151,7 +157,7 @@ def _merge_applies(x2: torch.Tensor, quant, lora_A: torch.Tensor, dropout_p: flo
             return False
     elif not MERGE_ON_CPU:
         return False
-    return quant.shape[1] % 4 == 0 and lora_A.shape[0] <= 32 and len(quant.shape) == 2
+    return quant.shape[1] % 4 == 0 and lora_A.shape[0] <= MERGE_MAX_RANK and len(quant.shape) == 2
 
 
 def _merged(quant: QuantizedTensor, lora_A, lora_B, scaling: float, v, dtype) -> torch.Tensor:
