@@ -257,6 +257,18 @@ def _(dy, h, y):
             dy.new_empty((n,) if y is not None else (0,), dtype=torch.float32))
 
 
+def _check_packed_weight_and_a(packed, values, blocksize, out_features, in_features, a):
+    """The fake kernels' checks of a packed 4-bit weight and lora_A (dora_cross_4bit, lora_merge_4bit)."""
+    torch._check(out_features > 0 and in_features > 0,
+                 lambda: f"the weight shape must be positive, got [{out_features}, {in_features}]")
+    torch._check(packed.dtype == torch.uint8 and packed.numel() == _ceil_div(out_features * in_features, 2),
+                 lambda: "packed must be uint8 with ceil(out_features * in_features / 2) bytes")
+    _check_blocksize(blocksize)
+    _check_table(values, packed, 16, torch.float32, "values")
+    torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
+                 lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
+
+
 # --- dora_cross_4bit ---------------------------------------------------------------------------
 
 def dora_cross_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
@@ -274,14 +286,7 @@ def dora_cross_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: t
 @torch.library.register_fake("lowrank::dora_cross_4bit")
 def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
       in_features, a):
-    torch._check(out_features > 0 and in_features > 0,
-                 lambda: f"the weight shape must be positive, got [{out_features}, {in_features}]")
-    torch._check(packed.dtype == torch.uint8 and packed.numel() == _ceil_div(out_features * in_features, 2),
-                 lambda: "packed must be uint8 with ceil(out_features * in_features / 2) bytes")
-    _check_blocksize(blocksize)
-    _check_table(values, packed, 16, torch.float32, "values")
-    torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
-                 lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
+    _check_packed_weight_and_a(packed, values, blocksize, out_features, in_features, a)
     return a.new_empty((out_features, a.shape[0]), dtype=torch.float32)
 
 
@@ -306,14 +311,7 @@ def lora_merge_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: t
 @torch.library.register_fake("lowrank::lora_merge_4bit")
 def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
       in_features, a, b, row_scale, scaling, dtype):
-    torch._check(out_features > 0 and in_features > 0,
-                 lambda: f"the weight shape must be positive, got [{out_features}, {in_features}]")
-    torch._check(packed.dtype == torch.uint8 and packed.numel() == _ceil_div(out_features * in_features, 2),
-                 lambda: "packed must be uint8 with ceil(out_features * in_features / 2) bytes")
-    _check_blocksize(blocksize)
-    _check_table(values, packed, 16, torch.float32, "values")
-    torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
-                 lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
+    _check_packed_weight_and_a(packed, values, blocksize, out_features, in_features, a)
     torch._check(b.dtype == torch.float32 and b.dim() == 2 and b.shape[0] == out_features and b.shape[1] == a.shape[0],
                  lambda: f"b (lora_B) must be float32 [out_features = {out_features}, r], got {b.dtype} {tuple(b.shape)}")
     torch._check(dtype in (torch.float32, torch.float16, torch.bfloat16),
