@@ -255,7 +255,7 @@ def _merge_args(q, a, b, v, s, dtype):
             q.blocksize, q.nested_blocksize, q.shape[0], q.shape[1], a, b, v, s, dtype)
 
 
-@given(st.integers(1, 300), st.sampled_from([4, 64, 100, 128, 260, 1024]), st.integers(1, 32),
+@given(st.integers(1, 300), st.sampled_from([4, 64, 100, 128, 192, 260, 1024]), st.integers(1, 32),
        st.sampled_from(["nf4", "fp4"]), st.sampled_from([32, 64, 256]), st.booleans(), st.booleans(),
        st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.integers(0, 2**31 - 1))
 def test_lora_merge_matches_float64(device, n, k, r, quant_type, blocksize, double_quant, row_scale, dtype, seed):
@@ -275,10 +275,14 @@ def test_lora_merge_matches_float64(device, n, k, r, quant_type, blocksize, doub
     # sums), the sum; then one rounding to dtype (half its ulp: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32)
     low_rank = s * (v64 * b64.abs()) @ a64.abs()
     f32 = 2.0 ** -24 * (3 * (v64 * w0).abs() + (r + 2) * low_rank)
+    # CUDA, 16-bit out: the rank-r product may come from split-bf16 mma (merge_mma.cu): ~2^-15
+    mma = device == "cuda" and dtype != torch.float32
+    if mma:
+        f32 = f32 + 2.0 ** -14 * low_rank
     unit = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
     err = (out.cpu().double() - ref).abs()
     assert (err <= f32 + unit * (ref.abs() + f32) + (2.0 ** -24 if dtype == torch.float16 else 0.0)).all()
-    if device == "cuda":  # the same operations in the same order: the CPU op is bit-identical
+    if device == "cuda" and not mma:  # the same operations in the same order: the CPU op is bit-identical
         q_cpu = q.to("cpu")
         assert torch.equal(out.cpu(), ops.lora_merge_4bit(*_merge_args(q_cpu, a.cpu(), b.cpu(),
                                                                         None if v is None else v.cpu(), s, dtype)))

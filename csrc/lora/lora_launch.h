@@ -96,6 +96,13 @@ constexpr int kLoraMergeMaxRank = 32;
 
 void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream);
 
+// The tensor-core variant (merge_mma.cu, branch wip/merge-mma): 16-bit outputs, r <= 16,
+// K % 64 == 0; the rank-r product from split-bf16 mma (error ~2^-15 of sum |s v B| |A|, not bit-
+// identical to the CPU op). launch_lora_merge_4bit takes it where it applies unless
+// LOWRANK_MERGE_MMA=0.
+bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p);
+void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream);
+
 // DoRA's row norm from the expansion (dora_norm.cu): n float32 [N] and the rows whose bound says
 // the expansion may be off by more than rtol, bool [N].
 struct DoraNormParams {
