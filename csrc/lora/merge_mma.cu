@@ -1,20 +1,24 @@
-// The merged weight W' = round_T(v (W0 + s B A)) with the rank-r product on the tensor cores
-// (work in progress on branch wip/merge-mma). merge.cu computes sum_j (s v_o B_oj) A_ji with
-// float32 FMAs on the CUDA cores and ncu found it bound by instruction issue (~49 instructions
-// per weight, 16 of them FMAs; 158 us at 14336 x 4096 against 55-78 us for the plain dequantize).
-// Here one mma.sync m16n8k16 computes a 16 x 8 block of the product with K = r <= 16; the bf16
-// operands are split in two (x = hi + lo, hi = bf16(x), lo = bf16(x - hi)) and the product is
-// hi*hi + hi*lo + lo*hi in the fp32 accumulator: relative error ~2^-15 of sum_j |s v B_oj| |A_ji|,
-// far under the final 16-bit rounding (2^-9 bf16, 2^-12 fp16) of the usual |W'| >> |s B A|. So the
-// result is not bit-identical to the CPU op (merge.cu stays the float32 path and the reference
-// of the arithmetic); 16-bit outputs only.
+// The merged weight W' = round_T(v (W0 + s B A)) with the rank-r product on the tensor cores, and
+// DoRA's row norm ||W0 + s B A|| from the same tiles (no [out, in] tensor written).
 //
-// Work split: a CTA owns a strip of 64 columns and kRowsPerCta rows; its 4 warps take 16-row
-// tiles in turn. A warp keeps A's fragments for the strip in registers (8 n-tiles x hi/lo x 2
-// registers), builds the tile's (s v B) fragments from 8 floats per lane, runs 24 mma, stages the
-// 16 x 64 fp32 product in shared memory and re-reads it row-wise: each lane then dequantizes 8
-// consecutive weights (one 4-byte word of codes, 8 lanes per 32-byte row segment), adds, rounds
-// and writes 16 bytes (8 lanes write a row's 128 contiguous bytes).
+// Why: merge.cu computes sum_j (s v_o B_oj) A_ji with float32 FMAs on the CUDA cores and ncu found
+// it bound by instruction issue (~49 instructions per weight, 16 of them FMAs; 158 us at 14336 x
+// 4096 against 55-78 us for the plain dequantize). Here one mma.sync m16n8k16 computes a 16 x 8
+// block of the product with K = r <= 16 on float32 operands split into bf16 parts
+// (x = hi + lo [+ mid]): SPLIT = 2 keeps hi*hi + hi*lo + lo*hi (relative error ~2^-15 of
+// sum_j |s v B_oj| |A_ji|, far under the 16-bit rounding of W' that follows); SPLIT = 3 keeps
+// every product of total order <= 2^-16 (~2^-21: the norm needs float32 accuracy). So the merge is
+// not bit-identical to the CPU op (merge.cu stays the float32 path and the reference of the
+// arithmetic); 16-bit outputs only.
+//
+// Layout: a CTA owns a strip of 64 columns and kRowsPerCta rows; its 4 warps take 16-row tiles in
+// turn. The mma's n index is permuted (n-tile nt, in-tile column c <-> strip column
+// 16 (c / 2) + 2 nt + c % 2) so that lane (g, t)'s accumulators over the 8 n-tiles are strip columns
+// 16t .. 16t + 15 of rows g and g + 8: one 8-byte load of codes per row, dequantized and added
+// straight from the accumulators, and two 16-byte stores per row (4 lanes write a row's 128 bytes).
+// The first version staged the product through shared memory: L1-bound (ncu L1/TEX 88%, stalls on
+// L1TEX 55%), 129.5 us at 14336 x 4096 r = 16. The next tile's codes, absmax and B are loaded
+// before the current tile's math.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -26,9 +30,8 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kStrip = 64;          // columns per CTA: 8 n-tiles of 8
-constexpr int kRowsPerCta = 256;    // 16 tiles of 16 rows, 4 per warp
-constexpr int kTileStride = kStrip + 8;  // padded fp32 row of the staged tile (bank spread)
+constexpr int kStrip = 64;        // columns per CTA: 8 n-tiles of 8
+constexpr int kRowsPerCta = 256;  // 16 tiles of 16 rows, 4 per warp
 
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -37,145 +40,216 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// x = hi + lo (bf16 each, hi the nearest bf16 to x): the pair packed as two 32-bit words of two
-// elements (the lower k index in the low half), for the fragments.
-struct Split2 {
-  uint32_t hi, lo;
-};
-__device__ __forceinline__ Split2 split_pair(float x0, float x1) {
-  const __nv_bfloat16 h0 = __float2bfloat16_rn(x0), h1 = __float2bfloat16_rn(x1);
-  const __nv_bfloat16 l0 = __float2bfloat16_rn(__fsub_rn(x0, __bfloat162float(h0)));
-  const __nv_bfloat16 l1 = __float2bfloat16_rn(__fsub_rn(x1, __bfloat162float(h1)));
-  Split2 s;
-  s.hi = uint32_t(__bfloat16_as_ushort(h0)) | (uint32_t(__bfloat16_as_ushort(h1)) << 16);
-  s.lo = uint32_t(__bfloat16_as_ushort(l0)) | (uint32_t(__bfloat16_as_ushort(l1)) << 16);
-  return s;
+__device__ __forceinline__ uint32_t bf16_pair(__nv_bfloat16 lo_k, __nv_bfloat16 hi_k) {
+  return uint32_t(__bfloat16_as_ushort(lo_k)) | (uint32_t(__bfloat16_as_ushort(hi_k)) << 16);
 }
 
-template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitParams p) {
-  __shared__ __align__(16) float s_tile[kWarps][16][kTileStride];  // float4 reads
+// x0, x1 (consecutive k) split into SPLIT bf16 parts, part 0 the nearest bf16, each next part the
+// nearest bf16 to what is left; returned as packed pairs (the lower k in the low half).
+template <int SPLIT>
+__device__ __forceinline__ void split_pair(float x0, float x1, uint32_t (&parts)[SPLIT]) {
+#pragma unroll
+  for (int s = 0; s < SPLIT; ++s) {
+    const __nv_bfloat16 h0 = __float2bfloat16_rn(x0), h1 = __float2bfloat16_rn(x1);
+    parts[s] = bf16_pair(h0, h1);
+    x0 = __fsub_rn(x0, __bfloat162float(h0));
+    x1 = __fsub_rn(x1, __bfloat162float(h1));
+  }
+}
+
+// d += sum of the products of parts whose orders add up to at most SPLIT - 1, smallest first.
+template <int SPLIT>
+__device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a)[SPLIT][4], const uint32_t (&b0)[SPLIT],
+                                          const uint32_t (&b1)[SPLIT]) {
+  if constexpr (SPLIT == 3) {
+    mma_bf16_16816(d, a[2], b0[0], b1[0]);
+    mma_bf16_16816(d, a[0], b0[2], b1[2]);
+    mma_bf16_16816(d, a[1], b0[1], b1[1]);
+  }
+  mma_bf16_16816(d, a[1], b0[0], b1[0]);
+  mma_bf16_16816(d, a[0], b0[1], b1[1]);
+  mma_bf16_16816(d, a[0], b0[0], b1[0]);
+}
+
+// What a lane loads for one 16-row tile: rows g and g + 8 (clamped to the last row past N).
+template <bool NESTED>
+struct TileLoads {
+  uint2 codes[2];          // the lane's 16 strip columns: 8 bytes per row
+  float absmax_or_nested[2];
+  uint32_t absmax_code[2];  // NESTED
+  float v[2];               // row_scale, or 1
+  float b[2][4];            // B[o][2t], B[o][2t + 1], B[o][2t + 8], B[o][2t + 9] (0 past r)
+
+  __device__ __forceinline__ void load(const LoraMerge4bitParams& p, int64_t r0, int64_t col, int block_shift,
+                                       int nested_shift, int g, int t) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      int64_t o = r0 + g + 8 * rr;
+      o = o < p.n ? o : p.n - 1;
+      const int64_t flat = o * p.k + col;  // a multiple of 16: one block (blocksize >= 16)
+      codes[rr] = *reinterpret_cast<const uint2*>(p.packed + flat / 2);
+      const int64_t block = flat >> block_shift;
+      if constexpr (NESTED) {
+        absmax_code[rr] = p.absmax_codes[block];
+        absmax_or_nested[rr] = p.nested_absmax[block >> nested_shift];
+      } else {
+        absmax_or_nested[rr] = p.absmax[block];
+      }
+      v[rr] = p.row_scale != nullptr ? p.row_scale[o] : 1.0f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int j = 2 * t + (q & 1) + 8 * (q >> 1);
+        b[rr][q] = j < p.r ? p.b[o * p.r + j] : 0.0f;
+      }
+    }
+  }
+};
+
+// NORM = false: W' rows written in T. NORM = true: per row, the sum over the strip of
+// (W0 + s B A)^2 into norm_partial[strip][row] (row_scale must be null).
+template <typename T, bool NESTED, int SPLIT, bool NORM>
+__global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitParams p, float* norm_partial) {
   __shared__ float s_values[16];
   __shared__ float s_qmap[NESTED ? 256 : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t col0 = int64_t(blockIdx.x) * kStrip;
   const int64_t row_cta = int64_t(blockIdx.y) * kRowsPerCta;
+  const int block_shift = 31 - __clz(p.blocksize);
+  const int nested_shift = NESTED ? 31 - __clz(p.nested_blocksize) : 0;
 
   if (threadIdx.x < 16) s_values[threadIdx.x] = p.values[threadIdx.x];
   if constexpr (NESTED) {
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
   }
+  const int64_t first = row_cta + 16 * warp;
+  TileLoads<NESTED> cur;
+  if (first < p.n) cur.load(p, first, col0 + 16 * t, block_shift, nested_shift, g, t);
 
   // A's fragments (the mma's B operand, K = j x N = column): b0 holds k = 2t, 2t + 1 and b1
-  // k = 2t + 8, 2t + 9, both at column n = g of the n-tile
-  uint32_t a_hi[8][2], a_lo[8][2];
+  // k = 2t + 8, 2t + 9, both at in-tile column g, i.e. strip column 16 (g / 2) + 2 nt + g % 2
+  uint32_t a_b0[8][SPLIT], a_b1[8][SPLIT];
 #pragma unroll
-  for (int n = 0; n < 8; ++n) {
-    const int64_t c = col0 + 8 * n + g;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int j = 2 * t + 8 * h;
-      const float x0 = j < p.r ? p.a[int64_t(j) * p.k + c] : 0.0f;
-      const float x1 = j + 1 < p.r ? p.a[int64_t(j + 1) * p.k + c] : 0.0f;
-      const Split2 s = split_pair(x0, x1);
-      a_hi[n][h] = s.hi;
-      a_lo[n][h] = s.lo;
-    }
+  for (int nt = 0; nt < 8; ++nt) {
+    const int64_t c = col0 + 16 * (g >> 1) + 2 * nt + (g & 1);
+    const int j = 2 * t;
+    split_pair<SPLIT>(j < p.r ? p.a[int64_t(j) * p.k + c] : 0.0f, j + 1 < p.r ? p.a[int64_t(j + 1) * p.k + c] : 0.0f,
+                      a_b0[nt]);
+    split_pair<SPLIT>(j + 8 < p.r ? p.a[int64_t(j + 8) * p.k + c] : 0.0f,
+                      j + 9 < p.r ? p.a[int64_t(j + 9) * p.k + c] : 0.0f, a_b1[nt]);
   }
   __syncthreads();  // the tables
 
-  const int block_shift = 31 - __clz(p.blocksize);
-  const int nested_shift = NESTED ? 31 - __clz(p.nested_blocksize) : 0;
   const float offset = NESTED ? *p.offset : 0.0f;
   T* out = static_cast<T*>(p.out);
-  float (*tile)[kTileStride] = s_tile[warp];
 
 #pragma unroll 1
-  for (int tile_i = warp; tile_i < kRowsPerCta / 16; tile_i += kWarps) {
-    const int64_t r0 = row_cta + 16 * tile_i;
-    if (r0 >= p.n) break;
+  for (int64_t r0 = first; r0 < row_cta + kRowsPerCta && r0 < p.n; r0 += 16 * kWarps) {
+    TileLoads<NESTED> next;
+    const int64_t r_next = r0 + 16 * kWarps;
+    if (r_next < row_cta + kRowsPerCta && r_next < p.n) next.load(p, r_next, col0 + 16 * t, block_shift, nested_shift, g, t);
+
+    float scale[2], sv[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      // the block's float absmax as dequantize_4bit rebuilds it: a rounded product, a rounded sum
+      const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[cur.absmax_code[rr]], cur.absmax_or_nested[rr]), offset)
+                                  : cur.absmax_or_nested[rr];
+      scale[rr] = p.row_scale != nullptr ? __fmul_rn(absmax, cur.v[rr]) : absmax;
+      sv[rr] = p.row_scale != nullptr ? __fmul_rn(p.scaling, cur.v[rr]) : p.scaling;
+    }
     // (s v_o) B[o, :] fragments (the mma's A operand, M = row x K = j): a0 (row g, k 2t..),
     // a1 (row g + 8, k 2t..), a2 (row g, k 2t + 8..), a3 (row g + 8, k 2t + 8..)
-    uint32_t b_hi[4], b_lo[4];
+    uint32_t bs[SPLIT][4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int64_t o = r0 + g + 8 * (q & 1);
-      const int j = 2 * t + 8 * (q >> 1);
-      float x0 = 0.0f, x1 = 0.0f;
-      if (o < p.n) {
-        const float sv = p.row_scale != nullptr ? __fmul_rn(p.scaling, p.row_scale[o]) : p.scaling;
-        if (j < p.r) x0 = __fmul_rn(sv, p.b[o * p.r + j]);
-        if (j + 1 < p.r) x1 = __fmul_rn(sv, p.b[o * p.r + j + 1]);
-      }
-      const Split2 s = split_pair(x0, x1);
-      b_hi[q] = s.hi;
-      b_lo[q] = s.lo;
-    }
-    __syncwarp();  // the previous tile's reads of s_tile are done
+      const int rr = q & 1, half = q >> 1;
+      uint32_t parts[SPLIT];
+      split_pair<SPLIT>(__fmul_rn(sv[rr], cur.b[rr][2 * half]), __fmul_rn(sv[rr], cur.b[rr][2 * half + 1]), parts);
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+      for (int s = 0; s < SPLIT; ++s) bs[s][q] = parts[s];
+    }
+
+    uint32_t packed_out[2][8];
+    float sq[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_bf16_16816(d, b_lo, a_hi[n][0], a_hi[n][1]);  // small terms first
-      mma_bf16_16816(d, b_hi, a_lo[n][0], a_lo[n][1]);
-      mma_bf16_16816(d, b_hi, a_hi[n][0], a_hi[n][1]);
-      *reinterpret_cast<float2*>(&tile[g][8 * n + 2 * t]) = make_float2(d[0], d[1]);
-      *reinterpret_cast<float2*>(&tile[g + 8][8 * n + 2 * t]) = make_float2(d[2], d[3]);
-    }
-    __syncwarp();
-    // epilogue: lane (row 4 step + lane / 8, columns 8 (lane % 8) ..) dequantizes 8 weights
+      mma_split<SPLIT>(d, bs, a_b0[nt], a_b1[nt]);
 #pragma unroll
-    for (int step = 0; step < 4; ++step) {
-      const int row = 4 * step + (lane >> 3);
-      const int64_t o = r0 + row;
-      if (o < p.n) {
-        const int cc = 8 * (lane & 7);
-        const int64_t flat = o * p.k + col0 + cc;  // a multiple of 8: one block, one code word
-        const uint32_t codes = *reinterpret_cast<const uint32_t*>(p.packed + flat / 2);
-        const int64_t block = flat >> block_shift;
-        float absmax;
-        if constexpr (NESTED) {
-          absmax = __fadd_rn(__fmul_rn(s_qmap[p.absmax_codes[block]], p.nested_absmax[block >> nested_shift]), offset);
+      for (int rr = 0; rr < 2; ++rr) {
+        // strip columns 16t + 2nt (high nibble) and 16t + 2nt + 1 (low nibble): byte nt of the row's 8
+        const uint32_t word = nt < 4 ? cur.codes[rr].x : cur.codes[rr].y;
+        const uint32_t byte = (word >> (8 * (nt & 3))) & 0xffu;
+        const float w0 = __fadd_rn(__fmul_rn(s_values[byte >> 4], scale[rr]), d[2 * rr]);
+        const float w1 = __fadd_rn(__fmul_rn(s_values[byte & 15u], scale[rr]), d[2 * rr + 1]);
+        if constexpr (NORM) {
+          sq[rr] = __fmaf_rn(w0, w0, sq[rr]);
+          sq[rr] = __fmaf_rn(w1, w1, sq[rr]);
         } else {
-          absmax = p.absmax[block];
+          packed_out[rr][nt] = Pack2<T>::pack(w0, w1);
         }
-        const float scale = p.row_scale != nullptr ? __fmul_rn(absmax, p.row_scale[o]) : absmax;
-        const float4 lr0 = *reinterpret_cast<const float4*>(&tile[row][cc]);
-        const float4 lr1 = *reinterpret_cast<const float4*>(&tile[row][cc + 4]);
-        const float low_rank[8] = {lr0.x, lr0.y, lr0.z, lr0.w, lr1.x, lr1.y, lr1.z, lr1.w};
-        float v[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          // element e: byte e / 2 of the word (bytes in address order), the first in the high nibble
-          const uint32_t byte = (codes >> (8 * (e >> 1))) & 0xffu;
-          const uint32_t code = (e & 1) ? (byte & 15u) : (byte >> 4);
-          v[e] = __fadd_rn(__fmul_rn(s_values[code], scale), low_rank[e]);
-        }
-        *reinterpret_cast<uint4*>(out + flat) =
-            make_uint4(Pack2<T>::pack(v[0], v[1]), Pack2<T>::pack(v[2], v[3]), Pack2<T>::pack(v[4], v[5]),
-                       Pack2<T>::pack(v[6], v[7]));
       }
     }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t o = r0 + g + 8 * rr;
+      if constexpr (NORM) {
+        float total = sq[rr];
+        total += __shfl_xor_sync(0xffffffffu, total, 1);
+        total += __shfl_xor_sync(0xffffffffu, total, 2);
+        if (t == 0 && o < p.n) norm_partial[int64_t(blockIdx.x) * p.n + o] = total;
+      } else if (o < p.n) {
+        uint4* dst = reinterpret_cast<uint4*>(out + o * p.k + col0 + 16 * t);
+        dst[0] = make_uint4(packed_out[rr][0], packed_out[rr][1], packed_out[rr][2], packed_out[rr][3]);
+        dst[1] = make_uint4(packed_out[rr][4], packed_out[rr][5], packed_out[rr][6], packed_out[rr][7]);
+      }
+    }
+    cur = next;
   }
+}
+
+// n_o = sqrt(sum over strips of the partial sums) in float64, and the rows whose error bound
+// unit (t_o / n_o + 1) exceeds rtol, t_o = |s| sum_j |B_oj| ||A_j||.
+__global__ void dora_row_norm_finish(DoraRowNormParams q, const float* partial, int strips) {
+  const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= q.merge.n) return;
+  double n2 = 0.0;
+  for (int s = 0; s < strips; ++s) n2 += double(partial[int64_t(s) * q.merge.n + o]);
+  double t = 0.0;
+  for (int j = 0; j < q.merge.r; ++j) t += fabs(double(q.merge.b[o * q.merge.r + j])) * q.a_norm[j];
+  t *= fabs(double(q.merge.scaling));
+  const double n = sqrt(n2);
+  q.norm[o] = float(n);
+  q.flagged[o] = q.unit * (t + n) > q.rtol * n;
+}
+
+template <typename T, int SPLIT, bool NORM>
+void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + kRowsPerCta - 1) / kRowsPerCta));
+  if (p.absmax == nullptr) lora_merge_4bit_mma<T, true, SPLIT, NORM><<<grid, kThreads, 0, stream>>>(p, norm_partial);
+  else lora_merge_4bit_mma<T, false, SPLIT, NORM><<<grid, kThreads, 0, stream>>>(p, norm_partial);
 }
 
 }  // namespace
 
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p) {
-  return p.out_kind != FloatKind::kFloat32 && p.r <= 16 && p.k % kStrip == 0 &&
-         reinterpret_cast<uintptr_t>(p.packed) % 4 == 0;  // one 4-byte code word per lane
+  return p.r <= kMergeMmaMaxRank && p.k % kStrip == 0 && p.blocksize >= 16 &&
+         reinterpret_cast<uintptr_t>(p.packed) % 8 == 0;  // one 8-byte code load per lane and row
 }
 
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream) {
-  const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + kRowsPerCta - 1) / kRowsPerCta));
-  const bool nested = p.absmax == nullptr;
-  if (p.out_kind == FloatKind::kBFloat16) {
-    if (nested) lora_merge_4bit_mma<__nv_bfloat16, true><<<grid, kThreads, 0, stream>>>(p);
-    else lora_merge_4bit_mma<__nv_bfloat16, false><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    if (nested) lora_merge_4bit_mma<__half, true><<<grid, kThreads, 0, stream>>>(p);
-    else lora_merge_4bit_mma<__half, false><<<grid, kThreads, 0, stream>>>(p);
-  }
+  if (p.out_kind == FloatKind::kBFloat16) launch_shaped<__nv_bfloat16, 2, false>(p, nullptr, stream);
+  else launch_shaped<__half, 2, false>(p, nullptr, stream);
+}
+
+int dora_row_norm_strips(int64_t k) { return int(k / kStrip); }
+
+void launch_dora_row_norm(const DoraRowNormParams& q, float* partial, cudaStream_t stream) {
+  launch_shaped<float, 3, true>(q.merge, partial, stream);
+  const int threads = 256;
+  dora_row_norm_finish<<<unsigned((q.merge.n + threads - 1) / threads), threads, 0, stream>>>(
+      q, partial, dora_row_norm_strips(q.merge.k));
 }
 
 }  // namespace lowrank::lora
