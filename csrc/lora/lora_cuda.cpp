@@ -224,7 +224,8 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
               "lowrank::lora_merge_4bit: packed must be 2-byte aligned");
   at::Tensor a = a_in.contiguous();
   if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();  // float4 loads of A
-  const at::Tensor b = b_in.contiguous();
+  at::Tensor b = b_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(b.const_data_ptr()) % 16 != 0) b = b.clone();  // float4 loads of B
   const at::Tensor v = row_scale.has_value() ? row_scale->contiguous() : at::Tensor();
   at::Tensor out = at::empty({out_features, in_features}, a.options().dtype(dtype));
   LoraMerge4bitParams p{};
@@ -253,7 +254,9 @@ std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
                            out_features, in_features};
   check_dora_row_norm(w, a_in, b_in, unit, rtol);
   const c10::cuda::CUDAGuard guard(packed.device());
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();  // 16-byte loads
+  if (reinterpret_cast<uintptr_t>(b.const_data_ptr()) % 16 != 0) b = b.clone();
   LoraMerge4bitParams p{};
   gemm::set_packed_weight(p, w);
   p.a = a.const_data_ptr<float>();

@@ -78,7 +78,7 @@ struct TileLoads {
   float absmax_or_nested[2];
   uint32_t absmax_code[2];  // NESTED
   float v[2];               // row_scale, or 1
-  float b[2][4];            // B[o][2t], B[o][2t + 1], B[o][2t + 8], B[o][2t + 9] (0 past r)
+  float b[2][4];            // B[o][4t .. 4t + 3] (0 past r): the k index is permuted, see below
 
   __device__ __forceinline__ void load(const LoraMerge4bitParams& p, int64_t r0, int64_t col, int block_shift,
                                        int nested_shift, int g, int t) {
@@ -96,10 +96,15 @@ struct TileLoads {
         absmax_or_nested[rr] = p.absmax[block];
       }
       v[rr] = p.row_scale != nullptr ? p.row_scale[o] : 1.0f;
+      if (p.r == 16) {  // one 16-byte load (b 16-byte aligned: the launcher checks)
+        const float4 v4 = *reinterpret_cast<const float4*>(p.b + o * 16 + 4 * t);
+        b[rr][0] = v4.x;
+        b[rr][1] = v4.y;
+        b[rr][2] = v4.z;
+        b[rr][3] = v4.w;
+      } else {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int j = 2 * t + (q & 1) + 8 * (q >> 1);
-        b[rr][q] = j < p.r ? p.b[o * p.r + j] : 0.0f;
+        for (int q = 0; q < 4; ++q) b[rr][q] = 4 * t + q < p.r ? p.b[o * p.r + 4 * t + q] : 0.0f;
       }
     }
   }
@@ -111,6 +116,7 @@ template <typename T, bool NESTED, int SPLIT, bool NORM>
 __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitParams p, float* norm_partial) {
   __shared__ float s_values[16];
   __shared__ float s_qmap[NESTED ? 256 : 1];
+  __shared__ __align__(16) float s_a[16][kStrip + 4];  // A's strip, rows past r zero (row pad: fewer bank conflicts)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t col0 = int64_t(blockIdx.x) * kStrip;
@@ -122,23 +128,30 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
   if constexpr (NESTED) {
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
   }
+  // A's strip through shared memory in coalesced 16-byte loads (gathered straight into fragments,
+  // each warp load touched 32 sectors: ncu had L1/TEX at 74%)
+  for (int i = threadIdx.x; i < 16 * (kStrip / 4); i += kThreads) {
+    const int j = i / (kStrip / 4), c4 = i % (kStrip / 4);
+    const float4 v4 = j < p.r ? *reinterpret_cast<const float4*>(p.a + int64_t(j) * p.k + col0 + 4 * c4)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
+  }
   const int64_t first = row_cta + 16 * warp;
   TileLoads<NESTED> cur;
   if (first < p.n) cur.load(p, first, col0 + 16 * t, block_shift, nested_shift, g, t);
+  __syncthreads();  // the tables and A's strip
 
+  // The k index (j, the rank) is permuted so that a lane's four j are consecutive (one 16-byte
+  // load of B per row): k = 2t + e <-> j = 4t + e, k = 2t + 8 + e <-> j = 4t + 2 + e.
   // A's fragments (the mma's B operand, K = j x N = column): b0 holds k = 2t, 2t + 1 and b1
   // k = 2t + 8, 2t + 9, both at in-tile column g, i.e. strip column 16 (g / 2) + 2 nt + g % 2
   uint32_t a_b0[8][SPLIT], a_b1[8][SPLIT];
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) {
-    const int64_t c = col0 + 16 * (g >> 1) + 2 * nt + (g & 1);
-    const int j = 2 * t;
-    split_pair<SPLIT>(j < p.r ? p.a[int64_t(j) * p.k + c] : 0.0f, j + 1 < p.r ? p.a[int64_t(j + 1) * p.k + c] : 0.0f,
-                      a_b0[nt]);
-    split_pair<SPLIT>(j + 8 < p.r ? p.a[int64_t(j + 8) * p.k + c] : 0.0f,
-                      j + 9 < p.r ? p.a[int64_t(j + 9) * p.k + c] : 0.0f, a_b1[nt]);
+    const int c = 16 * (g >> 1) + 2 * nt + (g & 1);
+    split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], a_b0[nt]);
+    split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], a_b1[nt]);
   }
-  __syncthreads();  // the tables
 
   const float offset = NESTED ? *p.offset : 0.0f;
   T* out = static_cast<T*>(p.out);
@@ -158,8 +171,8 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
       scale[rr] = p.row_scale != nullptr ? __fmul_rn(absmax, cur.v[rr]) : absmax;
       sv[rr] = p.row_scale != nullptr ? __fmul_rn(p.scaling, cur.v[rr]) : p.scaling;
     }
-    // (s v_o) B[o, :] fragments (the mma's A operand, M = row x K = j): a0 (row g, k 2t..),
-    // a1 (row g + 8, k 2t..), a2 (row g, k 2t + 8..), a3 (row g + 8, k 2t + 8..)
+    // (s v_o) B[o, :] fragments (the mma's A operand, M = row x K = j): a0 (row g, k 2t..: j 4t..),
+    // a1 (row g + 8, k 2t..), a2 (row g, k 2t + 8..: j 4t + 2..), a3 (row g + 8, k 2t + 8..)
     uint32_t bs[SPLIT][4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -235,7 +248,8 @@ void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
 
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p) {
   return p.r <= kMergeMmaMaxRank && p.k % kStrip == 0 && p.blocksize >= 16 &&
-         reinterpret_cast<uintptr_t>(p.packed) % 8 == 0;  // one 8-byte code load per lane and row
+         reinterpret_cast<uintptr_t>(p.packed) % 8 == 0 &&  // one 8-byte code load per lane and row
+         reinterpret_cast<uintptr_t>(p.a) % 16 == 0 && reinterpret_cast<uintptr_t>(p.b) % 16 == 0;
 }
 
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream) {
