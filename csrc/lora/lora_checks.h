@@ -120,7 +120,8 @@ inline void check_dora_row_norm(const gemm::Weight4bit& w, const at::Tensor& a, 
                                 double rtol) {
   constexpr const char* op = "lowrank::dora_row_norm_4bit";
   check_weight_and_adapter(w, a, b, op);
-  TORCH_CHECK(unit >= 0.0 && rtol > 0.0, op, ": unit must be >= 0 and rtol > 0, got unit ", unit, " and rtol ", rtol);
+  TORCH_CHECK(unit >= 0.0 && rtol > 0.0, op, ": unit must be >= 0 and rtol > 0, got unit ", quant::real_num(unit),
+              " and rtol ", quant::real_num(rtol));
 }
 
 // dora_norm: w2 float64 [N], p float32 [N, r], a float32 [r, K], b float32 [N, r]
