@@ -30,6 +30,10 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("split_bf16x3(Tensor b) -> Tensor");
   // LoRA/DoRA backward: dy [M, N], h [M, r] (dy's dtype or fp32), y [M, N] or None -> (dy^T h fp32 [N, r],
   // sum over rows of dy * y fp32 [N], or [0] without y): dB and DoRA's dm in one read of dy
+  // The LoRA/DoRA backward's dY products in one read of dY: (dy b [M, r], dy^T h [N, r], sum over
+  // rows of dy * y [N] or an empty [0] without y), float32; b and h float32. CUDA: bf16, N % 64 == 0,
+  // r <= 16 on the tensor cores (else PyTorch ops).
+  m.def("lora_dy_products(Tensor dy, Tensor b, Tensor h, Tensor? y) -> (Tensor, Tensor, Tensor)");
   m.def("lora_column_reduce(Tensor dy, Tensor h, Tensor? y) -> (Tensor, Tensor)");
   // DoRA's cross term: W0 A^T float32 [out_features, r] from the packed 4-bit W0 (absmax forms as
   // matmul_4bit) and a = lora_A float32 [r, in_features]; float32 products of the exact dequantized
@@ -42,6 +46,11 @@ TORCH_LIBRARY(lowrank, m) {
   // DoRA's row norm from its expansion (lowrank/dora.py): w2 = ||W0||^2 per row float64 [out], p =
   // W0 A^T float32 [out, r], a = lora_A float32 [r, in], b = lora_B float32 [out, r] -> (n float32
   // [out], flagged bool [out]: rows whose error bound exceeds rtol)
+  // DoRA's row norm n = ||W0 + s B A|| per output row straight from the packed 4-bit W0 (no [out, in]
+  // tensor): a = lora_A float32 [r, in], b = lora_B float32 [out, r] -> (n float32 [out], flagged
+  // bool [out]: rows whose error bound unit (t / n + 1) exceeds rtol, t = |s| sum_j |b_j| ||a_j||).
+  // CUDA: r <= 16, in_features % 64 == 0 (tensor cores); CPU: float64.
+  m.def("dora_row_norm_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a, Tensor b, float scaling, float unit, float rtol) -> (Tensor, Tensor)");
   m.def("dora_norm(Tensor w2, Tensor p, Tensor a, Tensor b, float scaling, float unit_cross, float unit_fp64, float rtol) -> (Tensor, Tensor)");
   m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor? bias, str path) -> Tensor");
 }

@@ -20,6 +20,8 @@ matmul) and keeps only what the backward needs:
     saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (for
               dm) and v; for a 4-bit base only the packed weight
     backward  g  = dY B_v                      [M, r] fp32 B_v = v * B for DoRA, B for LoRA
+              (bf16 on CUDA, out % 64 == 0, r <= 16: g, dY^T h and DoRA's sum_M(dY * y) from one
+              read of dY and y, ops.lora_dy_products)
               dX = dY W' (merged), or s g A first and the big GEMM adds (v dY) W into it
               dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free.
     bf16 on CUDA: the adapter products (h, g, dY^T h, x'^T g) are cuBLAS GEMMs against a 3-way bf16
@@ -32,8 +34,7 @@ it back as the GEMM's C operand cost ~140 us in the forward and ~60 us in dX; th
 FMA per weight to the dequantization the GEMMs need anyway. Rounding W' once puts the same
 relative error (2^-9 in bf16) on v (W0 + s B A) that the dequantization puts on W0.
 
-What is not here yet (issue 4/5): one kernel for the dY-side products (g = dY B and dY^T h each
-read dY), and DoRA with dropout (it takes the unfused path).
+What is not here yet (issue 5): DoRA with dropout (it takes the unfused path).
 """
 from __future__ import annotations
 
@@ -109,6 +110,14 @@ def _project(x16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
     if _split_mm_enabled(x16):
         return _mm_f32(x16, b32)
     return ops.lora_project(x16, b32.t().contiguous())
+
+
+def _dy_products_applies(dy2: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether the backward takes g, dY^T h and sum_M(dY * y) from one op (ops.lora_dy_products, one
+    read of dY): bf16 on CUDA, out_features % 64 == 0, r <= 16 (its tensor-core kernel; elsewhere
+    the op is PyTorch ops, no better than the separate products). LOWRANK_DY_FUSED=0 turns it off."""
+    return (dy2.is_cuda and dy2.dtype == torch.bfloat16 and dy2.shape[1] % 64 == 0 and 1 <= h.shape[1] <= 16
+            and os.environ.get("LOWRANK_DY_FUSED", "1") != "0")
 
 
 def _reduce_rows(a16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
@@ -288,11 +297,18 @@ class LoraFunction(torch.autograd.Function):
         n_out = lora_B.shape[0]
         dy2 = dy.reshape(-1, n_out).to(cd)
         keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device) if p > 0 else None
+        dora = v is not None
+        want_b, want_m = ctx.needs_input_grad[2], dora and ctx.needs_input_grad[3]
         # dY B_v [M, r] float32, dY read once: for dA, and for dX unless the weight is merged
         need_g = ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and not ctx.merged)
-        g = None
-        if need_g:
+        g = dh = dot = None
+        b32 = None
+        if need_g or want_b:
             b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
+        fused = need_g and (want_b or want_m) and _dy_products_applies(dy2, h)
+        if fused:  # g, dY^T h and sum_M(dY * y) in one read of dY (and y)
+            g, dh, dot = ops.lora_dy_products(dy2, b32, h, y_saved if want_m else None)
+        elif need_g:
             g = _project(dy2, b32)
         grad_x = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
@@ -310,15 +326,12 @@ class LoraFunction(torch.autograd.Function):
                 grad_x.add_((g.to(cd) @ a_c) * keep.to(cd), alpha=s / (1.0 - p))
             del lhs, rhs
             grad_x = grad_x.view(*ctx.lead, x2.shape[1])
-        dora = v is not None
-        want_b, want_m = ctx.needs_input_grad[2], dora and ctx.needs_input_grad[3]
-        dh = dot = None
-        if _split_mm_enabled(dy2):  # dY^T h on the tensor cores, DoRA's sum_M(dY * y) streamed
+        if not fused and _split_mm_enabled(dy2):  # dY^T h on the tensor cores, sum_M(dY * y) streamed
             if want_b:
                 dh = _reduce_rows(dy2, h)
             if want_m:
                 dot = ops.lora_column_reduce(dy2, h.new_empty(h.shape[0], 0), y_saved)[1]
-        elif want_b or want_m:  # dY^T h and sum_M(dY * y): one read of dY (and y) on CUDA
+        elif not fused and (want_b or want_m):  # dY^T h and sum_M(dY * y): one read of dY (and y)
             dh, dot = ops.lora_column_reduce(dy2, h, y_saved if want_m else None)
         if want_b:
             grad_b = dh * v[:, None] if dora else dh

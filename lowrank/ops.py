@@ -257,6 +257,33 @@ def _(dy, h, y):
             dy.new_empty((n,) if y is not None else (0,), dtype=torch.float32))
 
 
+# --- lora_dy_products --------------------------------------------------------------------------
+
+def lora_dy_products(dy: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
+                     y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LoRA/DoRA backward's products of ``dy`` [M, N] in one read of it (and of ``y``):
+    (dy @ b [M, r], dy^T @ h [N, r], sum over rows of dy * y [N], or an empty [0] when y is None),
+    float32; ``b`` float32 [N, r], ``h`` float32 [M, r]. CUDA: bf16, N % 64 == 0, r <= 16 on the
+    tensor cores with b and h split into two bf16 parts (2^-16 relative); else PyTorch ops."""
+    return torch.ops.lowrank.lora_dy_products(dy, b, h, y)
+
+
+@torch.library.register_fake("lowrank::lora_dy_products")
+def _(dy, b, h, y):
+    torch._check(dy.dtype in (torch.float32, torch.float16, torch.bfloat16) and dy.dim() == 2,
+                 lambda: f"dy must be a 2-D float32, float16 or bfloat16 tensor [M, N], got {dy.dtype} {tuple(dy.shape)}")
+    m, n = dy.shape
+    torch._check(b.dtype == torch.float32 and b.dim() == 2 and b.shape[0] == n,
+                 lambda: f"b must be float32 [N = {n}, r], got {b.dtype} {tuple(b.shape)}")
+    torch._check(h.dtype == torch.float32 and h.dim() == 2 and h.shape[0] == m and h.shape[1] == b.shape[1],
+                 lambda: f"h must be float32 [M = {m}, r], got {h.dtype} {tuple(h.shape)}")
+    if y is not None:
+        torch._check(y.shape == dy.shape and y.dtype == dy.dtype, lambda: "y must match dy")
+    r = b.shape[1]
+    return (dy.new_empty((m, r), dtype=torch.float32), dy.new_empty((n, r), dtype=torch.float32),
+            dy.new_empty((n,) if y is not None else (0,), dtype=torch.float32))
+
+
 def _check_packed_weight_and_a(packed, values, blocksize, out_features, in_features, a):
     """The fake kernels' checks of a packed 4-bit weight and lora_A (dora_cross_4bit, lora_merge_4bit)."""
     torch._check(out_features > 0 and in_features > 0,
@@ -267,6 +294,11 @@ def _check_packed_weight_and_a(packed, values, blocksize, out_features, in_featu
     _check_table(values, packed, 16, torch.float32, "values")
     torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
                  lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
+
+
+def _check_lora_b(b, out_features, a):
+    torch._check(b.dtype == torch.float32 and b.dim() == 2 and b.shape[0] == out_features and b.shape[1] == a.shape[0],
+                 lambda: f"b (lora_B) must be float32 [out_features = {out_features}, r], got {b.dtype} {tuple(b.shape)}")
 
 
 # --- dora_cross_4bit ---------------------------------------------------------------------------
@@ -312,11 +344,37 @@ def lora_merge_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: t
 def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
       in_features, a, b, row_scale, scaling, dtype):
     _check_packed_weight_and_a(packed, values, blocksize, out_features, in_features, a)
-    torch._check(b.dtype == torch.float32 and b.dim() == 2 and b.shape[0] == out_features and b.shape[1] == a.shape[0],
-                 lambda: f"b (lora_B) must be float32 [out_features = {out_features}, r], got {b.dtype} {tuple(b.shape)}")
+    _check_lora_b(b, out_features, a)
     torch._check(dtype in (torch.float32, torch.float16, torch.bfloat16),
                  lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
     return packed.new_empty((out_features, in_features), dtype=dtype)
+
+
+# --- dora_row_norm_4bit ------------------------------------------------------------------------
+
+def dora_row_norm_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                       nested_qmap: torch.Tensor | None, offset: torch.Tensor | None, values: torch.Tensor,
+                       blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
+                       a: torch.Tensor, b: torch.Tensor, scaling: float, unit: float,
+                       rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA's row norm n = ||W0 + s B A|| per output row straight from the packed 4-bit W0 (absmax
+    forms as matmul_4bit), no [out, in] tensor: ``a`` = lora_A float32 [r, in_features], ``b`` =
+    lora_B float32 [out_features, r]. Returns (n float32 [out], flagged bool [out]): flagged rows are
+    those where unit (t / n + 1) > rtol, t = |s| sum_j |b_j| ||a_j|| (``unit`` is the relative error
+    of the CUDA kernel's low-rank product, lowrank.dora.U_ROW_NORM). CUDA: the tensor-core kernel,
+    r <= 16, in_features % 64 == 0, blocksize >= 16; CPU: float64."""
+    return torch.ops.lowrank.dora_row_norm_4bit(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
+                                                nested_blocksize, out_features, in_features, a, b, float(scaling),
+                                                float(unit), float(rtol))
+
+
+@torch.library.register_fake("lowrank::dora_row_norm_4bit")
+def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
+      in_features, a, b, scaling, unit, rtol):
+    _check_packed_weight_and_a(packed, values, blocksize, out_features, in_features, a)
+    _check_lora_b(b, out_features, a)
+    torch._check(unit >= 0 and rtol > 0, lambda: f"unit must be >= 0 and rtol > 0, got unit {unit} and rtol {rtol}")
+    return a.new_empty((out_features,)), a.new_empty((out_features,), dtype=torch.bool)
 
 
 # --- dora_norm ---------------------------------------------------------------------------------

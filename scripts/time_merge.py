@@ -32,3 +32,22 @@ print(f"lora_merge_4bit bf16 r=16      {median_us(lambda: _merged(q, a, b, 2.0, 
 print(f"lora_merge_4bit bf16 r=16 + v  {median_us(lambda: _merged(q, a, b, 2.0, v, torch.bfloat16)):7.1f} us")
 a32, b32 = torch.randn(32, 4096, device="cuda") * 0.01, torch.randn(14336, 32, device="cuda") * 0.01
 print(f"lora_merge_4bit bf16 r=32      {median_us(lambda: _merged(q, a32, b32, 2.0, None, torch.bfloat16)):7.1f} us")
+
+# DoRA's row norm: the direct op against the expansion (dora_cross_4bit + dora_norm)
+import os
+from lowrank import dora
+w2 = dora.base_row_sq_norm(q)
+print(f"dora norm, direct (row_norm)   {median_us(lambda: dora.dora_weight_norm_flagged(q, a, b, 2.0, w2)):7.1f} us")
+os.environ["LOWRANK_ROW_NORM"] = "0"
+print(f"dora norm, expansion           {median_us(lambda: dora.dora_weight_norm_flagged(q, a, b, 2.0, w2)):7.1f} us")
+del os.environ["LOWRANK_ROW_NORM"]
+
+# The backward's dY products, M = 8192: one op against the separate products
+from lowrank.lora_function import _project, _reduce_rows
+dy = torch.randn(8192, 14336, device="cuda", dtype=torch.bfloat16)
+y = torch.randn(8192, 14336, device="cuda", dtype=torch.bfloat16)
+h = torch.randn(8192, 16, device="cuda")
+print(f"dy products fused, LoRA        {median_us(lambda: ops.lora_dy_products(dy, b, h, None)):7.1f} us")
+print(f"dy products fused, DoRA (y)    {median_us(lambda: ops.lora_dy_products(dy, b, h, y)):7.1f} us")
+print(f"g + dh separate                {median_us(lambda: (_project(dy, b), _reduce_rows(dy, h))):7.1f} us")
+print(f"g + dh + dot separate          {median_us(lambda: (_project(dy, b), _reduce_rows(dy, h), ops.lora_column_reduce(dy, h.new_empty(8192, 0), y))):7.1f} us")

@@ -3,6 +3,8 @@ direct float64 norm, the cancellation fallback (and that it is needed), memory, 
 cache of ||W0||^2."""
 import copy
 import math
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lowrank
-from lowrank import dora, reference
+from lowrank import dora, ops, reference
 from lowrank.nn import Linear4bit, LoraLinear
 from lowrank.quantized import QuantizedTensor, dynamic_map
 
@@ -63,6 +65,8 @@ def test_norm_matches_direct(device, kind, out, inp, r, s, b_scale, w_kind, bloc
     t = abs(s) * (B.double().abs() @ A.double().norm(dim=1))
     cond = w0.norm(dim=1) * t / ref.square().clamp_min(1e-300)
     allowed = 1e-6 + torch.clamp(dora.U_CROSS * cond, max=dora.RTOL)
+    if dora._row_norm_applies(base, A, B):  # the direct norm's bound (lowrank/dora.py, U_ROW_NORM)
+        allowed = 1e-6 + torch.clamp(dora.U_ROW_NORM * (t / ref.clamp_min(1e-300) + 1), max=dora.RTOL)
     assert bool((err <= allowed).all()), (float(err.max()), float(cond[err.argmax()]))
     # and the cached-||W0||^2 route gives the same numbers
     torch.testing.assert_close(dora.dora_weight_norm(base, A, B, s, base_sq_norm=dora.base_row_sq_norm(base)), n)
@@ -378,7 +382,8 @@ def test_dora_norm_op_matches_the_expansion(device, kind, out_features, in_featu
     A = torch.randn(r, in_features, generator=g) * 0.1
     B = torch.randn(out_features, r, generator=g) * 0.1
     A, B = A.float().to(device), B.float().to(device)
-    n, flagged = dora.dora_weight_norm_flagged(base, A, B, s)
+    with mock.patch.dict(os.environ, {"LOWRANK_ROW_NORM": "0"}):  # the expansion's op, not the direct norm
+        n, flagged = dora.dora_weight_norm_flagged(base, A, B, s)
     n2, bound = dora.expanded_row_sq_norm(base, A, B, s)
     # the same float64 formulas in another order: equal to float64 rounding, then rounded to float32
     ref = n2.clamp_min(0).sqrt()
@@ -429,3 +434,91 @@ def test_opcheck_dora_norm(device):
     args = (torch.rand(24, device=device, dtype=torch.float64) + 0.1, torch.randn(24, 16, device=device),
             torch.randn(16, 64, device=device), torch.randn(24, 16, device=device), 0.5, 2.0 ** -18, 2.0 ** -40, 1e-4)
     torch.library.opcheck(torch.ops.lowrank.dora_norm.default, args)
+
+
+# -- the direct norm from the packed weight (ops.dora_row_norm_4bit) --------------------------------
+
+def _row_norm(q, A, B, s, unit=dora.U_ROW_NORM, rtol=dora.RTOL):
+    return ops.dora_row_norm_4bit(q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
+                                  q.nested_offset, q.quant_map, q.blocksize, q.nested_blocksize, q.shape[0], q.shape[1],
+                                  A, B, s, unit, rtol)
+
+
+@given(st.sampled_from(["nf4", "nf4-dq", "fp4", "fp4-dq"]), st.integers(1, 300), st.sampled_from([64, 128, 256, 512]),
+       st.integers(1, 16), st.sampled_from([0.5, 2.0, -1.0]), st.sampled_from([0.0, 0.1, 1.0, 30.0]),
+       st.sampled_from([32, 64, 256]), st.integers(0, 2**31 - 1))
+def test_row_norm_op_matches_direct(device, kind, out_features, in_features, r, s, b_scale, blocksize, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) * 0.05
+    base, w0 = _base(w.to(device), kind, blocksize)
+    A = (torch.randn(r, in_features, generator=g) / math.sqrt(in_features)).to(device)
+    B = (torch.randn(out_features, r, generator=g) * 0.05 * b_scale).to(device)
+    n, flagged = _row_norm(base, A, B, s)
+    assert n.shape == flagged.shape == (out_features,) and n.dtype == torch.float32 and flagged.dtype == torch.bool
+    ref = _direct(w0, A, B, s)
+    t = abs(s) * (B.double().abs() @ A.double().norm(dim=1))
+    rel = dora.U_ROW_NORM * (t / ref.clamp_min(1e-300) + 1)
+    # CPU: float64 throughout, then one float32 rounding; CUDA: the bound of lowrank/dora.py
+    allowed = 2.0 ** -23 + (rel if device == "cuda" else 0.0)
+    assert bool((_rel_err(n, ref) <= allowed).all())
+    edge = ((rel - dora.RTOL).abs() > 1e-3 * dora.RTOL)  # rows not on the flag's edge
+    assert torch.equal(flagged[edge], (rel > dora.RTOL)[edge])
+
+
+def test_row_norm_flags_cancelling_rows_and_the_fallback_fixes_them(device, monkeypatch):
+    monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
+    torch.manual_seed(0)
+    w = (torch.randn(96, 256) * 0.02).to(device)
+    base, w0 = _base(w, "nf4-dq")
+    A, B, s = _cancelling_adapter(w0.cpu())
+    A, B = A.to(device), B.to(device)
+    assert dora._row_norm_applies(base, A, B)
+    _, flagged = dora.dora_weight_norm_flagged(base, A, B, s)
+    assert flagged.nonzero().reshape(-1).tolist() == CANCEL_ROWS
+    ref = _direct(w0, A, B, s)
+    assert float(_rel_err(dora.dora_weight_norm(base, A, B, s), ref).max()) <= dora.RTOL
+
+
+def test_row_norm_applies_only_where_its_kernel_runs(monkeypatch):
+    q = lowrank.quantize_4bit(torch.randn(8, 128))
+    A, B = torch.randn(16, 128), torch.randn(8, 16)
+    assert not dora._row_norm_applies(q, A, B)  # CPU: the expansion (the CPU op is a float64 loop)
+    monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
+    assert dora._row_norm_applies(q, A, B)
+    assert not dora._row_norm_applies(q, torch.randn(17, 128), torch.randn(8, 17))  # r > 16
+    assert not dora._row_norm_applies(lowrank.quantize_4bit(torch.randn(8, 96)), A[:, :96], B)  # in % 64
+    assert not dora._row_norm_applies(torch.randn(8, 128), A, B)  # a float weight
+    monkeypatch.setenv("LOWRANK_ROW_NORM", "0")
+    assert not dora._row_norm_applies(q, A, B)
+
+
+def test_row_norm_op_rejects_bad_input(device):
+    q = lowrank.quantize_4bit(torch.randn(8, 64, device=device))
+    A, B = torch.randn(4, 64, device=device), torch.randn(8, 4, device=device)
+    with pytest.raises(RuntimeError, match="a \\(lora_A\\) must be float32 \\[r, in_features = 64\\]"):
+        _row_norm(q, A.double(), B, 1.0)
+    with pytest.raises(RuntimeError, match="a \\(lora_A\\) must be float32 \\[r, in_features = 64\\]"):
+        _row_norm(q, A[:, :32], B, 1.0)
+    with pytest.raises(RuntimeError, match="b \\(lora_B\\) must be float32 \\[out_features = 8, r = 4\\]"):
+        _row_norm(q, A, B[:, :3], 1.0)
+    with pytest.raises(RuntimeError, match="unit must be >= 0 and rtol > 0"):
+        _row_norm(q, A, B, 1.0, unit=-1.0)
+    with pytest.raises(RuntimeError, match="unit must be >= 0 and rtol > 0"):
+        _row_norm(q, A, B, 1.0, rtol=0.0)
+
+
+def test_row_norm_cuda_limits(cuda_device):
+    q = lowrank.quantize_4bit(torch.randn(8, 128, device=cuda_device))
+    with pytest.raises(RuntimeError, match="r <= 16, in_features % 64 == 0"):
+        _row_norm(q, torch.randn(17, 128, device=cuda_device), torch.randn(8, 17, device=cuda_device), 1.0)
+    q = lowrank.quantize_4bit(torch.randn(8, 96, device=cuda_device))
+    with pytest.raises(RuntimeError, match="r <= 16, in_features % 64 == 0"):
+        _row_norm(q, torch.randn(4, 96, device=cuda_device), torch.randn(8, 4, device=cuda_device), 1.0)
+
+
+def test_opcheck_dora_row_norm(device):
+    q = lowrank.quantize_4bit(torch.randn(24, 128, device=device))
+    args = (q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.quant_map,
+            q.blocksize, q.nested_blocksize, 24, 128, torch.randn(16, 128, device=device),
+            torch.randn(24, 16, device=device), 0.5, dora.U_ROW_NORM, dora.RTOL)
+    torch.library.opcheck(torch.ops.lowrank.dora_row_norm_4bit.default, args)

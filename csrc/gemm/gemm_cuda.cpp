@@ -8,6 +8,7 @@
 
 #include "gemm/gemm_checks.h"
 #include "gemm/gemm_launch.h"
+#include "gemm/weight_params.h"
 
 namespace lowrank::gemm {
 namespace {
@@ -56,20 +57,7 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   p.x = x2.const_data_ptr();
   p.kind = x.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
   p.m = m;
-  p.n = out_features;
-  p.k = in_features;
-  p.packed = packed.const_data_ptr<uint8_t>();
-  p.blocksize = int(blocksize);
-  p.values = values.const_data_ptr<float>();
-  if (w.nested()) {
-    p.absmax_codes = absmax.const_data_ptr<uint8_t>();
-    p.nested_absmax = nested_absmax->const_data_ptr<float>();
-    p.nested_qmap = nested_qmap->const_data_ptr<float>();
-    p.offset = offset->const_data_ptr<float>();
-    p.nested_blocksize = int(nested_blocksize);
-  } else {
-    p.absmax = absmax.const_data_ptr<float>();
-  }
+  set_packed_weight(p, w);
   p.bias = bias_c.has_value() ? bias_c->const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
   launch_gemm_4bit_skinny(p, c10::cuda::getCurrentCUDAStream());

@@ -13,21 +13,12 @@ using quant::FloatKind;
 
 // y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] 4-bit in bitsandbytes' layout (row n is the
 // packed bytes [n K/2, (n+1) K/2), codes of element pairs high nibble first).
-struct Gemm4bitParams {
+struct Gemm4bitParams : quant::Packed4bitWeight {  // packed 8-byte aligned; blocksize >= kSkinnyChunk divides K
   const void* x;        // [M, K] row-major, 16-byte aligned; fp16 or bf16 (kind)
   FloatKind kind;       // of x, bias and out
-  int64_t m, n, k;
-  const uint8_t* packed;        // [N K / 2], 8-byte aligned
-  int blocksize;                // a power of two >= kSkinnyChunk dividing K
-  const float* values;          // [16] code values
-  const float* absmax;          // [N K / blocksize] float32, or nullptr when nested
-  const uint8_t* absmax_codes;  // nested: [N K / blocksize] 8-bit codes of the absmax
-  const float* nested_absmax;   // nested: [ceil(n_blocks / nested_blocksize)]
-  const float* nested_qmap;     // nested: [256]
-  const float* offset;          // nested: scalar on the device
-  int nested_blocksize;
-  const void* bias;             // [N] in kind, or nullptr
-  void* out;                    // [M, N] in kind
+  int64_t m;
+  const void* bias;     // [N] in kind, or nullptr
+  void* out;            // [M, N] in kind
 };
 
 // The skinny kernel: weights dequantized in registers straight into tensor-core fragments

@@ -37,6 +37,36 @@ inline std::tuple<at::Tensor, at::Tensor> column_reduce_reference(const at::Tens
   return {dh, dot};
 }
 
+// lora_dy_products: dy [M, N] 16-bit or float32, b float32 [N, r], h float32 [M, r], y like dy
+inline void check_dy_products(const at::Tensor& dy, const at::Tensor& b, const at::Tensor& h,
+                              const std::optional<at::Tensor>& y) {
+  constexpr const char* op = "lowrank::lora_dy_products";
+  using quant::shape;
+  TORCH_CHECK(quant::is_supported_float(dy.scalar_type()) && dy.dim() == 2, op,
+              ": dy must be a 2-D float32, float16 or bfloat16 tensor [M, N], got ", dy.scalar_type(), " ", shape(dy));
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 2 && b.size(0) == dy.size(1), op,
+              ": b must be float32 [N = ", quant::num(dy.size(1)), ", r], got ", b.scalar_type(), " ", shape(b));
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(0) == dy.size(0) && h.size(1) == b.size(1), op,
+              ": h must be float32 [M = ", quant::num(dy.size(0)), ", r = ", quant::num(b.size(1)), "], got ",
+              h.scalar_type(), " ", shape(h));
+  quant::check_same_device(b, dy, op, "b");
+  quant::check_same_device(h, dy, op, "h");
+  if (y.has_value()) {
+    TORCH_CHECK(y->sizes() == dy.sizes() && y->scalar_type() == dy.scalar_type(), op,
+                ": y must match dy (", shape(dy), ", ", dy.scalar_type(), "), got ", shape(*y), ", ", y->scalar_type());
+    quant::check_same_device(*y, dy, op, "y");
+  }
+}
+
+// The math in PyTorch ops (float32): (dy b, dy^T h, sum over rows of dy * y or an empty [0]).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_reference(const at::Tensor& dy, const at::Tensor& b,
+                                                                             const at::Tensor& h,
+                                                                             const std::optional<at::Tensor>& y) {
+  const at::Tensor dy32 = dy.to(at::kFloat);
+  at::Tensor dot = y.has_value() ? (dy32 * y->to(at::kFloat)).sum(0) : at::empty({0}, dy.options().dtype(at::kFloat));
+  return {at::matmul(dy32, b), at::matmul(dy32.t(), h), dot};
+}
+
 inline void check_lora_project(const at::Tensor& x, const at::Tensor& a) {
   constexpr const char* op = "lowrank::lora_project";
   TORCH_CHECK(quant::is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
@@ -56,10 +86,9 @@ inline void check_dora_cross(const gemm::Weight4bit& w, const at::Tensor& a) {
   quant::check_same_device(a, w.packed, op, "a");
 }
 
-// lora_merge_4bit: the 4-bit weight, a float32 [r, in], b float32 [out, r], row_scale float32 [out]
-inline void check_lora_merge(const gemm::Weight4bit& w, const at::Tensor& a, const at::Tensor& b,
-                             const std::optional<at::Tensor>& row_scale, at::ScalarType dtype) {
-  constexpr const char* op = "lowrank::lora_merge_4bit";
+// The 4-bit weight, a (lora_A) float32 [r, in], b (lora_B) float32 [out, r], all on one device.
+inline void check_weight_and_adapter(const gemm::Weight4bit& w, const at::Tensor& a, const at::Tensor& b,
+                                     const char* op) {
   gemm::check_weight_4bit(w, op);
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(1) == w.in_features && a.size(0) >= 1, op,
               ": a (lora_A) must be float32 [r, in_features = ", quant::num(w.in_features), "], got ", a.scalar_type(),
@@ -69,6 +98,13 @@ inline void check_lora_merge(const gemm::Weight4bit& w, const at::Tensor& a, con
               quant::num(a.size(0)), "], got ", b.scalar_type(), " ", quant::shape(b));
   quant::check_same_device(a, w.packed, op, "a");
   quant::check_same_device(b, w.packed, op, "b");
+}
+
+// lora_merge_4bit: the 4-bit weight and adapter, row_scale float32 [out]
+inline void check_lora_merge(const gemm::Weight4bit& w, const at::Tensor& a, const at::Tensor& b,
+                             const std::optional<at::Tensor>& row_scale, at::ScalarType dtype) {
+  constexpr const char* op = "lowrank::lora_merge_4bit";
+  check_weight_and_adapter(w, a, b, op);
   if (row_scale.has_value()) {
     TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->dim() == 1 &&
                     row_scale->size(0) == w.out_features,
@@ -77,6 +113,15 @@ inline void check_lora_merge(const gemm::Weight4bit& w, const at::Tensor& a, con
     quant::check_same_device(*row_scale, w.packed, op, "row_scale");
   }
   TORCH_CHECK(quant::is_supported_float(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+}
+
+// dora_row_norm_4bit: the 4-bit weight and adapter; unit >= 0 and rtol > 0
+inline void check_dora_row_norm(const gemm::Weight4bit& w, const at::Tensor& a, const at::Tensor& b, double unit,
+                                double rtol) {
+  constexpr const char* op = "lowrank::dora_row_norm_4bit";
+  check_weight_and_adapter(w, a, b, op);
+  TORCH_CHECK(unit >= 0.0 && rtol > 0.0, op, ": unit must be >= 0 and rtol > 0, got unit ", quant::real_num(unit),
+              " and rtol ", quant::real_num(rtol));
 }
 
 // dora_norm: w2 float64 [N], p float32 [N, r], a float32 [r, K], b float32 [N, r]

@@ -17,6 +17,13 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cpu(const at::Tensor& dy, const
   return column_reduce_reference(dy, h, y);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_cpu(const at::Tensor& dy, const at::Tensor& b,
+                                                                const at::Tensor& h,
+                                                                const std::optional<at::Tensor>& y) {
+  check_dy_products(dy, b, h, y);
+  return dy_products_reference(dy, b, h, y);
+}
+
 at::Tensor split_bf16x3_cpu(const at::Tensor& b) {
   check_split_bf16x3(b);
   return split_bf16x3_reference(b);
@@ -26,6 +33,41 @@ at::Tensor lora_project_cpu(const at::Tensor& x, const at::Tensor& a) {
   check_lora_project(x, a);
   return at::matmul(x.to(at::kFloat), a.t());
 }
+
+// The 4-bit weight's float32 elements exactly as dequantize_4bit rebuilds them (this file is built
+// with -ffp-contract=off: the nested absmax is a rounded product, then a rounded sum).
+struct Packed4bitReader {
+  explicit Packed4bitReader(const gemm::Weight4bit& w)
+      : codes(w.packed.const_data_ptr<uint8_t>()),
+        values(w.values.const_data_ptr<float>()),
+        absmax_f(w.nested() ? nullptr : w.absmax.const_data_ptr<float>()),
+        absmax_c(w.nested() ? w.absmax.const_data_ptr<uint8_t>() : nullptr),
+        nested_absmax(w.nested() ? w.nested_absmax->const_data_ptr<float>() : nullptr),
+        nested_qmap(w.nested() ? w.nested_qmap->const_data_ptr<float>() : nullptr),
+        offset(w.nested() ? w.offset->item<float>() : 0.0f),
+        blocksize(w.blocksize),
+        nested_blocksize(w.nested_blocksize) {}
+
+  float absmax(int64_t flat) const {
+    const int64_t block = flat / blocksize;
+    if (absmax_f != nullptr) return absmax_f[block];
+    const float product = nested_qmap[absmax_c[block]] * nested_absmax[block / nested_blocksize];
+    return product + offset;
+  }
+  float value(int64_t flat) const {
+    const uint8_t byte = codes[flat / 2];
+    return values[(flat & 1) ? (byte & 15) : (byte >> 4)];
+  }
+
+  const uint8_t* codes;
+  const float* values;
+  const float* absmax_f;
+  const uint8_t* absmax_c;
+  const float* nested_absmax;
+  const float* nested_qmap;
+  float offset;
+  int64_t blocksize, nested_blocksize;
+};
 
 // P = W0 A^T, W0 dequantized to float32 exactly as dequantize_4bit (this file is built with
 // -ffp-contract=off: the nested absmax is a rounded product, then a rounded sum), the dot products
@@ -41,31 +83,15 @@ at::Tensor dora_cross_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   const at::Tensor a = a_in.contiguous();
   const int64_t r = a.size(0), k_in = in_features;
   at::Tensor out = at::empty({out_features, r}, a.options());
-  const uint8_t* codes = packed.const_data_ptr<uint8_t>();
-  const float* vals = values.const_data_ptr<float>();
+  const Packed4bitReader reader(w);
   const float* av = a.const_data_ptr<float>();
   float* pv = out.mutable_data_ptr<float>();
-  const bool nested = w.nested();
-  const float* absmax_f = nested ? nullptr : absmax.const_data_ptr<float>();
-  const uint8_t* absmax_c = nested ? absmax.const_data_ptr<uint8_t>() : nullptr;
-  const float* nabs = nested ? nested_absmax->const_data_ptr<float>() : nullptr;
-  const float* nqmap = nested ? nested_qmap->const_data_ptr<float>() : nullptr;
-  const float off = nested ? offset->item<float>() : 0.0f;
   at::parallel_for(0, out_features, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(k_in);
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t k = 0; k < k_in; ++k) {
         const int64_t flat = n * k_in + k;
-        const int64_t block = flat / blocksize;
-        float scale;
-        if (nested) {
-          const float product = nqmap[absmax_c[block]] * nabs[block / nested_blocksize];
-          scale = product + off;
-        } else {
-          scale = absmax_f[block];
-        }
-        const uint8_t byte = codes[flat / 2];
-        row[k] = vals[(flat & 1) ? (byte & 15) : (byte >> 4)] * scale;
+        row[k] = reader.value(flat) * reader.absmax(flat);
       }
       for (int64_t j = 0; j < r; ++j) {
         const float* aj = av + j * k_in;
@@ -84,15 +110,8 @@ at::Tensor dora_cross_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 template <typename T>
 void lora_merge_rows(const gemm::Weight4bit& w, const float* av, const float* bv, const float* v, float s, int64_t r,
                      T* out) {
-  const int64_t k_in = w.in_features, bs = w.blocksize;
-  const uint8_t* codes = w.packed.const_data_ptr<uint8_t>();
-  const float* vals = w.values.const_data_ptr<float>();
-  const bool nested = w.nested();
-  const float* absmax_f = nested ? nullptr : w.absmax.const_data_ptr<float>();
-  const uint8_t* absmax_c = nested ? w.absmax.const_data_ptr<uint8_t>() : nullptr;
-  const float* nabs = nested ? w.nested_absmax->const_data_ptr<float>() : nullptr;
-  const float* nqmap = nested ? w.nested_qmap->const_data_ptr<float>() : nullptr;
-  const float off = nested ? w.offset->item<float>() : 0.0f;
+  const int64_t k_in = w.in_features;
+  const Packed4bitReader reader(w);
   at::parallel_for(0, w.out_features, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> bs_row(r);
     for (int64_t o = n0; o < n1; ++o) {
@@ -100,17 +119,9 @@ void lora_merge_rows(const gemm::Weight4bit& w, const float* av, const float* bv
       for (int64_t j = 0; j < r; ++j) bs_row[j] = sv * bv[o * r + j];
       for (int64_t i = 0; i < k_in; ++i) {
         const int64_t flat = o * k_in + i;
-        const int64_t block = flat / bs;
-        float absmax;
-        if (nested) {
-          const float product = nqmap[absmax_c[block]] * nabs[block / w.nested_blocksize];
-          absmax = product + off;
-        } else {
-          absmax = absmax_f[block];
-        }
+        const float absmax = reader.absmax(flat);
         const float scale = v != nullptr ? absmax * v[o] : absmax;
-        const uint8_t byte = codes[flat / 2];
-        const float w0 = vals[(flat & 1) ? (byte & 15) : (byte >> 4)] * scale;
+        const float w0 = reader.value(flat) * scale;
         float acc = 0.0f;
         for (int64_t j = 0; j < r; ++j) acc = std::fma(bs_row[j], av[j * k_in + i], acc);
         const float sum = w0 + acc;
@@ -150,6 +161,51 @@ at::Tensor lora_merge_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
       break;
   }
   return out;
+}
+
+// n_o = ||W0_o + s B_o A|| with every term and sum in float64 (W0 as dequantize_4bit's float32
+// values), one row at a time; flagged by the CUDA kernel's bound (the caller's unit), so the CPU op
+// flags the same rows for the same unit.
+std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cpu(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset, const at::Tensor& values,
+    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features, const at::Tensor& a_in,
+    const at::Tensor& b_in, double scaling, double unit, double rtol) {
+  const gemm::Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
+                           out_features, in_features};
+  check_dora_row_norm(w, a_in, b_in, unit, rtol);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t r = a.size(0), k_in = in_features;
+  at::Tensor norm = at::empty({out_features}, a.options());
+  at::Tensor flagged = at::empty({out_features}, a.options().dtype(at::kBool));
+  const Packed4bitReader reader(w);
+  const float* av = a.const_data_ptr<float>();
+  const float* bv = b.const_data_ptr<float>();
+  std::vector<double> a_norm(r, 0.0);
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t k = 0; k < k_in; ++k) a_norm[j] += double(av[j * k_in + k]) * double(av[j * k_in + k]);
+    a_norm[j] = std::sqrt(a_norm[j]);
+  }
+  float* nv = norm.mutable_data_ptr<float>();
+  bool* fv = flagged.mutable_data_ptr<bool>();
+  at::parallel_for(0, out_features, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      double n2 = 0.0, t = 0.0;
+      for (int64_t k = 0; k < k_in; ++k) {
+        const int64_t flat = o * k_in + k;
+        double low_rank = 0.0;
+        for (int64_t j = 0; j < r; ++j) low_rank += double(bv[o * r + j]) * double(av[j * k_in + k]);
+        const double v = double(reader.value(flat) * reader.absmax(flat)) + scaling * low_rank;
+        n2 += v * v;
+      }
+      for (int64_t j = 0; j < r; ++j) t += std::fabs(double(bv[o * r + j])) * a_norm[j];
+      t *= std::fabs(scaling);
+      const double n = std::sqrt(n2);
+      nv[o] = float(n);
+      fv[o] = unit * (t + n) > rtol * n;
+    }
+  });
+  return {norm, flagged};
 }
 
 // dora_norm.cu's loop, row by row (the Gram matrix from the same float64 matmul).
@@ -201,6 +257,8 @@ std::tuple<at::Tensor, at::Tensor> dora_norm_cpu(const at::Tensor& w2_in, const 
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("dora_norm", &lowrank::lora::dora_norm_cpu);
+  m.impl("lora_dy_products", &lowrank::lora::dy_products_cpu);
+  m.impl("dora_row_norm_4bit", &lowrank::lora::dora_row_norm_4bit_cpu);
   m.impl("lora_merge_4bit", &lowrank::lora::lora_merge_4bit_cpu);
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cpu);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cpu);

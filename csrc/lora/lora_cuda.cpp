@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "lora/lora_checks.h"
+#include "gemm/weight_params.h"
 #include "lora/lora_launch.h"
 
 namespace lowrank::lora {
@@ -90,6 +91,53 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
   return {dh_parts.sum(0), dot};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_cuda(const at::Tensor& dy_in, const at::Tensor& b_in,
+                                                                 const at::Tensor& h_in,
+                                                                 const std::optional<at::Tensor>& y_in) {
+  check_dy_products(dy_in, b_in, h_in, y_in);
+  const c10::cuda::CUDAGuard guard(dy_in.device());
+  const int64_t m = dy_in.size(0), n = dy_in.size(1), r = b_in.size(1);
+  // The kernel: bf16, N % 64 == 0 (whole warps of columns), 1 <= r <= 16, 16-byte aligned rows;
+  // anything else: PyTorch ops.
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+  if (dy_in.scalar_type() != at::kBFloat16 || n % 64 != 0 || r < 1 || r > kDyProductsMaxRank || m == 0) {
+    return dy_products_reference(dy_in, b_in, h_in, y_in);
+  }
+  const at::Tensor dy = dy_in.contiguous(), b = b_in.contiguous(), h = h_in.contiguous();
+  std::optional<at::Tensor> y;
+  if (y_in.has_value()) y = y_in->contiguous();
+  if (!aligned(dy) || (y.has_value() && !aligned(*y))) return dy_products_reference(dy_in, b_in, h_in, y_in);
+  const bool with_dot = y.has_value();
+  // Row chunks: enough CTAs to fill every SM's slots once (the column strips are fixed by N).
+  const int64_t strips = (n + lora_dy_products_strip_cols(with_dot) - 1) / lora_dy_products_strip_cols(with_dot);
+  static const int ctas_dot = lora_dy_products_ctas_per_sm(true), ctas_no_dot = lora_dy_products_ctas_per_sm(false);
+  const int64_t slots = int64_t(multiprocessor_count(dy.device())) * (with_dot ? ctas_dot : ctas_no_dot);
+  const int64_t want_chunks = std::max<int64_t>(1, slots / strips);
+  const int64_t chunk_rows = ((m + want_chunks - 1) / want_chunks + 15) / 16 * 16;
+  const int64_t row_chunks = (m + chunk_rows - 1) / chunk_rows;
+  const auto f32 = dy.options().dtype(at::kFloat);
+  at::Tensor g_part = at::empty({strips, m, r}, f32);
+  at::Tensor dh_part = at::empty({row_chunks, n, r}, f32);
+  at::Tensor dot_part = at::empty({with_dot ? row_chunks : 0, n}, f32);
+  LoraDyProductsParams p{};
+  p.dy = dy.const_data_ptr();
+  p.y = with_dot ? y->const_data_ptr() : nullptr;
+  p.b = b.const_data_ptr<float>();
+  p.h = h.const_data_ptr<float>();
+  p.m = m;
+  p.n = n;
+  p.r = int(r);
+  p.row_chunks = int(row_chunks);
+  p.chunk_rows = chunk_rows;
+  p.g_part = g_part.mutable_data_ptr<float>();
+  p.dh_part = dh_part.mutable_data_ptr<float>();
+  p.dot_part = with_dot ? dot_part.mutable_data_ptr<float>() : nullptr;
+  launch_lora_dy_products(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor dot = with_dot ? dot_part.sum(0) : at::empty({0}, f32);
+  return {g_part.sum(0), dh_part.sum(0), dot};
+}
+
 at::Tensor split_bf16x3_cuda(const at::Tensor& b) {
   check_split_bf16x3(b);
   const c10::cuda::CUDAGuard guard(b.device());
@@ -147,20 +195,7 @@ at::Tensor dora_cross_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();
   at::Tensor out = at::empty({out_features, a.size(0)}, a.options());
   DoraCrossParams p{};
-  p.packed = packed.const_data_ptr<uint8_t>();
-  p.n = out_features;
-  p.k = in_features;
-  p.blocksize = int(blocksize);
-  p.values = values.const_data_ptr<float>();
-  if (w.nested()) {
-    p.absmax_codes = absmax.const_data_ptr<uint8_t>();
-    p.nested_absmax = nested_absmax->const_data_ptr<float>();
-    p.nested_qmap = nested_qmap->const_data_ptr<float>();
-    p.offset = offset->const_data_ptr<float>();
-    p.nested_blocksize = int(nested_blocksize);
-  } else {
-    p.absmax = absmax.const_data_ptr<float>();
-  }
+  gemm::set_packed_weight(p, w);
   p.a = a.const_data_ptr<float>();
   p.r = int(a.size(0));
   p.p = out.mutable_data_ptr<float>();
@@ -189,24 +224,12 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
               "lowrank::lora_merge_4bit: packed must be 2-byte aligned");
   at::Tensor a = a_in.contiguous();
   if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();  // float4 loads of A
-  const at::Tensor b = b_in.contiguous();
+  at::Tensor b = b_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(b.const_data_ptr()) % 16 != 0) b = b.clone();  // float4 loads of B
   const at::Tensor v = row_scale.has_value() ? row_scale->contiguous() : at::Tensor();
   at::Tensor out = at::empty({out_features, in_features}, a.options().dtype(dtype));
   LoraMerge4bitParams p{};
-  p.packed = packed.const_data_ptr<uint8_t>();
-  p.n = out_features;
-  p.k = in_features;
-  p.blocksize = int(blocksize);
-  p.values = values.const_data_ptr<float>();
-  if (w.nested()) {
-    p.absmax_codes = absmax.const_data_ptr<uint8_t>();
-    p.nested_absmax = nested_absmax->const_data_ptr<float>();
-    p.nested_qmap = nested_qmap->const_data_ptr<float>();
-    p.offset = offset->const_data_ptr<float>();
-    p.nested_blocksize = int(nested_blocksize);
-  } else {
-    p.absmax = absmax.const_data_ptr<float>();
-  }
+  gemm::set_packed_weight(p, w);
   p.a = a.const_data_ptr<float>();
   p.b = b.const_data_ptr<float>();
   p.row_scale = v.defined() ? v.const_data_ptr<float>() : nullptr;
@@ -218,6 +241,47 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   launch_lora_merge_4bit(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+static_assert(kMergeMmaMaxRank == 16, "the error message below names the limit");
+
+std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset, const at::Tensor& values,
+    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features, const at::Tensor& a_in,
+    const at::Tensor& b_in, double scaling, double unit, double rtol) {
+  const gemm::Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
+                           out_features, in_features};
+  check_dora_row_norm(w, a_in, b_in, unit, rtol);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();  // 16-byte loads
+  if (reinterpret_cast<uintptr_t>(b.const_data_ptr()) % 16 != 0) b = b.clone();
+  LoraMerge4bitParams p{};
+  gemm::set_packed_weight(p, w);
+  p.a = a.const_data_ptr<float>();
+  p.b = b.const_data_ptr<float>();
+  p.scaling = static_cast<float>(scaling);
+  p.r = int(a.size(0));
+  p.out_kind = FloatKind::kFloat32;
+  TORCH_CHECK(lora_merge_4bit_mma_takes(p),
+              "lowrank::dora_row_norm_4bit: the CUDA kernel needs r <= 16, in_features % 64 == 0, blocksize >= 16 "
+              "and packed 8-byte aligned, got r ", quant::num(a.size(0)), ", in_features ", quant::num(in_features),
+              ", blocksize ", quant::num(blocksize), " (lowrank.dora uses the expansion there)");
+  const at::Tensor a_norm = at::linalg_vector_norm(a.to(at::kDouble), 2, at::IntArrayRef({1}));
+  at::Tensor partial = at::empty({dora_row_norm_strips(in_features), out_features}, a.options());
+  at::Tensor norm = at::empty({out_features}, a.options());
+  at::Tensor flagged = at::empty({out_features}, a.options().dtype(at::kBool));
+  DoraRowNormParams q{};
+  q.merge = p;
+  q.a_norm = a_norm.const_data_ptr<double>();
+  q.unit = unit;
+  q.rtol = rtol;
+  q.norm = norm.mutable_data_ptr<float>();
+  q.flagged = flagged.mutable_data_ptr<bool>();
+  launch_dora_row_norm(q, partial.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {norm, flagged};
 }
 
 std::tuple<at::Tensor, at::Tensor> dora_norm_cuda(const at::Tensor& w2_in, const at::Tensor& p_in,
@@ -255,6 +319,8 @@ std::tuple<at::Tensor, at::Tensor> dora_norm_cuda(const at::Tensor& w2_in, const
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("dora_norm", &lowrank::lora::dora_norm_cuda);
+  m.impl("lora_dy_products", &lowrank::lora::dy_products_cuda);
+  m.impl("dora_row_norm_4bit", &lowrank::lora::dora_row_norm_4bit_cuda);
   m.impl("lora_merge_4bit", &lowrank::lora::lora_merge_4bit_cuda);
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cuda);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cuda);

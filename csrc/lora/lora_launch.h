@@ -34,20 +34,34 @@ constexpr int kColumnReduceMaxRank = 32;
 
 void launch_column_reduce(const ColumnReduceParams& p, cudaStream_t stream);
 
+// The backward's dY products in one read of dY (dy_products.cu): g = dY b [M, r], dh = dY^T h
+// [N, r], dot = sum_M(dY * y) [N] when y is given; bf16 dY and y (16-byte aligned rows, N % 64 ==
+// 0), b and h float32 row-major, r <= kDyProductsMaxRank. Partial sums, added by the caller:
+// g over column strips of lora_dy_products_strip_cols(y != nullptr), dh and dot over row chunks.
+struct LoraDyProductsParams {
+  const void* dy;        // [M, N] bf16
+  const void* y;         // [M, N] bf16 or nullptr
+  const float* b;        // [N, r]
+  const float* h;        // [M, r]
+  int64_t m, n;
+  int r;
+  int row_chunks;        // grid.y
+  int64_t chunk_rows;    // a multiple of 16; row_chunks * chunk_rows >= M
+  float* g_part;         // [strips, M, r]
+  float* dh_part;        // [row_chunks, N, r]
+  float* dot_part;       // [row_chunks, N] or nullptr
+};
+
+constexpr int kDyProductsMaxRank = 16;
+
+int64_t lora_dy_products_strip_cols(bool dot);
+int lora_dy_products_ctas_per_sm(bool dot);
+void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream);
+
 // DoRA's cross term P = W0 A^T [N, r] in float32 straight from the packed 4-bit W0 [N, K]: each
 // weight is the exact float32 dequantized value (value * absmax, as dequantize_4bit), products and
 // sums in float32 (no 16-bit rounding anywhere: the norm's error model needs float32 accuracy).
-struct DoraCrossParams {
-  const uint8_t* packed;        // [N K / 2], 2-byte aligned
-  int64_t n, k;                 // K % 4 == 0
-  int blocksize;
-  const float* values;          // [16]
-  const float* absmax;          // [n_blocks] or nullptr when nested
-  const uint8_t* absmax_codes;  // nested
-  const float* nested_absmax;
-  const float* nested_qmap;
-  const float* offset;
-  int nested_blocksize;
+struct DoraCrossParams : quant::Packed4bitWeight {  // K % 4 == 0, packed 2-byte aligned
   const float* a;               // [r, K] float32, 16-byte aligned rows (K % 4 == 0)
   int r;                        // <= kDoraCrossMaxRank
   float* p;                     // [N, r] float32
@@ -72,17 +86,7 @@ void launch_lora_project(const LoraProjectParams& p, cudaStream_t stream);
 
 // The merged weight W' = round_T(v (W0 + s B A)) [N, K] straight from the packed 4-bit W0 (merge.cu
 // gives the exact arithmetic): the LoRA/DoRA layer's two big GEMMs then take it as their weight.
-struct LoraMerge4bitParams {
-  const uint8_t* packed;        // [N K / 2], 2-byte aligned
-  int64_t n, k;                 // K % 4 == 0
-  int blocksize;
-  const float* values;          // [16]
-  const float* absmax;          // [n_blocks] or nullptr when nested
-  const uint8_t* absmax_codes;  // nested
-  const float* nested_absmax;
-  const float* nested_qmap;
-  const float* offset;
-  int nested_blocksize;
+struct LoraMerge4bitParams : quant::Packed4bitWeight {  // K % 4 == 0, packed 2-byte aligned
   const float* a;               // [r, K] float32, row-major
   const float* b;               // [N, r] float32, row-major
   const float* row_scale;       // [N] float32 (DoRA's v) or nullptr
@@ -95,6 +99,30 @@ struct LoraMerge4bitParams {
 constexpr int kLoraMergeMaxRank = 32;
 
 void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream);
+
+// The tensor-core variant (merge_mma.cu): 16-bit outputs, r <= kMergeMmaMaxRank, K % 64 == 0,
+// blocksize >= 16, packed 8-byte aligned; the rank-r product from split-bf16 mma (error ~2^-15 of
+// sum |s v B| |A|, not bit-identical to the CPU op). launch_lora_merge_4bit takes it where it
+// applies unless LOWRANK_MERGE_MMA=0.
+constexpr int kMergeMmaMaxRank = 16;
+bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p);
+void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream);
+
+// DoRA's row norm n_o = ||W0_o + s B_o A|| straight from the packed weight (merge_mma.cu: the
+// merge's tiles with 3-way split mma, squared and summed per 64-column strip into `partial`
+// [K / 64, N], then added in float64), and the rows whose bound unit (t_o / n_o + 1) exceeds rtol
+// (t_o = |s| sum_j |B_oj| ||A_j||). merge.row_scale must be null and lora_merge_4bit_mma_takes true
+// of merge (any out_kind).
+struct DoraRowNormParams {
+  LoraMerge4bitParams merge;
+  const double* a_norm;  // [r] ||A_j||
+  double unit, rtol;
+  float* norm;           // [N]
+  bool* flagged;         // [N]
+};
+
+int dora_row_norm_strips(int64_t k);
+void launch_dora_row_norm(const DoraRowNormParams& q, float* partial, cudaStream_t stream);
 
 // DoRA's row norm from the expansion (dora_norm.cu): n float32 [N] and the rows whose bound says
 // the expansion may be off by more than rtol, bool [N].

@@ -21,6 +21,8 @@
 // 16), ~29 MB in all at 14336 x 4096: small next to the 117 MB the kernel writes.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "common/cuda_float.cuh"
 #include "lora/lora_launch.h"
 
@@ -219,6 +221,11 @@ void launch_typed(const LoraMerge4bitParams& p, cudaStream_t stream) {
 }  // namespace
 
 void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream) {
+  const char* env = std::getenv("LOWRANK_MERGE_MMA");  // read per launch: tests and benchmarks compare
+  if ((env == nullptr || env[0] != '0') && p.out_kind != FloatKind::kFloat32 && lora_merge_4bit_mma_takes(p)) {
+    launch_lora_merge_4bit_mma(p, stream);
+    return;
+  }
   switch (p.out_kind) {
     case FloatKind::kFloat32: launch_typed<float>(p, stream); break;
     case FloatKind::kFloat16: launch_typed<__half>(p, stream); break;

@@ -12,6 +12,8 @@ namespace lowrank::quant {
 // toolchain: SIGSEGV in basic_ostream::_M_insert<long> inside our .so), so nothing here streams
 // a number.
 inline std::string num(int64_t v) { return std::to_string(v); }
+// The same for a double (streaming one crashed there too: test_row_norm_op_rejects_bad_input).
+inline std::string real_num(double v) { return std::to_string(v); }
 
 inline std::string shape(const at::Tensor& t) {
   std::string s = "[";

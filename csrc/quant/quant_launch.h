@@ -40,6 +40,23 @@ struct Dequantize4bitParams {
   FloatKind out_kind;
 };
 
+// A packed 4-bit weight [n, k] in bitsandbytes' layout (row o is the bytes [o k / 2, (o + 1) k / 2),
+// the first element of a pair in the high nibble) as the fused kernels read it: the base of their
+// parameter structs. Exactly one absmax form: float32 `absmax`, or (nested) the 8-bit codes with
+// nested_absmax / nested_qmap / offset.
+struct Packed4bitWeight {
+  const uint8_t* packed;        // [n k / 2]
+  int64_t n, k;
+  int blocksize;                // a power of two
+  const float* values;          // [16] code values
+  const float* absmax;          // [n k / blocksize] float32, or nullptr when nested
+  const uint8_t* absmax_codes;  // nested: [n k / blocksize] 8-bit codes of the absmax
+  const float* nested_absmax;   // nested: [ceil(n_blocks / nested_blocksize)]
+  const float* nested_qmap;     // nested: [256]
+  const float* offset;          // nested: scalar on the device
+  int nested_blocksize;
+};
+
 struct Quantize8bitParams {
   const float* x;       // quantized as x - *offset (float32 subtraction)
   const float* offset;  // scalar on the device
