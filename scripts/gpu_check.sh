@@ -97,7 +97,7 @@ if has sanitizer; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
     HYPOTHESIS_PROFILE=sanitizer timeout 300 compute-sanitizer --tool "$tool" --target-processes all \
-      --error-exitcode 99 python3 -m pytest tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py tests/test_lora_function.py -q -k cuda \
+      --error-exitcode 99 python3 -m pytest tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py tests/test_lora_function.py tests/test_dora.py -q -k cuda \
       -p no:cacheprovider > "$LOGS/sanitizer_$tool.log" 2>&1
     echo "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$LOGS/sanitizer_$tool.log" | tail -3
   done
