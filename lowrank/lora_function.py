@@ -147,11 +147,10 @@ def _dequantized(quant: QuantizedTensor, dtype, row_scale: torch.Tensor | None =
 # exact arithmetic, for tests), slower there than the unmerged PyTorch path. Tests set this True to
 # run the merged path on CPU.
 MERGE_ON_CPU = False
-# Up to this rank: the merge kernel is bound by instruction issue (ncu: 66% issue slots busy, ~49
-# instructions per weight, 16 of them the rank-16 FMAs) and took 158 us at r = 16 and 294 us at
-# r = 32 on the H100 (14336 x 4096, bf16) against 55-78 us for the plain dequantize. At r = 16 that
-# about cancels what it saves (y's first write and C read, dX's too): QLoRA 2.99 vs 2.99 ms, QDoRA
-# 3.37 vs 3.42 ms in one run; at r = 32 it would cost ~0.2 ms more than it saves.
+# Up to this rank: a 16-bit merge takes the tensor-core kernel (merge_mma.cu, r <= 16: 100-115 us at
+# 14336 x 4096 on the H100 against 77-84 us for the plain dequantize). Above it the float32-FMA
+# kernel (instruction-bound: 294-311 us at r = 32) costs more than the merge saves (y's first write
+# and C read, dX's too: ~0.2 ms a step; at r = 16 the FMA kernel's 158 us about cancelled it).
 MERGE_MAX_RANK = 16
 
 
