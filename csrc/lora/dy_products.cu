@@ -20,12 +20,18 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
+
 #include "lora/lora_launch.h"
 
 namespace lowrank::lora {
 namespace {
 
 constexpr int kWarpCols = 64;
+// h's 16 x 16 block in shared memory, row stride 20 floats: the fragment reads (row 2t (+ 8),
+// column g (+ 8)) fall in banks 8t + g, one per lane.
+constexpr int kHStride = 20;
 
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
@@ -84,11 +90,25 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
 
+// Shared memory (dynamic: 50.5 KB for 8 warps, over the 48 KB of static shared memory)
+template <int WARPS>
+struct DyProductsShared {
+  uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
+  float g[2][WARPS][16][16];    // the warps' g of a block, double-buffered
+  // h's rows of a block (columns past r and rows past M zero), double-buffered: every warp needs
+  // the same 16 rows; loaded by the CTA's threads one block ahead (as 8 scalar loads per lane at
+  // the point of use they put an L2 round trip into every block's critical path)
+  float h[2][16][kHStride];
+};
+
 template <int WARPS, bool DOT>
 __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsParams p) {
-  // B_v's fragments for each warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
-  __shared__ uint2 s_b[WARPS][4][2][2][32];
-  __shared__ float s_g[2][WARPS][16][16];  // the warps' g of a block, double-buffered
+  extern __shared__ __align__(16) unsigned char dy_products_smem[];
+  auto& shared = *reinterpret_cast<DyProductsShared<WARPS>*>(dy_products_smem);
+  auto& s_b = shared.b;
+  auto& s_g = shared.g;
+  auto& s_h = shared.h;
+  constexpr int kHPerThread = 256 / (32 * WARPS);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t col = (int64_t(blockIdx.x) * WARPS + warp) * kWarpCols;
@@ -98,6 +118,27 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
 
   BlockLoads<DOT> cur;
   if (row_begin < row_end) cur.load(p, row_begin, col, active, g, t);
+  // entry e = threadIdx.x + i * 32 WARPS of a block: row e / 16, column e % 16
+  const auto load_h = [&](int64_t m0, float (&vals)[kHPerThread]) {
+#pragma unroll
+    for (int i = 0; i < kHPerThread; ++i) {
+      const int e = threadIdx.x + i * 32 * WARPS, j = e & 15;
+      const int64_t row = m0 + (e >> 4);
+      vals[i] = (m0 < row_end && j < p.r && row < p.m) ? p.h[row * p.r + j] : 0.0f;
+    }
+  };
+  const auto store_h = [&](int b, const float (&vals)[kHPerThread]) {
+#pragma unroll
+    for (int i = 0; i < kHPerThread; ++i) {
+      const int e = threadIdx.x + i * 32 * WARPS;
+      s_h[b][e >> 4][e & 15] = vals[i];
+    }
+  };
+  {
+    float first[kHPerThread];
+    load_h(row_begin, first);
+    store_h(0, first);
+  }
 
   // k-chunk c = (half hf, word pair wp): fragment k = 2t' + e is column 32 hf + 8 t' + 4 wp + e,
   // k = 2t' + 8 + e is column 32 hf + 8 t' + 4 wp + 2 + e (t' the lane's t for the A operand, and
@@ -137,13 +178,15 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
 #pragma unroll
       for (int i = 0; i < 8; ++i) dot[hf][i] = 0.0f;
   }
-  __syncthreads();  // s_b
+  __syncthreads();  // s_b, s_h[0]
 
   int buf = 0;
 #pragma unroll 1
   for (int64_t m0 = row_begin; m0 < row_end; m0 += 16, buf ^= 1) {
     BlockLoads<DOT> next;
     if (m0 + 16 < row_end) next.load(p, m0 + 16, col, active, g, t);
+    float h_next[kHPerThread];
+    load_h(m0 + 16, h_next);
 
     // g = dY B_v over the warp's 64 columns: A = dY as loaded
     float gacc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -164,11 +207,8 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     uint32_t ah[4], al[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {  // a0 (r g, m 2t..), a1 (r g + 8, m 2t..), a2 (r g, m 2t + 8..), a3
-      const int j = g + 8 * (q & 1);
-      const int64_t row = m0 + 2 * t + 8 * (q >> 1);
-      const float x0 = (j < p.r && row < p.m) ? p.h[row * p.r + j] : 0.0f;
-      const float x1 = (j < p.r && row + 1 < p.m) ? p.h[(row + 1) * p.r + j] : 0.0f;
-      split2(x0, x1, ah[q], al[q]);
+      const int j = g + 8 * (q & 1), row = 2 * t + 8 * (q >> 1);
+      split2(s_h[buf][row][j], s_h[buf][row + 1][j], ah[q], al[q]);
     }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -204,6 +244,8 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
       s_g[buf][warp][g + 8][8 * nt + 2 * t] = gacc[nt][2];
       s_g[buf][warp][g + 8][8 * nt + 2 * t + 1] = gacc[nt][3];
     }
+    // the next block's h: its buffer's readers (the previous block) are past the previous barrier
+    store_h(buf ^ 1, h_next);
     __syncthreads();  // also: every reader of s_g[buf] two blocks ago is past it
     for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
       const int row = i >> 4, j = i & 15;
@@ -255,19 +297,47 @@ constexpr int kWarpsDot = 4;
 
 int64_t lora_dy_products_strip_cols(bool dot) { return int64_t(dot ? kWarpsDot : kWarpsNoDot) * kWarpCols; }
 
-int lora_dy_products_ctas_per_sm(bool dot) {
+namespace {
+
+// The kernel with its dynamic shared memory allowed (once per device).
+template <int WARPS, bool DOT>
+auto dy_products_kernel() {
+  const auto kernel = lora_dy_products<WARPS, DOT>;
+  static std::atomic<uint64_t> devices_set{0};
+  int device = 0;
+  cudaGetDevice(&device);
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (devices_set.load() & bit) == 0) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(DyProductsShared<WARPS>)));
+    devices_set.fetch_or(bit);
+  }
+  return kernel;
+}
+
+template <int WARPS, bool DOT>
+int ctas_per_sm() {
   int blocks = 0;
-  if (dot) cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, lora_dy_products<kWarpsDot, true>, 32 * kWarpsDot, 0);
-  else cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, lora_dy_products<kWarpsNoDot, false>, 32 * kWarpsNoDot, 0);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dy_products_kernel<WARPS, DOT>(), 32 * WARPS,
+                                                sizeof(DyProductsShared<WARPS>));
   return blocks > 0 ? blocks : 1;
 }
 
+template <int WARPS, bool DOT>
+void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
+  const auto kernel = dy_products_kernel<WARPS, DOT>();
+  kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS>), stream>>>(p);
+}
+
+}  // namespace
+
+int lora_dy_products_ctas_per_sm(bool dot) {
+  return dot ? ctas_per_sm<kWarpsDot, true>() : ctas_per_sm<kWarpsNoDot, false>();
+}
+
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream) {
-  const bool dot = p.y != nullptr;
-  const dim3 grid(unsigned((p.n + lora_dy_products_strip_cols(dot) - 1) / lora_dy_products_strip_cols(dot)),
-                  unsigned(p.row_chunks));
-  if (dot) lora_dy_products<kWarpsDot, true><<<grid, 32 * kWarpsDot, 0, stream>>>(p);
-  else lora_dy_products<kWarpsNoDot, false><<<grid, 32 * kWarpsNoDot, 0, stream>>>(p);
+  if (p.y != nullptr) launch<kWarpsDot, true>(p, stream);
+  else launch<kWarpsNoDot, false>(p, stream);
 }
 
 }  // namespace lowrank::lora

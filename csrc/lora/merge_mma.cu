@@ -11,16 +11,18 @@
 // not bit-identical to the CPU op (merge.cu stays the float32 path and the reference of the
 // arithmetic); 16-bit outputs only.
 //
-// Layout: a CTA owns a strip of 64 columns and kRowsPerCta rows; its 4 warps take 16-row tiles in
-// turn. The mma's n index is permuted (n-tile nt, in-tile column c <-> strip column
-// 16 (c / 2) + 2 nt + c % 2) so that lane (g, t)'s accumulators over the 8 n-tiles are strip columns
-// 16t .. 16t + 15 of rows g and g + 8: one 8-byte load of codes per row, dequantized and added
-// straight from the accumulators, and two 16-byte stores per row (4 lanes write a row's 128 bytes).
-// The first version staged the product through shared memory: L1-bound (ncu L1/TEX 88%, stalls on
-// L1TEX 55%), 129.5 us at 14336 x 4096 r = 16. The next tile's codes, absmax and B are loaded
-// before the current tile's math.
+// Layout: a CTA owns a strip of 64 columns and a chunk of rows (chunks sized for one wave of
+// CTAs); its 4 warps take 16-row tiles in turn. The mma's n index is permuted (n-tile nt, in-tile
+// column c <-> strip column 16 (c / 2) + 2 nt + c % 2) so that lane (g, t)'s accumulators over the
+// 8 n-tiles are strip columns 16t .. 16t + 15 of rows g and g + 8: one 8-byte load of codes per
+// row, dequantized and added straight from the accumulators, and two 16-byte stores per row (4
+// lanes write a row's 128 bytes). The first version staged the product through shared memory:
+// L1-bound (ncu L1/TEX 88%, stalls on L1TEX 55%), 129.5 us at 14336 x 4096 r = 16. A tile's codes,
+// absmax and B are loaded PREFETCH tiles before its math.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <cstdlib>
 
 #include "common/cuda_float.cuh"
 #include "lora/lora_launch.h"
@@ -30,8 +32,8 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kStrip = 64;        // columns per CTA: 8 n-tiles of 8
-constexpr int kRowsPerCta = 256;  // 16 tiles of 16 rows, 4 per warp
+constexpr int kStrip = 64;                // columns per CTA: 8 n-tiles of 8
+constexpr int kRowsPerRound = 16 * kWarps;  // a CTA's rows per round of its warps' tiles
 
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -112,15 +114,17 @@ struct TileLoads {
 
 // NORM = false: W' rows written in T. NORM = true: per row, the sum over the strip of
 // (W0 + s B A)^2 into norm_partial[strip][row] (row_scale must be null).
-template <typename T, bool NESTED, int SPLIT, bool NORM>
-__global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitParams p, float* norm_partial) {
+template <typename T, bool NESTED, int SPLIT, bool NORM, int PREFETCH>
+__global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitParams p, float* norm_partial,
+                                                                 int64_t rows_per_cta) {
   __shared__ float s_values[16];
   __shared__ float s_qmap[NESTED ? 256 : 1];
   __shared__ __align__(16) float s_a[16][kStrip + 4];  // A's strip, rows past r zero (row pad: fewer bank conflicts)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t col0 = int64_t(blockIdx.x) * kStrip;
-  const int64_t row_cta = int64_t(blockIdx.y) * kRowsPerCta;
+  const int64_t row_cta = int64_t(blockIdx.y) * rows_per_cta;
+  const int64_t row_end = row_cta + rows_per_cta < p.n ? row_cta + rows_per_cta : p.n;
   const int block_shift = 31 - __clz(p.blocksize);
   const int nested_shift = NESTED ? 31 - __clz(p.nested_blocksize) : 0;
 
@@ -137,8 +141,11 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
     *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
   }
   const int64_t first = row_cta + 16 * warp;
-  TileLoads<NESTED> cur;
-  if (first < p.n) cur.load(p, first, col0 + 16 * t, block_shift, nested_shift, g, t);
+  TileLoads<NESTED> cur, ahead1;  // ahead1: the next tile's loads when PREFETCH == 2
+  if (first < row_end) cur.load(p, first, col0 + 16 * t, block_shift, nested_shift, g, t);
+  if (PREFETCH == 2 && first + kRowsPerRound < row_end) {
+    ahead1.load(p, first + kRowsPerRound, col0 + 16 * t, block_shift, nested_shift, g, t);
+  }
   __syncthreads();  // the tables and A's strip
 
   // The k index (j, the rank) is permuted so that a lane's four j are consecutive (one 16-byte
@@ -157,10 +164,10 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
   T* out = static_cast<T*>(p.out);
 
 #pragma unroll 1
-  for (int64_t r0 = first; r0 < row_cta + kRowsPerCta && r0 < p.n; r0 += 16 * kWarps) {
-    TileLoads<NESTED> next;
-    const int64_t r_next = r0 + 16 * kWarps;
-    if (r_next < row_cta + kRowsPerCta && r_next < p.n) next.load(p, r_next, col0 + 16 * t, block_shift, nested_shift, g, t);
+  for (int64_t r0 = first; r0 < row_end; r0 += kRowsPerRound) {
+    TileLoads<NESTED> next;  // PREFETCH tiles ahead
+    const int64_t r_next = r0 + PREFETCH * kRowsPerRound;
+    if (r_next < row_end) next.load(p, r_next, col0 + 16 * t, block_shift, nested_shift, g, t);
 
     float scale[2], sv[2];
 #pragma unroll
@@ -218,7 +225,12 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
         dst[1] = make_uint4(packed_out[rr][4], packed_out[rr][5], packed_out[rr][6], packed_out[rr][7]);
       }
     }
-    cur = next;
+    if constexpr (PREFETCH == 2) {
+      cur = ahead1;
+      ahead1 = next;
+    } else {
+      cur = next;
+    }
   }
 }
 
@@ -237,11 +249,53 @@ __global__ void dora_row_norm_finish(DoraRowNormParams q, const float* partial, 
   q.flagged[o] = q.unit * (t + n) > q.rtol * n;
 }
 
+// Rows per CTA: one wave of CTAs (every SM's slots filled once, the column strips fixed by K), so a
+// CTA's prologue (tables, A's strip and its split fragments: about two memory latencies) is paid
+// once per SM slot rather than per 256 rows. (With 256 rows per CTA, 4 tiles per warp, the
+// prologue was ~1/3 of a CTA's life; ncu: 91 us at 14336 x 4096, 6.8 waves.)
+int64_t rows_per_cta_for(int ctas_per_sm, const LoraMerge4bitParams& p) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t slots = int64_t(ctas_per_sm) * (sms > 0 ? sms : 1);
+  const int64_t strips = p.k / kStrip;
+  const int64_t chunks = slots / strips > 1 ? slots / strips : 1;
+  const int64_t rows = (p.n + chunks - 1) / chunks;
+  return (rows + kRowsPerRound - 1) / kRowsPerRound * kRowsPerRound;
+}
+
+template <typename T, bool NESTED, int SPLIT, bool NORM, int PREFETCH>
+void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
+  const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, PREFETCH>;
+  static const int ctas_per_sm = [kernel] {  // one per instantiation (its registers decide)
+    int blocks = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
+    return blocks > 0 ? blocks : 1;
+  }();
+  const int64_t rows = rows_per_cta_for(ctas_per_sm, p);
+  const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + rows - 1) / rows));
+  kernel<<<grid, kThreads, 0, stream>>>(p, norm_partial, rows);
+}
+
+// LOWRANK_MERGE_PREFETCH=1: the next tile's loads only (the default is two tiles ahead).
+int merge_prefetch() {
+  static const int depth = [] {
+    const char* env = std::getenv("LOWRANK_MERGE_PREFETCH");
+    return env != nullptr && env[0] == '1' ? 1 : 2;
+  }();
+  return depth;
+}
+
 template <typename T, int SPLIT, bool NORM>
 void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + kRowsPerCta - 1) / kRowsPerCta));
-  if (p.absmax == nullptr) lora_merge_4bit_mma<T, true, SPLIT, NORM><<<grid, kThreads, 0, stream>>>(p, norm_partial);
-  else lora_merge_4bit_mma<T, false, SPLIT, NORM><<<grid, kThreads, 0, stream>>>(p, norm_partial);
+  const bool nested = p.absmax == nullptr;
+  if (merge_prefetch() == 2) {
+    if (nested) launch_kernel<T, true, SPLIT, NORM, 2>(p, norm_partial, stream);
+    else launch_kernel<T, false, SPLIT, NORM, 2>(p, norm_partial, stream);
+  } else {
+    if (nested) launch_kernel<T, true, SPLIT, NORM, 1>(p, norm_partial, stream);
+    else launch_kernel<T, false, SPLIT, NORM, 1>(p, norm_partial, stream);
+  }
 }
 
 }  // namespace
