@@ -5,7 +5,8 @@
 //
 // bf16 only. Both products run on the tensor cores (mma.sync m16n8k16) with dY as loaded: lane
 // (g, t) of a warp loads 16 bytes of rows g and g + 8 of a 16-row block in each 32-column half of
-// the warp's 64 columns (columns 8t .. 8t + 7). As they are, those registers are the A operand of
+// the warp's 64 columns (columns 8t .. 8t + 7), by cp.async into its own slots of a shared-memory
+// ring several blocks ahead, and reads them back into registers. As they are, those registers are the A operand of
 // g = dY B_v once the k index (a column) is permuted to match (B_v's fragments are built with the
 // same permutation, once per CTA, into shared memory). Transposed by movmatrix (an 8 x 8 b16 tile
 // per register), they are the B operand of dh^T = h^T dY, whose n index (a column) is permuted
@@ -60,38 +61,86 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t bits) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
 }
 
-// One 16-row block of a warp's 64 columns: [row group (g, g + 8)][32-column half], 8 bf16 each.
+// Blocks in flight per warp: a ring of kStages 16-row blocks in shared memory filled by cp.async,
+// kStages - 1 blocks ahead of the math. ncu on the H100 at M = 8192, N = 14336, r = 16 (LoRA / with
+// y): one block ahead in registers 137 us / -, a 3-stage ring with 8 warps 132 us (DRAM 57%) / 4
+// warps 182 us (DRAM 82%), 5 stages with 4 warps 124 us (DRAM 63%).
 template <bool DOT>
-struct BlockLoads {
+constexpr int kStages = DOT ? 3 : 5;
+
+// One 16-row block of a warp's 64 columns as a lane holds it: [row group (g, g + 8)][32-column
+// half], 8 bf16 each.
+template <bool DOT>
+struct BlockRegs {
   uint4 dy[2][2];
   uint4 y[DOT ? 2 : 1][DOT ? 2 : 1];
+};
 
-  __device__ __forceinline__ void load(const LoraDyProductsParams& p, int64_t m0, int64_t col, bool active, int g,
-                                       int t) {
+// The ring's slot of one lane: what it copies is what it reads back (no other lane touches it, so
+// cp.async.wait_group alone orders the copy and the read).
+template <bool DOT>
+struct BlockSlot {
+  uint4 dy[4][32];  // [2 rg + hf][lane]
+  uint4 y[4][32];
+};
+template <>
+struct BlockSlot<false> {
+  uint4 dy[4][32];
+};
+
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool ok) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // src-size 0: nothing read, the 16 bytes zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int PENDING>
+__device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// Starts the copy of block m0 (rows m0 .. m0 + 15) into a lane's slot and commits it as one group
+// (an empty group past the chunk: one group per block keeps wait_group's count).
+template <bool DOT>
+__device__ __forceinline__ void issue_block(const LoraDyProductsParams& p, BlockSlot<DOT>& slot, int64_t m0,
+                                            int64_t row_end, int64_t col, bool active, int g, int t, int lane) {
+  if (m0 < row_end) {
 #pragma unroll
     for (int rg = 0; rg < 2; ++rg) {
       const int64_t row = m0 + g + 8 * rg;
       const bool ok = active && row < p.m;
+      const int64_t row_c = ok ? row : 0;  // an address inside dY even when nothing is read
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int64_t off = row * p.n + col + 32 * hf + 8 * t;
-        dy[rg][hf] = ok ? __ldcs(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.dy) + off))
-                        : make_uint4(0u, 0u, 0u, 0u);
-        if constexpr (DOT) {
-          y[rg][hf] = ok ? __ldcs(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.y) + off))
-                         : make_uint4(0u, 0u, 0u, 0u);
-        }
+        const int64_t off = row_c * p.n + (ok ? col : 0) + 32 * hf + 8 * t;
+        copy16_async(&slot.dy[2 * rg + hf][lane], static_cast<const __nv_bfloat16*>(p.dy) + off, ok);
+        if constexpr (DOT) copy16_async(&slot.y[2 * rg + hf][lane], static_cast<const __nv_bfloat16*>(p.y) + off, ok);
       }
     }
   }
-};
+  copy_commit();
+}
+
+template <bool DOT>
+__device__ __forceinline__ void read_block(const BlockSlot<DOT>& slot, int lane, BlockRegs<DOT>& regs) {
+#pragma unroll
+  for (int rg = 0; rg < 2; ++rg) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      regs.dy[rg][hf] = slot.dy[2 * rg + hf][lane];
+      if constexpr (DOT) regs.y[rg][hf] = slot.y[2 * rg + hf][lane];
+    }
+  }
+}
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
 
-// Shared memory (dynamic: 50.5 KB for 8 warps, over the 48 KB of static shared memory)
-template <int WARPS>
+// Shared memory (dynamic: 98.5 KB for 8 warps, 74.5 KB for 4 with y; static shared memory stops at 48)
+template <int WARPS, bool DOT>
 struct DyProductsShared {
   uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
   float g[2][WARPS][16][16];    // the warps' g of a block, double-buffered
@@ -99,12 +148,13 @@ struct DyProductsShared {
   // the same 16 rows; loaded by the CTA's threads one block ahead (as 8 scalar loads per lane at
   // the point of use they put an L2 round trip into every block's critical path)
   float h[2][16][kHStride];
+  BlockSlot<DOT> ring[kStages<DOT>][WARPS];
 };
 
 template <int WARPS, bool DOT>
 __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsParams p) {
   extern __shared__ __align__(16) unsigned char dy_products_smem[];
-  auto& shared = *reinterpret_cast<DyProductsShared<WARPS>*>(dy_products_smem);
+  auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT>*>(dy_products_smem);
   auto& s_b = shared.b;
   auto& s_g = shared.g;
   auto& s_h = shared.h;
@@ -116,8 +166,11 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   const int64_t row_begin = int64_t(blockIdx.y) * p.chunk_rows;
   const int64_t row_end = row_begin + p.chunk_rows < p.m ? row_begin + p.chunk_rows : p.m;
 
-  BlockLoads<DOT> cur;
-  if (row_begin < row_end) cur.load(p, row_begin, col, active, g, t);
+  auto& ring = shared.ring;
+#pragma unroll
+  for (int st = 0; st < kStages<DOT> - 1; ++st) {
+    issue_block<DOT>(p, ring[st][warp], row_begin + 16 * st, row_end, col, active, g, t, lane);
+  }
   // entry e = threadIdx.x + i * 32 WARPS of a block: row e / 16, column e % 16
   const auto load_h = [&](int64_t m0, float (&vals)[kHPerThread]) {
 #pragma unroll
@@ -180,11 +233,17 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   }
   __syncthreads();  // s_b, s_h[0]
 
-  int buf = 0;
+  int buf = 0, stage = 0;
 #pragma unroll 1
   for (int64_t m0 = row_begin; m0 < row_end; m0 += 16, buf ^= 1) {
-    BlockLoads<DOT> next;
-    if (m0 + 16 < row_end) next.load(p, m0 + 16, col, active, g, t);
+    copy_wait<kStages<DOT> - 2>();  // this block's group is done (kStages - 2 later ones may be pending)
+    BlockRegs<DOT> cur;
+    read_block<DOT>(ring[stage][warp], lane, cur);
+    // refill the slot read one block ago (this lane's own reads of it are done: their values fed
+    // the previous block's math)
+    const int refill = stage == 0 ? kStages<DOT> - 1 : stage - 1;
+    issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (kStages<DOT> - 1), row_end, col, active, g, t, lane);
+    stage = stage == kStages<DOT> - 1 ? 0 : stage + 1;
     float h_next[kHPerThread];
     load_h(m0 + 16, h_next);
 
@@ -256,8 +315,8 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
         p.g_part[(int64_t(blockIdx.x) * p.m + m0 + row) * p.r + j] = sum;
       }
     }
-    cur = next;
   }
+  copy_wait<0>();  // no copy outlives the CTA
 
   if (!active) return;
   // this chunk's partial sums: dh [N, r] (rows g, g + 8 of dh^T), dot [N] (summed over the 8 g)
@@ -289,8 +348,9 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   }
 }
 
-// LoRA: 8 warps (512-column strips: fewer g partials); DoRA holds y too (more registers): 4.
-constexpr int kWarpsNoDot = 8;
+// 4 warps (256-column strips) and 3 CTAs per SM with or without y (8 warps for LoRA halved the g
+// partials, but 32 KB of B_v fragments per CTA left room for too few blocks in flight).
+constexpr int kWarpsNoDot = 4;
 constexpr int kWarpsDot = 4;
 
 }  // namespace
@@ -308,7 +368,7 @@ auto dy_products_kernel() {
   cudaGetDevice(&device);
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if (bit == 0 || (devices_set.load() & bit) == 0) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(DyProductsShared<WARPS>)));
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(DyProductsShared<WARPS, DOT>)));
     devices_set.fetch_or(bit);
   }
   return kernel;
@@ -318,7 +378,7 @@ template <int WARPS, bool DOT>
 int ctas_per_sm() {
   int blocks = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dy_products_kernel<WARPS, DOT>(), 32 * WARPS,
-                                                sizeof(DyProductsShared<WARPS>));
+                                                sizeof(DyProductsShared<WARPS, DOT>));
   return blocks > 0 ? blocks : 1;
 }
 
@@ -326,7 +386,7 @@ template <int WARPS, bool DOT>
 void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
   const auto kernel = dy_products_kernel<WARPS, DOT>();
-  kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS>), stream>>>(p);
+  kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT>), stream>>>(p);
 }
 
 }  // namespace

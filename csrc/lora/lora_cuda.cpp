@@ -268,13 +268,11 @@ std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
               "lowrank::dora_row_norm_4bit: the CUDA kernel needs r <= 16, in_features % 64 == 0, blocksize >= 16 "
               "and packed 8-byte aligned, got r ", quant::num(a.size(0)), ", in_features ", quant::num(in_features),
               ", blocksize ", quant::num(blocksize), " (lowrank.dora uses the expansion there)");
-  const at::Tensor a_norm = at::linalg_vector_norm(a.to(at::kDouble), 2, at::IntArrayRef({1}));
-  at::Tensor partial = at::empty({dora_row_norm_strips(in_features), out_features}, a.options());
+  at::Tensor partial = at::empty({dora_row_norm_partial_size(out_features, in_features)}, a.options());
   at::Tensor norm = at::empty({out_features}, a.options());
   at::Tensor flagged = at::empty({out_features}, a.options().dtype(at::kBool));
   DoraRowNormParams q{};
   q.merge = p;
-  q.a_norm = a_norm.const_data_ptr<double>();
   q.unit = unit;
   q.rtol = rtol;
   q.norm = norm.mutable_data_ptr<float>();

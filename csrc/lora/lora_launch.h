@@ -110,18 +110,17 @@ void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t strea
 
 // DoRA's row norm n_o = ||W0_o + s B_o A|| straight from the packed weight (merge_mma.cu: the
 // merge's tiles with 3-way split mma, squared and summed per 64-column strip into `partial`
-// [K / 64, N], then added in float64), and the rows whose bound unit (t_o / n_o + 1) exceeds rtol
-// (t_o = |s| sum_j |B_oj| ||A_j||). merge.row_scale must be null and lora_merge_4bit_mma_takes true
-// of merge (any out_kind).
+// (dora_row_norm_partial_size floats: [K / 64, N], then [K / 64, 16] of A's squares), then added
+// in float64), and the rows whose bound unit (t_o / n_o + 1) exceeds rtol (t_o = |s| sum_j |B_oj|
+// ||A_j||). merge.row_scale must be null and lora_merge_4bit_mma_takes true of merge (any out_kind).
 struct DoraRowNormParams {
   LoraMerge4bitParams merge;
-  const double* a_norm;  // [r] ||A_j||
   double unit, rtol;
   float* norm;           // [N]
   bool* flagged;         // [N]
 };
 
-int dora_row_norm_strips(int64_t k);
+int64_t dora_row_norm_partial_size(int64_t n, int64_t k);
 void launch_dora_row_norm(const DoraRowNormParams& q, float* partial, cudaStream_t stream);
 
 // DoRA's row norm from the expansion (dora_norm.cu): n float32 [N] and the rows whose bound says

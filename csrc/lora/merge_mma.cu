@@ -18,11 +18,10 @@
 // row, dequantized and added straight from the accumulators, and two 16-byte stores per row (4
 // lanes write a row's 128 bytes). The first version staged the product through shared memory:
 // L1-bound (ncu L1/TEX 88%, stalls on L1TEX 55%), 129.5 us at 14336 x 4096 r = 16. A tile's codes,
-// absmax and B are loaded PREFETCH tiles before its math.
+// absmax and B are loaded a tile before its math (two tiles ahead, 128 registers:
+// 168 us against 94 us).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-
-#include <cstdlib>
 
 #include "common/cuda_float.cuh"
 #include "lora/lora_launch.h"
@@ -113,9 +112,10 @@ struct TileLoads {
 };
 
 // NORM = false: W' rows written in T. NORM = true: per row, the sum over the strip of
-// (W0 + s B A)^2 into norm_partial[strip][row] (row_scale must be null).
-template <typename T, bool NESTED, int SPLIT, bool NORM, int PREFETCH>
-__global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitParams p, float* norm_partial,
+// (W0 + s B A)^2 into norm_partial[strip][row], and after those [strips][16] the strip's
+// sum_k A_jk^2 (row_scale must be null).
+template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(LoraMerge4bitParams p, float* norm_partial,
                                                                  int64_t rows_per_cta) {
   __shared__ float s_values[16];
   __shared__ float s_qmap[NESTED ? 256 : 1];
@@ -141,12 +141,16 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
     *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
   }
   const int64_t first = row_cta + 16 * warp;
-  TileLoads<NESTED> cur, ahead1;  // ahead1: the next tile's loads when PREFETCH == 2
+  TileLoads<NESTED> cur;
   if (first < row_end) cur.load(p, first, col0 + 16 * t, block_shift, nested_shift, g, t);
-  if (PREFETCH == 2 && first + kRowsPerRound < row_end) {
-    ahead1.load(p, first + kRowsPerRound, col0 + 16 * t, block_shift, nested_shift, g, t);
-  }
   __syncthreads();  // the tables and A's strip
+  if constexpr (NORM) {  // ||A_j||^2 over the strip, once per strip, for the finish's error bound
+    if (blockIdx.y == 0 && threadIdx.x < 16) {
+      float sum = 0.0f;
+      for (int c = 0; c < kStrip; ++c) sum = __fmaf_rn(s_a[threadIdx.x][c], s_a[threadIdx.x][c], sum);
+      norm_partial[int64_t(gridDim.x) * p.n + 16 * blockIdx.x + threadIdx.x] = sum;
+    }
+  }
 
   // The k index (j, the rank) is permuted so that a lane's four j are consecutive (one 16-byte
   // load of B per row): k = 2t + e <-> j = 4t + e, k = 2t + 8 + e <-> j = 4t + 2 + e.
@@ -165,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
 
 #pragma unroll 1
   for (int64_t r0 = first; r0 < row_end; r0 += kRowsPerRound) {
-    TileLoads<NESTED> next;  // PREFETCH tiles ahead
-    const int64_t r_next = r0 + PREFETCH * kRowsPerRound;
+    TileLoads<NESTED> next;
+    const int64_t r_next = r0 + kRowsPerRound;
     if (r_next < row_end) next.load(p, r_next, col0 + 16 * t, block_shift, nested_shift, g, t);
 
     float scale[2], sv[2];
@@ -225,24 +229,28 @@ __global__ void __launch_bounds__(kThreads) lora_merge_4bit_mma(LoraMerge4bitPar
         dst[1] = make_uint4(packed_out[rr][4], packed_out[rr][5], packed_out[rr][6], packed_out[rr][7]);
       }
     }
-    if constexpr (PREFETCH == 2) {
-      cur = ahead1;
-      ahead1 = next;
-    } else {
-      cur = next;
-    }
+    cur = next;
   }
 }
 
 // n_o = sqrt(sum over strips of the partial sums) in float64, and the rows whose error bound
 // unit (t_o / n_o + 1) exceeds rtol, t_o = |s| sum_j |B_oj| ||A_j||.
+// (||A_j|| from the strips' float sums of 64 squares, added in float64: ~2^-18 relative, inside
+// the bound's margin. As at::linalg_vector_norm it took 9.6 us and two launches on the H100.)
 __global__ void dora_row_norm_finish(DoraRowNormParams q, const float* partial, int strips) {
+  __shared__ double s_a_norm[16];
+  if (threadIdx.x < 16) {
+    double a2 = 0.0;
+    for (int s = 0; s < strips; ++s) a2 += double(partial[int64_t(strips) * q.merge.n + 16 * s + threadIdx.x]);
+    s_a_norm[threadIdx.x] = sqrt(a2);
+  }
+  __syncthreads();
   const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= q.merge.n) return;
   double n2 = 0.0;
   for (int s = 0; s < strips; ++s) n2 += double(partial[int64_t(s) * q.merge.n + o]);
   double t = 0.0;
-  for (int j = 0; j < q.merge.r; ++j) t += fabs(double(q.merge.b[o * q.merge.r + j])) * q.a_norm[j];
+  for (int j = 0; j < q.merge.r; ++j) t += fabs(double(q.merge.b[o * q.merge.r + j])) * s_a_norm[j];
   t *= fabs(double(q.merge.scaling));
   const double n = sqrt(n2);
   q.norm[o] = float(n);
@@ -264,9 +272,9 @@ int64_t rows_per_cta_for(int ctas_per_sm, const LoraMerge4bitParams& p) {
   return (rows + kRowsPerRound - 1) / kRowsPerRound * kRowsPerRound;
 }
 
-template <typename T, bool NESTED, int SPLIT, bool NORM, int PREFETCH>
+template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
 void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, PREFETCH>;
+  const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, MIN_BLOCKS>;
   static const int ctas_per_sm = [kernel] {  // one per instantiation (its registers decide)
     int blocks = 0;
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
@@ -277,25 +285,14 @@ void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
   kernel<<<grid, kThreads, 0, stream>>>(p, norm_partial, rows);
 }
 
-// LOWRANK_MERGE_PREFETCH=1: the next tile's loads only (the default is two tiles ahead).
-int merge_prefetch() {
-  static const int depth = [] {
-    const char* env = std::getenv("LOWRANK_MERGE_PREFETCH");
-    return env != nullptr && env[0] == '1' ? 1 : 2;
-  }();
-  return depth;
-}
-
+// CTAs per SM the register cap allows: the merge 5 (96 registers, a word spilled; ncu 81 us at 14336 x 4096 against
+// 91 us for 256-row CTAs at 110 registers; a cap at 80 registers spilled and ran slower), the
+// norm's 3-way split 4 (126 registers, none spilled; at 96 it spilled and ran ~10% slower).
 template <typename T, int SPLIT, bool NORM>
 void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  const bool nested = p.absmax == nullptr;
-  if (merge_prefetch() == 2) {
-    if (nested) launch_kernel<T, true, SPLIT, NORM, 2>(p, norm_partial, stream);
-    else launch_kernel<T, false, SPLIT, NORM, 2>(p, norm_partial, stream);
-  } else {
-    if (nested) launch_kernel<T, true, SPLIT, NORM, 1>(p, norm_partial, stream);
-    else launch_kernel<T, false, SPLIT, NORM, 1>(p, norm_partial, stream);
-  }
+  constexpr int kMinBlocks = NORM ? 4 : 5;
+  if (p.absmax == nullptr) launch_kernel<T, true, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
+  else launch_kernel<T, false, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
 }
 
 }  // namespace
@@ -311,13 +308,13 @@ void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t strea
   else launch_shaped<__half, 2, false>(p, nullptr, stream);
 }
 
-int dora_row_norm_strips(int64_t k) { return int(k / kStrip); }
+int64_t dora_row_norm_partial_size(int64_t n, int64_t k) { return k / kStrip * (n + 16); }
 
 void launch_dora_row_norm(const DoraRowNormParams& q, float* partial, cudaStream_t stream) {
   launch_shaped<float, 3, true>(q.merge, partial, stream);
   const int threads = 256;
   dora_row_norm_finish<<<unsigned((q.merge.n + threads - 1) / threads), threads, 0, stream>>>(
-      q, partial, dora_row_norm_strips(q.merge.k));
+      q, partial, int(q.merge.k / kStrip));
 }
 
 }  // namespace lowrank::lora
