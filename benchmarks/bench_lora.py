@@ -2,11 +2,8 @@
 
 Layer: M = 8192 tokens of bf16 x through one projection (14336x4096 and 4096x4096, no bias),
 r = 16, alpha = 32, forward + backward (dX, and the adapter's gradients), dY given. Time: median
-of CUDA-event timed calls, taken in --rounds rounds that visit every implementation in turn (this
-H100's clocks drift with its power draw over a run: the floor measured 2.39-2.49 ms across runs and
-one implementation 2.77 then 3.07 ms seconds apart, so timing each implementation in one block
-would charge the drift to whichever came later); memory: the peak allocated during one forward +
-backward minus what was allocated before it (inputs, weights, dY), in MB. Rows:
+of CUDA-event timed calls; memory: the peak allocated during one forward + backward minus what was
+allocated before it (inputs, weights, dY), in MB. Rows:
   bf16-frozen        F.linear with a frozen bf16 weight (dX only): the floor
   lowrank-lora       lowrank.nn.LoraLinear over nn.Linear (bf16)
   lowrank-qlora      lowrank.nn.LoraLinear over lowrank.nn.Linear4bit (NF4, bs 64, double quant)
@@ -28,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -140,27 +136,19 @@ def bench_layers(args, peft, bnb):
         w = torch.randn(n, k, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
         x = torch.randn(M, k, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
         dy = torch.randn(M, n, generator=g, device="cuda", dtype=torch.bfloat16)
-        layers = {impl: make() for impl, make in layer_setups(w, peft, bnb).items()}
-        peaks = {}
-        for impl, layer in layers.items():
+        floor_ms = None
+        for impl, make in layer_setups(w, peft, bnb).items():
+            layer = make()
             fwd_bwd_peak_mb(layer, x, dy)  # warm-up (allocator, cuBLAS handles, caches)
-            peaks[impl] = fwd_bwd_peak_mb(layer, x, dy)
+            peak = fwd_bwd_peak_mb(layer, x, dy)
 
-        def step(layer):
-            x.grad = None
-            for p in layer.parameters():
-                p.grad = None
-            layer(x).backward(dy)
-        times = {impl: [] for impl in layers}
-        per_round = max(1, -(-args.reps // args.rounds))
-        for _ in range(args.rounds):
-            for impl, layer in layers.items():
-                times[impl] += harness.time_cuda(lambda layer=layer: step(layer), [()], warmup=2, reps=per_round,
-                                                 keep_times=True)["times_ms"]
-        floor_ms = statistics.median(times["bf16-frozen"])
-        for impl, ts in times.items():
-            t = {"median_ms": statistics.median(ts), "min_ms": min(ts), "reps": len(ts), "rounds": args.rounds}
-            peak = peaks[impl]
+            def step(layer=layer):
+                x.grad = None
+                for p in layer.parameters():
+                    p.grad = None
+                layer(x).backward(dy)
+            t = harness.time_cuda(step, [()], warmup=3, reps=args.reps)
+            floor_ms = t["median_ms"] if impl == "bf16-frozen" else floor_ms
             row = {"shape": [n, k], "m": M, "r": R, "impl": impl, **t, "peak_mb_above_inputs": peak,
                    "vs_bf16_frozen": t["median_ms"] / floor_ms}
             target = TARGETS.get((impl, (n, k)))
@@ -171,9 +159,9 @@ def bench_layers(args, peft, bnb):
             print(f"layer {n:5d}x{k:<5d} {impl:16s} {t['median_ms']:7.3f} ms ({row['vs_bf16_frozen']:.2f}x floor) "
                   f"{peak:7.0f} MB" + (f"  target {'met' if row['meets_target'] else 'MISSED'} "
                                        f"({target['ms']} ms, {target['mb']} MB)" if target else ""))
-        del layers
-        gc.collect()
-        torch.cuda.empty_cache()
+            del layer
+            gc.collect()
+            torch.cuda.empty_cache()
         del w, x, dy
     return rows
 
@@ -251,8 +239,7 @@ def bench_model(args, transformers, peft, bnb):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/bench_lora.json")
-    ap.add_argument("--reps", type=int, default=40, help="timed calls per layer implementation, over all rounds")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds that visit every implementation in turn")
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--model-reps", type=int, default=5)
     ap.add_argument("--no-model", action="store_true", help="layer benchmark only")
     args = ap.parse_args()

@@ -22,7 +22,7 @@ def copies_for(nbytes: int) -> int:
     return max(1, -(-L2_ROTATION_BYTES // max(nbytes, 1)))
 
 
-def time_cuda(fn, inputs: list, warmup: int = 5, reps: int = 50, keep_times: bool = False) -> dict:
+def time_cuda(fn, inputs: list, warmup: int = 5, reps: int = 50) -> dict:
     """Median / min milliseconds of fn(*inputs[i % len(inputs)]) timed with CUDA events.
 
     Calls are queued back to back (one synchronize at the end, as triton's do_bench), so the
@@ -41,10 +41,7 @@ def time_cuda(fn, inputs: list, warmup: int = 5, reps: int = 50, keep_times: boo
         events.append((start, end))
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in events]
-    out = {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
-    if keep_times:  # (for callers that pool calls timed in several rounds)
-        out["times_ms"] = times
-    return out
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
 
 
 def time_cuda_graph(fn, inputs: list, warmup: int = 3, reps: int = 30, min_calls: int = 24) -> dict:
