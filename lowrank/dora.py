@@ -88,8 +88,8 @@ U_FP64 = 2.0 ** -40   # error of the float64 terms, relative to (||W0_o|| + t_o)
 # first, then squared.
 U_ROW_NORM = 2.0 ** -19
 # Up to this rank, on CUDA, for a 4-bit weight with in_features % 64 == 0: the direct norm (one
-# pass over the packed weight on the tensor cores; 137-157 us a call at 14336 x 4096 r = 16 on the
-# H100 against 218 us for dora_cross_4bit + dora_norm). Tests set ROW_NORM_ON_CPU to take the op on CPU.
+# pass over the packed weight on the tensor cores; ncu 86 us at 14336 x 4096 r = 16 on the H100
+# against 218 us for dora_cross_4bit + dora_norm). Tests set ROW_NORM_ON_CPU to take the op on CPU.
 ROW_NORM_MAX_RANK = 16
 ROW_NORM_ON_CPU = False
 

@@ -147,8 +147,8 @@ def _dequantized(quant: QuantizedTensor, dtype, row_scale: torch.Tensor | None =
 # exact arithmetic, for tests), slower there than the unmerged PyTorch path. Tests set this True to
 # run the merged path on CPU.
 MERGE_ON_CPU = False
-# Up to this rank: a 16-bit merge takes the tensor-core kernel (merge_mma.cu, r <= 16: 100-115 us at
-# 14336 x 4096 on the H100 against 77-84 us for the plain dequantize). Above it the float32-FMA
+# Up to this rank: a 16-bit merge takes the tensor-core kernel (merge_mma.cu, r <= 16: ncu 81 us at
+# 14336 x 4096 on the H100; the plain dequantize writes the same 117 MB). Above it the float32-FMA
 # kernel (instruction-bound: 294-311 us at r = 32) costs more than the merge saves (y's first write
 # and C read, dX's too: ~0.2 ms a step; at r = 16 the FMA kernel's 158 us about cancelled it).
 MERGE_MAX_RANK = 16
