@@ -27,9 +27,11 @@
 // and ncu (H100, 28672 x 8192, M = 1) showed the schedulers issuing 0.56 per cycle with 44% of
 // cycles having no eligible warp, DRAM at 36%: issue-bound at 16 warps per SM. Half of those
 // instructions were the lookup index arithmetic (6 per lookup), 64-bit address math and
-// branches around predicated loads. Now a lookup is 3 instructions (pair_word), rows past N and
-// x rows past M read a clamped valid row instead of being predicated (their mma rows/columns are
-// never stored), offsets are 32-bit, and the streamed codes bypass L1.
+// branches around predicated loads. Now a lookup is 4 instructions in the sm_90a SASS (pair_word),
+// rows past N and x rows past M read a clamped valid row instead of being predicated (their mma
+// rows/columns are never stored), offsets are 32-bit, and the streamed codes bypass L1. The loop
+// is ~81 instructions per 64-wide chunk per warp, 64 of them the 16 lookups (SASS of csrc
+// 1a1e955; ncu: 33.5 M instructions, issue slots 54% busy, DRAM 39% at base clocks).
 //
 // Fragment mapping (mma.m16n8k16, A = 16 weight rows x 16 k, B = 16 k x 8 x rows): lane
 // (g = lane / 4, t = lane % 4) loads 8 packed bytes of weight rows g and g + 8 at byte offset
@@ -75,8 +77,12 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, ui
 
 // The table word of byte j (0..3) of a packed word, for this lane. A table row is 32 words = 128
 // bytes, so the byte offset is byte * 128 + lane * 4: one shift and one AND-OR (LOP3) put the
-// byte at bits 7..14 beside the lane's bits 2..6, then the shared load (3 instructions; the
-// plain index arithmetic compiled to 6).
+// byte at bits 7..14 beside the lane's bits 2..6, then the shared load. The SASS adds one IADD
+// of the table's shared-window address (4 instructions; the plain index arithmetic compiled to
+// 6): on sm_90 a shared address carries the CTA's cluster rank in bits 24 and up (S2R
+// SR_CgaCtaId), and the table starts at window offset 0x400, so ptxas cannot fold it into the LDS.
+// (A 256-byte-row table addressed by one PRMT still paid that IADD and, at 64 KB, left ~23 KB
+// of L1 for x: 46% slower; docs/design.md, branch wip/skinny-v2.)
 template <int J>
 __device__ __forceinline__ uint32_t pair_word(const char* table, uint32_t word, uint32_t lane4) {
   const uint32_t shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
