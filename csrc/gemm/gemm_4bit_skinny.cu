@@ -40,6 +40,7 @@
 // 2s and 2s+1 as its B registers: the mma's k order is a permutation of the chunk's 64 elements,
 // the same one for A and B, so the sum is the same dot product.
 #include <cstdlib>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -75,6 +76,11 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Where ptxas puts the kernel's first static shared array (the table) in the CTA's shared window on
+// sm_90: after the 1 KB the system reserves. The kernel checks it (cvta of the table) and takes
+// the generic path when it differs (another architecture, a cluster launch, another layout).
+constexpr uint32_t kTableWindowOffset = 0x400;
+
 // The table word of byte j (0..3) of a packed word, for this lane. A table row is 32 words = 128
 // bytes, so the byte offset is byte * 128 + lane * 4: one shift and one AND-OR (LOP3) put the
 // byte at bits 7..14 beside the lane's bits 2..6, then the shared load. The SASS adds one IADD
@@ -83,10 +89,17 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, ui
 // SR_CgaCtaId), and the table starts at window offset 0x400, so ptxas cannot fold it into the LDS.
 // (A 256-byte-row table addressed by one PRMT still paid that IADD and, at 64 KB, left ~23 KB
 // of L1 for x: 46% slower; docs/design.md, branch wip/skinny-v2.)
-template <int J>
+template <int J, bool IMM>
 __device__ __forceinline__ uint32_t pair_word(const char* table, uint32_t word, uint32_t lane4) {
   const uint32_t shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
-  return *reinterpret_cast<const uint32_t*>(table + ((shifted & 0x7f80u) | lane4));
+  const uint32_t offset = (shifted & 0x7f80u) | lane4;
+  if constexpr (IMM) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1+%2];" : "=r"(v) : "r"(offset), "n"(kTableWindowOffset));
+    return v;
+  } else {
+    return *reinterpret_cast<const uint32_t*>(table + offset);
+  }
 }
 
 // 8 packed bytes read once: no L1 allocation, so L1 keeps x and the absmax codes (the ncu run
@@ -194,132 +207,140 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
   uint2 w_next[kSteps][ROW_TILES][2];
   if (n_groups > 0 && int64_t(blockIdx.x) < n_tiles) load_group(blockIdx.x, c_begin, w_next);
 
-  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const int64_t row0 = tile * kTileRows;
-    float acc[ROW_TILES][TILES_M][4];
-#pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r)
-#pragma unroll
-      for (int j = 0; j < TILES_M; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.0f;
+  // The tile loop twice: table lookups through ld.shared with the table's window offset as an
+  // immediate (kImm, see pair_word), or through the generic shared address (any other layout).
+  auto tiles = [&](auto imm) {
+    constexpr bool kImm = decltype(imm)::value;
+    for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+      const int64_t row0 = tile * kTileRows;
+      float acc[ROW_TILES][TILES_M][4];
+  #pragma unroll
+      for (int r = 0; r < ROW_TILES; ++r)
+  #pragma unroll
+        for (int j = 0; j < TILES_M; ++j)
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.0f;
 
-    for (int gi = 0; gi < n_groups; ++gi) {
-      const int c0 = c_begin + gi * kSteps;
-      uint2 w[kSteps][ROW_TILES][2];
-#pragma unroll
-      for (int u = 0; u < kSteps; ++u)
-#pragma unroll
-        for (int r = 0; r < ROW_TILES; ++r) w[u][r][0] = w_next[u][r][0], w[u][r][1] = w_next[u][r][1];
-      if (gi + 1 < n_groups) load_group(tile, c0 + kSteps, w_next);
-      else if (tile + gridDim.x < n_tiles) load_group(tile + gridDim.x, c_begin, w_next);
+      for (int gi = 0; gi < n_groups; ++gi) {
+        const int c0 = c_begin + gi * kSteps;
+        uint2 w[kSteps][ROW_TILES][2];
+  #pragma unroll
+        for (int u = 0; u < kSteps; ++u)
+  #pragma unroll
+          for (int r = 0; r < ROW_TILES; ++r) w[u][r][0] = w_next[u][r][0], w[u][r][1] = w_next[u][r][1];
+        if (gi + 1 < n_groups) load_group(tile, c0 + kSteps, w_next);
+        else if (tile + gridDim.x < n_tiles) load_group(tile + gridDim.x, c_begin, w_next);
 
-      // A segment's absmax, decoded once per (row, chunk) with coalesced loads: the codes of a
-      // row's consecutive blocks are consecutive bytes. (Loading them with the weight codes, 8
-      // rows per warp load, was a third of the L1 wavefronts in the ncu run.) Groups never
-      // straddle segments: kSegment is a multiple of kSteps.
-      const int seg = c_begin + ((c0 - c_begin) / kSegment) * kSegment;
-      if (c0 == seg) {
-        const int seg_len = min(kSegment, c_end - seg);
-        __syncwarp();
-#pragma unroll
-        for (int i = lane; i < kTileRows * kSegment; i += 32) {
-          const int rr = i / kSegment, cc = i % kSegment;
-          if (cc < seg_len) {
-            const int64_t row_raw = row0 + rr;
-            const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
-            const uint32_t block = row * blocks_per_row + (uint32_t(seg + cc) >> chunk_block_shift);
-            if constexpr (NESTED) {
-              // a rounded product, then a rounded sum, exactly as dequantize_4bit_nested
-              my_absmax[rr][cc] = __fadd_rn(__fmul_rn(s_qmap[__ldg(p.absmax_codes + block)],
-                                                      __ldg(p.nested_absmax + (block >> nested_shift))), offset);
-            } else {
-              my_absmax[rr][cc] = __ldg(p.absmax + block);
+        // A segment's absmax, decoded once per (row, chunk) with coalesced loads: the codes of a
+        // row's consecutive blocks are consecutive bytes. (Loading them with the weight codes, 8
+        // rows per warp load, was a third of the L1 wavefronts in the ncu run.) Groups never
+        // straddle segments: kSegment is a multiple of kSteps.
+        const int seg = c_begin + ((c0 - c_begin) / kSegment) * kSegment;
+        if (c0 == seg) {
+          const int seg_len = min(kSegment, c_end - seg);
+          __syncwarp();
+  #pragma unroll
+          for (int i = lane; i < kTileRows * kSegment; i += 32) {
+            const int rr = i / kSegment, cc = i % kSegment;
+            if (cc < seg_len) {
+              const int64_t row_raw = row0 + rr;
+              const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
+              const uint32_t block = row * blocks_per_row + (uint32_t(seg + cc) >> chunk_block_shift);
+              if constexpr (NESTED) {
+                // a rounded product, then a rounded sum, exactly as dequantize_4bit_nested
+                my_absmax[rr][cc] = __fadd_rn(__fmul_rn(s_qmap[__ldg(p.absmax_codes + block)],
+                                                        __ldg(p.nested_absmax + (block >> nested_shift))), offset);
+              } else {
+                my_absmax[rr][cc] = __ldg(p.absmax + block);
+              }
             }
           }
+          __syncwarp();
         }
-        __syncwarp();
-      }
 
-      // x rows past M read row M - 1 (their mma columns are never stored); a chunk past the
-      // range re-reads the last one and is skipped below.
-      uint4 xv[kSteps][TILES_M][2];
-#pragma unroll
-      for (int u = 0; u < kSteps; ++u) {
-        const uint32_t c = uint32_t(min(c0 + u, c_end - 1));
-#pragma unroll
-        for (int j = 0; j < TILES_M; ++j) {
-          const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
-          xv[u][j][0] = __ldg(src);
-          xv[u][j][1] = __ldg(src + 1);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kSteps; ++u) {
-        if (c0 + u >= c_end) break;
-#pragma unroll
-        for (int r = 0; r < ROW_TILES; ++r) {
-          const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
-                                   my_absmax[r * kRowsPerTile + g + 8][c0 + u - seg]};
-          float chunk[TILES_M][4];
-#pragma unroll
-          for (int j = 0; j < TILES_M; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
-          // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
-            const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
-            const uint32_t a00 = pair_word<0>(table, lo, lane4), a01 = pair_word<0>(table, hi, lane4);
-            const uint32_t a02 = pair_word<1>(table, lo, lane4), a03 = pair_word<1>(table, hi, lane4);
-            const uint32_t a10 = pair_word<2>(table, lo, lane4), a11 = pair_word<2>(table, hi, lane4);
-            const uint32_t a12 = pair_word<3>(table, lo, lane4), a13 = pair_word<3>(table, hi, lane4);
-            const int s0 = 2 * half, s1 = 2 * half + 1;
-#pragma unroll
-            for (int j = 0; j < TILES_M; ++j) {
-              mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
-              mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
-            }
-          }
-#pragma unroll
+        // x rows past M read row M - 1 (their mma columns are never stored); a chunk past the
+        // range re-reads the last one and is skipped below.
+        uint4 xv[kSteps][TILES_M][2];
+  #pragma unroll
+        for (int u = 0; u < kSteps; ++u) {
+          const uint32_t c = uint32_t(min(c0 + u, c_end - 1));
+  #pragma unroll
           for (int j = 0; j < TILES_M; ++j) {
-            acc[r][j][0] = fmaf(chunk[j][0], absmax[0], acc[r][j][0]);
-            acc[r][j][1] = fmaf(chunk[j][1], absmax[0], acc[r][j][1]);
-            acc[r][j][2] = fmaf(chunk[j][2], absmax[1], acc[r][j][2]);
-            acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
+            const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
+            xv[u][j][0] = __ldg(src);
+            xv[u][j][1] = __ldg(src + 1);
+          }
+        }
+  #pragma unroll
+        for (int u = 0; u < kSteps; ++u) {
+          if (c0 + u >= c_end) break;
+  #pragma unroll
+          for (int r = 0; r < ROW_TILES; ++r) {
+            const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
+                                     my_absmax[r * kRowsPerTile + g + 8][c0 + u - seg]};
+            float chunk[TILES_M][4];
+  #pragma unroll
+            for (int j = 0; j < TILES_M; ++j)
+  #pragma unroll
+              for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
+            // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
+  #pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
+              const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
+              const uint32_t a00 = pair_word<0, kImm>(table, lo, lane4), a01 = pair_word<0, kImm>(table, hi, lane4);
+              const uint32_t a02 = pair_word<1, kImm>(table, lo, lane4), a03 = pair_word<1, kImm>(table, hi, lane4);
+              const uint32_t a10 = pair_word<2, kImm>(table, lo, lane4), a11 = pair_word<2, kImm>(table, hi, lane4);
+              const uint32_t a12 = pair_word<3, kImm>(table, lo, lane4), a13 = pair_word<3, kImm>(table, hi, lane4);
+              const int s0 = 2 * half, s1 = 2 * half + 1;
+  #pragma unroll
+              for (int j = 0; j < TILES_M; ++j) {
+                mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
+                mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
+              }
+            }
+  #pragma unroll
+            for (int j = 0; j < TILES_M; ++j) {
+              acc[r][j][0] = fmaf(chunk[j][0], absmax[0], acc[r][j][0]);
+              acc[r][j][1] = fmaf(chunk[j][1], absmax[0], acc[r][j][1]);
+              acc[r][j][2] = fmaf(chunk[j][2], absmax[1], acc[r][j][2]);
+              acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
+            }
           }
         }
       }
-    }
 
-    // The warps' partial sums, added in warp order, then bias, one rounding, store. Accumulator i
-    // of lane (g, t) in x tile j is y[m = 8 j + 2 t + (i & 1)][n = row tile + g + 8 (i >> 1)].
-    // The partial sums reuse the absmax scratch: every warp must be past its last absmax read.
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r) {
-#pragma unroll
-      for (int j = 0; j < TILES_M; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s_partial[warp][j * 4 + i][lane] = acc[r][j][i];
+      // The warps' partial sums, added in warp order, then bias, one rounding, store. Accumulator i
+      // of lane (g, t) in x tile j is y[m = 8 j + 2 t + (i & 1)][n = row tile + g + 8 (i >> 1)].
+      // The partial sums reuse the absmax scratch: every warp must be past its last absmax read.
       __syncthreads();
-      if (threadIdx.x < TILES_M * 4 * 32) {
-        const int idx = threadIdx.x >> 5, ln = threadIdx.x & 31;
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += s_partial[w][idx][ln];
-        const int j = idx >> 2, i = idx & 3;
-        const int64_t n = row0 + r * kRowsPerTile + (ln >> 2) + 8 * (i >> 1);
-        const int64_t m = j * 8 + 2 * (ln & 3) + (i & 1);
-        if (n < N && m < M) {
-          if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
-          static_cast<T*>(p.out)[m * N + n] = from_float<T>(sum);
+  #pragma unroll
+      for (int r = 0; r < ROW_TILES; ++r) {
+  #pragma unroll
+        for (int j = 0; j < TILES_M; ++j)
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) s_partial[warp][j * 4 + i][lane] = acc[r][j][i];
+        __syncthreads();
+        if (threadIdx.x < TILES_M * 4 * 32) {
+          const int idx = threadIdx.x >> 5, ln = threadIdx.x & 31;
+          float sum = 0.0f;
+  #pragma unroll
+          for (int w = 0; w < kWarps; ++w) sum += s_partial[w][idx][ln];
+          const int j = idx >> 2, i = idx & 3;
+          const int64_t n = row0 + r * kRowsPerTile + (ln >> 2) + 8 * (i >> 1);
+          const int64_t m = j * 8 + 2 * (ln & 3) + (i & 1);
+          if (n < N && m < M) {
+            if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
+            static_cast<T*>(p.out)[m * N + n] = from_float<T>(sum);
+          }
         }
+        __syncthreads();
       }
-      __syncthreads();
     }
-  }
+  };
+  const bool imm = !p.generic_lookup && (uint32_t(__cvta_generic_to_shared(s_pairs)) == kTableWindowOffset);
+  if (imm) tiles(std::true_type{});
+  else tiles(std::false_type{});
 }
 
 int multiprocessor_count() {
@@ -396,7 +417,11 @@ void launch_typed(const Gemm4bitParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream) {
+void launch_gemm_4bit_skinny(const Gemm4bitParams& params, cudaStream_t stream) {
+  Gemm4bitParams p = params;
+  // LOWRANK_SKINNY_GENERIC_LOOKUP=1: the lookups through generic addresses (benchmark A/B)
+  const char* generic = std::getenv("LOWRANK_SKINNY_GENERIC_LOOKUP");
+  p.generic_lookup = generic != nullptr && generic[0] == '1';
   if (p.kind == FloatKind::kBFloat16) launch_typed<__nv_bfloat16>(p, stream);
   else launch_typed<__half>(p, stream);
 }

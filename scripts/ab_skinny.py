@@ -1,0 +1,85 @@
+"""A/B of skinny-kernel variants in one process (device time per call from captured CUDA graphs,
+weights rotated past L2), interleaved over rounds so the GPU's clock drift is shared:
+  generic   table lookups through generic shared addresses (LOWRANK_SKINNY_GENERIC_LOOKUP=1)
+  imm       lookups through ld.shared with the table's window offset as an immediate (default)
+  -r1/-r2   at forced 16 / 32-row tiles (LOWRANK_SKINNY_ROW_TILES); without: the tile-height rule
+Prints one table (median us of the rounds' medians) and the largest relative difference between
+v1 and v2 outputs.
+
+    PYTHONPATH=$PWD python3 scripts/ab_skinny.py [--shapes 28672x8192,14336x4096] [--ms 1,16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import harness  # noqa: E402
+
+import lowrank  # noqa: E402
+
+VARIANTS = {
+    "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1"},
+    "imm": {},
+    "generic-r1": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_ROW_TILES": "1"},
+    "imm-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
+    "generic-r2": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_ROW_TILES": "2"},
+    "imm-r2": {"LOWRANK_SKINNY_ROW_TILES": "2"},
+}
+
+
+def with_env(env, fn):
+    def run(*args):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn(*args)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="28672x8192,14336x4096,4096x14336,4096x4096")
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    copy = harness.copy_ceiling_gbs()
+    print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
+    rows = []
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        qs = [lowrank.quantize_4bit(w) for _ in range(harness.copies_for(n * k // 2))]
+        q_bytes = n * k / 2 + qs[0].absmax.numel()
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            outs = {name: with_env(env, lambda q: lowrank.matmul_4bit(x, q, path="skinny"))(qs[0])
+                    for name, env in VARIANTS.items()}
+            diff = max(((outs[v].float() - outs["generic"].float()).norm() / outs["generic"].float().norm()).item()
+                       for v in outs)
+            times = {name: [] for name in VARIANTS}
+            for _ in range(args.rounds):
+                for name, env in VARIANTS.items():
+                    fn = with_env(env, lambda q: lowrank.matmul_4bit(x, q, path="skinny"))
+                    times[name].append(harness.time_cuda_graph(fn, [(q,) for q in qs])["median_ms"] * 1e3)
+            med = {name: statistics.median(v) for name, v in times.items()}
+            rows.append((shape, m, med, diff, q_bytes))
+    print(f"{'shape':>12} {'M':>3} " + " ".join(f"{v:>9}" for v in VARIANTS) + "   best GB/s  rel.diff vs generic")
+    for shape, m, med, diff, q_bytes in rows:
+        best = min(med.values())
+        print(f"{shape:>12} {m:>3} " + " ".join(f"{med[v]:9.1f}" for v in VARIANTS)
+              + f"   {q_bytes / best / 1e3:9.0f}  {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
