@@ -4,7 +4,7 @@ weights rotated past L2), interleaved over rounds so the GPU's clock drift is sh
   imm       lookups through ld.shared with the table's window offset as an immediate (default)
   -r1/-r2   at forced 16 / 32-row tiles (LOWRANK_SKINNY_ROW_TILES); without: the tile-height rule
 Prints one table (median us of the rounds' medians) and the largest relative difference between
-v1 and v2 outputs.
+generic and imm outputs (bit-identical expected).
 
     PYTHONPATH=$PWD python3 scripts/ab_skinny.py [--shapes 28672x8192,14336x4096] [--ms 1,16]
 """

@@ -73,6 +73,23 @@ def test_cuda_skinny_kernel_model_shape(cuda_device):
         _assert_within_rule(lowrank.matmul_4bit(x, q, path="skinny"), x, q, None)
 
 
+@pytest.mark.parametrize("row_tiles", ["1", "2"])
+def test_cuda_skinny_kernel_lookup_paths_agree(cuda_device, monkeypatch, row_tiles):
+    """The table lookups through ld.shared with the table's window offset as an immediate (the
+    default on sm_90) and through generic addresses (LOWRANK_SKINNY_GENERIC_LOOKUP=1) read the same
+    table words: bit-identical outputs."""
+    monkeypatch.setenv("LOWRANK_SKINNY_ROW_TILES", row_tiles)
+    q = _quantized(1040, 1024, "nf4", 64, True, cuda_device, 11)
+    for m in (1, 9):
+        x = torch.randn(m, 1024, device=cuda_device, dtype=torch.bfloat16)
+        fast = lowrank.matmul_4bit(x, q, path="skinny")
+        monkeypatch.setenv("LOWRANK_SKINNY_GENERIC_LOOKUP", "1")
+        generic = lowrank.matmul_4bit(x, q, path="skinny")
+        monkeypatch.delenv("LOWRANK_SKINNY_GENERIC_LOOKUP")
+        assert torch.equal(fast, generic)
+        _assert_within_rule(fast, x, q, None)
+
+
 def test_cuda_skinny_kernel_propagates_nan_and_inf(cuda_device):
     q = _quantized(32, 128, "nf4", 64, True, cuda_device, 1)
     x = torch.randn(3, 128, device=cuda_device, dtype=torch.float16)
