@@ -1,5 +1,6 @@
-"""One skinny-kernel launch per lookup variant (generic shared addresses, then the immediate
-window offset) at M = 1 on 28672 x 8192 NF4 (blocksize 64, double quant), for ncu."""
+"""One skinny-kernel launch per variant (generic lookups with x loaded at its use; immediate-offset
+lookups with x at its use; the default: immediate-offset lookups, x one chunk ahead) at M = 1 on
+28672 x 8192 NF4 (blocksize 64, double quant), for ncu."""
 import os
 
 import torch
@@ -9,7 +10,8 @@ import lowrank
 torch.manual_seed(0)
 q = lowrank.quantize_4bit(torch.randn(28672, 8192, device="cuda", dtype=torch.bfloat16) * 0.02)
 x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
-for generic in ("1", "0"):
+for generic, at_use in (("1", "1"), ("0", "1"), ("0", "0")):
     os.environ["LOWRANK_SKINNY_GENERIC_LOOKUP"] = generic
+    os.environ["LOWRANK_SKINNY_X_AT_USE"] = at_use
     lowrank.matmul_4bit(x, q, path="skinny")
     torch.cuda.synchronize()

@@ -110,6 +110,13 @@ __device__ __forceinline__ uint2 load_stream_u2(const uint8_t* ptr) {
   return v;
 }
 
+// 16 bytes of x, cached in L1 (every tile and warp of the CTA reads the same x).
+__device__ __forceinline__ uint4 load_x16(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  return v;
+}
+
 // Word j (0..7) of 16 x elements held as two uint4.
 __device__ __forceinline__ uint32_t x_word(const uint4 (&v)[2], int j) {
   const uint4& h = v[j >> 2];
@@ -209,8 +216,20 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
 
   // The tile loop twice: table lookups through ld.shared with the table's window offset as an
   // immediate (kImm, see pair_word), or through the generic shared address (any other layout).
+  // 16 elements of each of the lane's x rows at chunk c (x rows past M read row M - 1: their mma
+  // columns are never stored). asm volatile keeps the load where it is written: one chunk ahead.
+  auto load_x = [&](int c, uint4(&v)[TILES_M][2]) {
+#pragma unroll
+    for (int j = 0; j < TILES_M; ++j) {
+      const T* src = x + x_off[j] + uint32_t(c) * kSkinnyChunk;
+      v[j][0] = load_x16(src);
+      v[j][1] = load_x16(src + 8);
+    }
+  };
   auto tiles = [&](auto imm) {
     constexpr bool kImm = decltype(imm)::value;
+    uint4 x_cur[TILES_M][2];  // x of the chunk being computed
+    if (c_begin < c_end) load_x(c_begin, x_cur);
     for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
       const int64_t row0 = tile * kTileRows;
       float acc[ROW_TILES][TILES_M][4];
@@ -258,22 +277,14 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
           __syncwarp();
         }
 
-        // x rows past M read row M - 1 (their mma columns are never stored); a chunk past the
-        // range re-reads the last one and is skipped below.
-        uint4 xv[kSteps][TILES_M][2];
-  #pragma unroll
-        for (int u = 0; u < kSteps; ++u) {
-          const uint32_t c = uint32_t(min(c0 + u, c_end - 1));
-  #pragma unroll
-          for (int j = 0; j < TILES_M; ++j) {
-            const uint4* src = reinterpret_cast<const uint4*>(x + x_off[j] + c * kSkinnyChunk);
-            xv[u][j][0] = __ldg(src);
-            xv[u][j][1] = __ldg(src + 1);
-          }
-        }
   #pragma unroll
         for (int u = 0; u < kSteps; ++u) {
           if (c0 + u >= c_end) break;
+          // x of the chunk after this one (the range's first for the next tile after its last),
+          // loaded before this chunk's lookups so its L1 latency is hidden behind them
+          uint4 x_next[TILES_M][2];
+          if (p.x_at_use) load_x(c0 + u, x_cur);  // (A/B: LOWRANK_SKINNY_X_AT_USE=1)
+          load_x(c0 + u + 1 < c_end ? c0 + u + 1 : c_begin, x_next);
   #pragma unroll
           for (int r = 0; r < ROW_TILES; ++r) {
             const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
@@ -295,8 +306,8 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
               const int s0 = 2 * half, s1 = 2 * half + 1;
   #pragma unroll
               for (int j = 0; j < TILES_M; ++j) {
-                mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[u][j], 2 * s0), x_word(xv[u][j], 2 * s0 + 1));
-                mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[u][j], 2 * s1), x_word(xv[u][j], 2 * s1 + 1));
+                mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(x_cur[j], 2 * s0), x_word(x_cur[j], 2 * s0 + 1));
+                mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(x_cur[j], 2 * s1), x_word(x_cur[j], 2 * s1 + 1));
               }
             }
   #pragma unroll
@@ -307,6 +318,8 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
               acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
             }
           }
+  #pragma unroll
+          for (int j = 0; j < TILES_M; ++j) x_cur[j][0] = x_next[j][0], x_cur[j][1] = x_next[j][1];
         }
       }
 
@@ -422,6 +435,8 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& params, cudaStream_t stream) 
   // LOWRANK_SKINNY_GENERIC_LOOKUP=1: the lookups through generic addresses (benchmark A/B)
   const char* generic = std::getenv("LOWRANK_SKINNY_GENERIC_LOOKUP");
   p.generic_lookup = generic != nullptr && generic[0] == '1';
+  const char* at_use = std::getenv("LOWRANK_SKINNY_X_AT_USE");  // EXPERIMENT: x loaded at its use
+  p.x_at_use = at_use != nullptr && at_use[0] == '1';
   if (p.kind == FloatKind::kBFloat16) launch_typed<__nv_bfloat16>(p, stream);
   else launch_typed<__half>(p, stream);
 }
