@@ -27,8 +27,10 @@ VARIANTS = {
     "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_X_AT_USE": "1"},
     "imm": {"LOWRANK_SKINNY_X_AT_USE": "1"},
     "imm+xa": {},
-    "imm+xa-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
+    "imm-r2": {"LOWRANK_SKINNY_X_AT_USE": "1", "LOWRANK_SKINNY_ROW_TILES": "2"},
     "imm+xa-r2": {"LOWRANK_SKINNY_ROW_TILES": "2"},
+    "imm-r1": {"LOWRANK_SKINNY_X_AT_USE": "1", "LOWRANK_SKINNY_ROW_TILES": "1"},
+    "imm+xa-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
 }
 
 
