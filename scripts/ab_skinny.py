@@ -2,7 +2,8 @@
 weights rotated past L2), interleaved over rounds so the GPU's clock drift is shared:
   generic   table lookups through generic shared addresses (LOWRANK_SKINNY_GENERIC_LOOKUP=1)
   imm       lookups through ld.shared with the table's window offset as an immediate (default)
-  +xa       x loaded one chunk ahead (default; LOWRANK_SKINNY_X_AT_USE=1: at its use)
+  +xa       x loaded one chunk ahead (now always)
+  +pf       the next segment's absmax codes prefetched into L2 (default; LOWRANK_SKINNY_NO_ABSMAX_PREFETCH=1: off)
   -r1/-r2   at forced 16 / 32-row tiles (LOWRANK_SKINNY_ROW_TILES); without: the tile-height rule
 Prints one table (median us of the rounds' medians) and the largest relative difference between
 generic and imm outputs (bit-identical expected).
@@ -24,13 +25,13 @@ import harness  # noqa: E402
 import lowrank  # noqa: E402
 
 VARIANTS = {
-    "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_X_AT_USE": "1"},
-    "imm": {"LOWRANK_SKINNY_X_AT_USE": "1"},
-    "imm+xa": {},
-    "imm-r2": {"LOWRANK_SKINNY_X_AT_USE": "1", "LOWRANK_SKINNY_ROW_TILES": "2"},
-    "imm+xa-r2": {"LOWRANK_SKINNY_ROW_TILES": "2"},
-    "imm-r1": {"LOWRANK_SKINNY_X_AT_USE": "1", "LOWRANK_SKINNY_ROW_TILES": "1"},
-    "imm+xa-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
+    "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1"},
+    "imm+xa": {"LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1"},
+    "imm+xa+pf": {},
+    "imm+xa-r2": {"LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1", "LOWRANK_SKINNY_ROW_TILES": "2"},
+    "imm+xa+pf-r2": {"LOWRANK_SKINNY_ROW_TILES": "2"},
+    "imm+xa-r1": {"LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1", "LOWRANK_SKINNY_ROW_TILES": "1"},
+    "imm+xa+pf-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
 }
 
 

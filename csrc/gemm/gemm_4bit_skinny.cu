@@ -142,7 +142,7 @@ struct MinCtasPerSm {
   static constexpr int value = ROW_TILES == 1 ? 3 : 2;
 };
 
-template <typename T, int TILES_M, int ROW_TILES, bool NESTED, bool X_AHEAD>
+template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
 __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm_4bit_skinny(Gemm4bitParams p) {
   constexpr int kSteps = ChunksPerStep<ROW_TILES, TILES_M>::value;
   constexpr int kTileRows = kRowsPerTile * ROW_TILES;
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
   auto tiles = [&](auto imm) {
     constexpr bool kImm = decltype(imm)::value;
     uint4 x_cur[TILES_M][2];  // x of the chunk being computed
-    if (X_AHEAD && c_begin < c_end) load_x(c_begin, x_cur);
+    if (c_begin < c_end) load_x(c_begin, x_cur);
     for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
       const int64_t row0 = tile * kTileRows;
       float acc[ROW_TILES][TILES_M][4];
@@ -274,6 +274,22 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
               }
             }
           }
+          // The next segment's absmax codes (this range's next, or the next tile's first) into L2
+          // now, so that its decode does not wait a DRAM latency (every warp of a CTA decodes at
+          // the same time, at each tile's start).
+          if (!p.no_absmax_prefetch && lane < kTileRows) {
+            int64_t next_row0 = row0;
+            int next_seg = seg + kSegment;
+            if (next_seg >= c_end) next_row0 = (tile + gridDim.x) * kTileRows, next_seg = c_begin;
+            if (next_row0 < N) {
+              const int64_t row_raw = next_row0 + lane;
+              const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
+              const uint32_t block = row * blocks_per_row + (uint32_t(next_seg) >> chunk_block_shift);
+              const void* next = NESTED ? static_cast<const void*>(p.absmax_codes + block)
+                                        : static_cast<const void*>(p.absmax + block);
+              asm volatile("prefetch.global.L2 [%0];" ::"l"(next));
+            }
+          }
           __syncwarp();
         }
 
@@ -283,8 +299,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
           // x of the chunk after this one (the range's first for the next tile after its last),
           // loaded before this chunk's lookups so its L1 latency is hidden behind them
           uint4 x_next[TILES_M][2];
-          if constexpr (X_AHEAD) load_x(c0 + u + 1 < c_end ? c0 + u + 1 : c_begin, x_next);
-          else load_x(c0 + u, x_cur);  // (A/B: LOWRANK_SKINNY_X_AT_USE=1)
+          load_x(c0 + u + 1 < c_end ? c0 + u + 1 : c_begin, x_next);
   #pragma unroll
           for (int r = 0; r < ROW_TILES; ++r) {
             const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
@@ -319,9 +334,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
             }
           }
   #pragma unroll
-          for (int j = 0; j < TILES_M; ++j) {
-            if constexpr (X_AHEAD) x_cur[j][0] = x_next[j][0], x_cur[j][1] = x_next[j][1];
-          }
+          for (int j = 0; j < TILES_M; ++j) x_cur[j][0] = x_next[j][0], x_cur[j][1] = x_next[j][1];
         }
       }
 
@@ -373,9 +386,9 @@ int multiprocessor_count() {
   return counts[device];
 }
 
-template <typename T, int TILES_M, int ROW_TILES, bool NESTED, bool X_AHEAD>
+template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
 void launch_tiles(const Gemm4bitParams& p, cudaStream_t stream) {
-  auto kernel = gemm_4bit_skinny<T, TILES_M, ROW_TILES, NESTED, X_AHEAD>;
+  auto kernel = gemm_4bit_skinny<T, TILES_M, ROW_TILES, NESTED>;
   // CTAs per SM of this instantiation, queried once (a static per template instance: every
   // instantiation has the same function-pointer type, so a static keyed on that type would be
   // shared, as it was in the first version: every kernel ran with the first one's count).
@@ -413,14 +426,9 @@ void launch_rows(const Gemm4bitParams& p, cudaStream_t stream) {
     else if ((p.n + 31) / 32 >= 2 * sms) rows = 2;
     else rows = 1;
   }
-  if (p.x_at_use) {  // EXPERIMENT
-    if (rows == 2) launch_tiles<T, TILES_M, 2, NESTED, false>(p, stream);
-    else launch_tiles<T, TILES_M, 1, NESTED, false>(p, stream);
-    return;
-  }
-  if (rows == 4) launch_tiles<T, TILES_M, 4, NESTED, true>(p, stream);
-  else if (rows == 2) launch_tiles<T, TILES_M, 2, NESTED, true>(p, stream);
-  else launch_tiles<T, TILES_M, 1, NESTED, true>(p, stream);
+  if (rows == 4) launch_tiles<T, TILES_M, 4, NESTED>(p, stream);
+  else if (rows == 2) launch_tiles<T, TILES_M, 2, NESTED>(p, stream);
+  else launch_tiles<T, TILES_M, 1, NESTED>(p, stream);
 }
 
 template <typename T>
@@ -442,8 +450,8 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& params, cudaStream_t stream) 
   // LOWRANK_SKINNY_GENERIC_LOOKUP=1: the lookups through generic addresses (benchmark A/B)
   const char* generic = std::getenv("LOWRANK_SKINNY_GENERIC_LOOKUP");
   p.generic_lookup = generic != nullptr && generic[0] == '1';
-  const char* at_use = std::getenv("LOWRANK_SKINNY_X_AT_USE");  // EXPERIMENT: x loaded at its use
-  p.x_at_use = at_use != nullptr && at_use[0] == '1';
+  const char* no_prefetch = std::getenv("LOWRANK_SKINNY_NO_ABSMAX_PREFETCH");  // EXPERIMENT
+  p.no_absmax_prefetch = no_prefetch != nullptr && no_prefetch[0] == '1';
   if (p.kind == FloatKind::kBFloat16) launch_typed<__nv_bfloat16>(p, stream);
   else launch_typed<__half>(p, stream);
 }
