@@ -2,8 +2,6 @@
 weights rotated past L2), interleaved over rounds so the GPU's clock drift is shared:
   generic   table lookups through generic shared addresses (LOWRANK_SKINNY_GENERIC_LOOKUP=1)
   imm       lookups through ld.shared with the table's window offset as an immediate (default)
-  +xa       x loaded one chunk ahead (now always)
-  +pf       the next segment's absmax codes prefetched into L2 (default; LOWRANK_SKINNY_NO_ABSMAX_PREFETCH=1: off)
   -r1/-r2   at forced 16 / 32-row tiles (LOWRANK_SKINNY_ROW_TILES); without: the tile-height rule
 Prints one table (median us of the rounds' medians) and the largest relative difference between
 generic and imm outputs (bit-identical expected).
@@ -25,13 +23,12 @@ import harness  # noqa: E402
 import lowrank  # noqa: E402
 
 VARIANTS = {
-    "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1"},
-    "imm+xa": {"LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1"},
-    "imm+xa+pf": {},
-    "imm+xa-r2": {"LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1", "LOWRANK_SKINNY_ROW_TILES": "2"},
-    "imm+xa+pf-r2": {"LOWRANK_SKINNY_ROW_TILES": "2"},
-    "imm+xa-r1": {"LOWRANK_SKINNY_NO_ABSMAX_PREFETCH": "1", "LOWRANK_SKINNY_ROW_TILES": "1"},
-    "imm+xa+pf-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
+    "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1"},
+    "imm": {},
+    "generic-r1": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_ROW_TILES": "1"},
+    "imm-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
+    "generic-r2": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_ROW_TILES": "2"},
+    "imm-r2": {"LOWRANK_SKINNY_ROW_TILES": "2"},
 }
 
 

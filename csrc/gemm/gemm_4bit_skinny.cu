@@ -27,11 +27,17 @@
 // and ncu (H100, 28672 x 8192, M = 1) showed the schedulers issuing 0.56 per cycle with 44% of
 // cycles having no eligible warp, DRAM at 36%: issue-bound at 16 warps per SM. Half of those
 // instructions were the lookup index arithmetic (6 per lookup), 64-bit address math and
-// branches around predicated loads. Now a lookup is 4 instructions in the sm_90a SASS (pair_word),
+// branches around predicated loads. Now a lookup is 3 instructions in the sm_90a SASS (pair_word),
 // rows past N and x rows past M read a clamped valid row instead of being predicated (their mma
-// rows/columns are never stored), offsets are 32-bit, and the streamed codes bypass L1. The loop
-// is ~81 instructions per 64-wide chunk per warp, 64 of them the 16 lookups (SASS of csrc
-// 1a1e955; ncu: 33.5 M instructions, issue slots 54% busy, DRAM 39% at base clocks).
+// rows/columns are never stored), offsets are 32-bit, and the streamed codes bypass L1. With
+// 4-instruction lookups the loop was ~81 instructions per 64-wide chunk per warp, 64 of them the
+// 16 lookups (ncu: 33.5-34.0 M instructions, issue slots 54% busy, DRAM 39% at base clocks);
+// with 3, ncu counts 30.0 M and 91.2 us against 98.5 us in the same run (graph-timed at boost
+// clocks the gain is 1-3%: 70.6 vs 72.7 us). What the warps wait on most now is their global
+// loads (long scoreboard ~3-4 cycles per issued instruction): x is loaded one chunk ahead of
+// its use (28672 x 8192: M = 1 69.2 vs 70.6 us, M = 16 86.3 vs 91.6 us, same run), and an L2
+// prefetch of the next segment's absmax codes took ncu from 90.7 to 88.9 us but did not show in
+// graph timing (70.1 vs 69.8), so it is not in.
 //
 // Fragment mapping (mma.m16n8k16, A = 16 weight rows x 16 k, B = 16 k x 8 x rows): lane
 // (g = lane / 4, t = lane % 4) loads 8 packed bytes of weight rows g and g + 8 at byte offset
@@ -83,12 +89,14 @@ constexpr uint32_t kTableWindowOffset = 0x400;
 
 // The table word of byte j (0..3) of a packed word, for this lane. A table row is 32 words = 128
 // bytes, so the byte offset is byte * 128 + lane * 4: one shift and one AND-OR (LOP3) put the
-// byte at bits 7..14 beside the lane's bits 2..6, then the shared load. The SASS adds one IADD
-// of the table's shared-window address (4 instructions; the plain index arithmetic compiled to
-// 6): on sm_90 a shared address carries the CTA's cluster rank in bits 24 and up (S2R
-// SR_CgaCtaId), and the table starts at window offset 0x400, so ptxas cannot fold it into the LDS.
-// (A 256-byte-row table addressed by one PRMT still paid that IADD and, at 64 KB, left ~23 KB
-// of L1 for x: 46% slower; docs/design.md, branch wip/skinny-v2.)
+// byte at bits 7..14 beside the lane's bits 2..6, then the shared load. Through a generic
+// pointer the SASS adds one IADD of the table's shared-window address (4 instructions; the plain
+// index arithmetic compiled to 6): on sm_90 a shared address carries the CTA's cluster rank in
+// bits 24 and up (S2R SR_CgaCtaId), so ptxas cannot fold the table's window offset into the LDS.
+// Outside a cluster that rank is 0 and the address is offset + 0x400, so ld.shared takes the
+// offset as an immediate (IMM: 3 instructions, bit-identical). (A 256-byte-row table addressed by
+// one PRMT still paid the IADD and, at 64 KB, left ~23 KB of L1 for x: 46% slower;
+// docs/design.md, branch wip/skinny-v2.)
 template <int J, bool IMM>
 __device__ __forceinline__ uint32_t pair_word(const char* table, uint32_t word, uint32_t lane4) {
   const uint32_t shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
@@ -274,22 +282,6 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
               }
             }
           }
-          // The next segment's absmax codes (this range's next, or the next tile's first) into L2
-          // now, so that its decode does not wait a DRAM latency (every warp of a CTA decodes at
-          // the same time, at each tile's start).
-          if (!p.no_absmax_prefetch && lane < kTileRows) {
-            int64_t next_row0 = row0;
-            int next_seg = seg + kSegment;
-            if (next_seg >= c_end) next_row0 = (tile + gridDim.x) * kTileRows, next_seg = c_begin;
-            if (next_row0 < N) {
-              const int64_t row_raw = next_row0 + lane;
-              const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
-              const uint32_t block = row * blocks_per_row + (uint32_t(next_seg) >> chunk_block_shift);
-              const void* next = NESTED ? static_cast<const void*>(p.absmax_codes + block)
-                                        : static_cast<const void*>(p.absmax + block);
-              asm volatile("prefetch.global.L2 [%0];" ::"l"(next));
-            }
-          }
           __syncwarp();
         }
 
@@ -450,8 +442,6 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& params, cudaStream_t stream) 
   // LOWRANK_SKINNY_GENERIC_LOOKUP=1: the lookups through generic addresses (benchmark A/B)
   const char* generic = std::getenv("LOWRANK_SKINNY_GENERIC_LOOKUP");
   p.generic_lookup = generic != nullptr && generic[0] == '1';
-  const char* no_prefetch = std::getenv("LOWRANK_SKINNY_NO_ABSMAX_PREFETCH");  // EXPERIMENT
-  p.no_absmax_prefetch = no_prefetch != nullptr && no_prefetch[0] == '1';
   if (p.kind == FloatKind::kBFloat16) launch_typed<__nv_bfloat16>(p, stream);
   else launch_typed<__half>(p, stream);
 }

@@ -20,7 +20,6 @@ struct Gemm4bitParams : quant::Packed4bitWeight {  // packed 8-byte aligned; blo
   const void* bias;     // [N] in kind, or nullptr
   void* out;            // [M, N] in kind
   bool generic_lookup;  // the skinny kernel's table lookups through generic addresses (A/B; default off)
-  bool no_absmax_prefetch;  // EXPERIMENT: no L2 prefetch of the next segment's absmax codes
 };
 
 // The skinny kernel: weights dequantized in registers straight into tensor-core fragments
