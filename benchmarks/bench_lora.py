@@ -83,6 +83,17 @@ def bnb_linear4bit(bnb, w):
     return layer.cuda()
 
 
+def bench_layers_ours(names, n=14336, k=4096):
+    """(layers, x, dy) for scripts that time bench_lora's layer outside the benchmark: the weight,
+    x and dY drawn as bench_layers draws them, and the named lowrank / bf16 setups (no peers)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(M, k, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(M, n, generator=g, device="cuda", dtype=torch.bfloat16)
+    setups = layer_setups(w, None, None)
+    return {name: setups[name]() for name in names}, x, dy
+
+
 def layer_setups(w, peft, bnb):
     n, k = w.shape
 

@@ -31,13 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args()
-    n, k = 14336, 4096
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w = torch.randn(n, k, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
-    x = torch.randn(bench_lora.M, k, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    dy = torch.randn(bench_lora.M, n, generator=g, device="cuda", dtype=torch.bfloat16)
-    setups = bench_lora.layer_setups(w, None, None)
-    layers = {name: setups[name]() for name in NAMES}
+    layers, x, dy = bench_lora.bench_layers_ours(NAMES)
 
     def step(layer):
         x.grad = None

@@ -41,13 +41,7 @@ def graphed_step(layer, x, dy):
 
 
 def main(rounds=4, reps=20):
-    n, k = 14336, 4096
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w = torch.randn(n, k, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
-    x = torch.randn(bench_lora.M, k, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    dy = torch.randn(bench_lora.M, n, generator=g, device="cuda", dtype=torch.bfloat16)
-    setups = bench_lora.layer_setups(w, None, None)
-    layers = {name: setups[name]() for name in ("bf16-frozen", "lowrank-qlora")}
+    layers, x, dy = bench_lora.bench_layers_ours(("bf16-frozen", "lowrank-qlora"))
     graphs = {name: graphed_step(layer, x, dy) for name, layer in layers.items()}
     times = {(name, how): [] for name in layers for how in ("eager", "graph")}
     for _ in range(rounds):
