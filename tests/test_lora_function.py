@@ -626,6 +626,58 @@ def test_dy_products_match_float64(device, m, n, r, with_y, dtype, seed):
         assert ((dot - (dy64 * y64).sum(0)).abs() <= (m + 2) * 2.0 ** -24 * (dy64 * y64).abs().sum(0)).all()
 
 
+@pytest.mark.parametrize("m, n, r, with_y", [(1024, 256, 16, False), (1024, 768, 16, False), (1024, 2048, 16, True),
+                                          (1000, 320, 8, False), (3000, 768, 16, True), (8192, 4096, 16, False)])
+def test_dy_products_model_shapes(cuda_device, m, n, r, with_y):
+    """Row chunks long enough that every warp's shared-memory ring wraps around many times (the
+    property test above stays at M <= 200: one or two blocks per CTA)."""
+    g = torch.Generator().manual_seed(m + n + r)
+    dy = torch.randn(m, n, generator=g).bfloat16()
+    y = torch.randn(m, n, generator=g).bfloat16() if with_y else None
+    b = torch.randn(n, r, generator=g) * 0.05
+    h = torch.randn(m, r, generator=g)
+    out = ops.lora_dy_products(dy.to(cuda_device), b.to(cuda_device), h.to(cuda_device),
+                               None if y is None else y.to(cuda_device))
+    g_out, dh, dot = (t.cpu().double() for t in out)
+    dy64, b64, h64 = dy.double(), b.double(), h.double()
+    split = 2.0 ** -15
+    assert ((g_out - dy64 @ b64).abs() <= (split + (n + 2) * 2.0 ** -24) * (dy64.abs() @ b64.abs())).all()
+    assert ((dh - dy64.t() @ h64).abs() <= (split + (m + 2) * 2.0 ** -24) * (dy64.abs().t() @ h64.abs())).all()
+    if with_y:
+        y64 = y.double()
+        assert ((dot - (dy64 * y64).sum(0)).abs() <= (m + 2) * 2.0 ** -24 * (dy64 * y64).abs().sum(0)).all()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_bf16_float_base_layer_at_a_training_shape(cuda_device, dora):
+    """LoraLinear over a bf16 nn.Linear at the demo's 'base' shapes (M = 1024 tokens): outputs and
+    the gradients of x, A and B near a float64 evaluation (bf16 noise: ~1e-2 relative at most)."""
+    torch.manual_seed(3)
+    m, k, n = 1024, 768, 2048
+    linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device=cuda_device)
+    layer = lowrank.nn.LoraLinear(linear, r=16, lora_alpha=32, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_A.weight.normal_(std=0.05)
+        layer.lora_B.weight.normal_(std=0.05)
+    x = torch.randn(m, k, device=cuda_device, dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(m, n, device=cuda_device, dtype=torch.bfloat16)
+    layer(x).backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    a64 = layer.lora_A.weight.detach().double().requires_grad_()
+    b64 = layer.lora_B.weight.detach().double().requires_grad_()
+    w64 = linear.weight.detach().double()
+    s = 2.0
+    y64 = x64 @ w64.t() + s * (x64 @ a64.t()) @ b64.t()
+    if dora:
+        norm = (w64 + s * b64.detach() @ a64.detach()).norm(dim=1)
+        y64 = layer.lora_magnitude_vector.detach().double() / norm * y64
+    y64.backward(dy.double())
+    for name, got, ref in (("dx", x.grad, x64.grad), ("dA", layer.lora_A.weight.grad, a64.grad),
+                           ("dB", layer.lora_B.weight.grad, b64.grad)):
+        rel = float((got.double() - ref).norm() / ref.norm())
+        assert rel <= 1e-2, (name, rel)
+
+
 def test_dy_products_rejects_bad_input(device):
     dy = torch.randn(8, 64, device=device).bfloat16()
     b, h = torch.randn(64, 4, device=device), torch.randn(8, 4, device=device)
