@@ -603,9 +603,7 @@ def test_bf16_split_and_kernel_paths_agree(cuda_device, use_dora, monkeypatch):
 
 # --- lora_dy_products: g = dY B, dY^T h, sum_M(dY * y) in one read of dY -----------------------------
 
-@given(st.integers(1, 200), st.sampled_from([64, 100, 128, 576, 1024]), st.integers(1, 20), st.booleans(),
-       st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(0, 2**31 - 1))
-def test_dy_products_match_float64(device, m, n, r, with_y, dtype, seed):
+def _check_dy_products(device, m, n, r, with_y, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(m, n, generator=g).to(dtype)
     y = torch.randn(m, n, generator=g).to(dtype) if with_y else None
@@ -626,26 +624,18 @@ def test_dy_products_match_float64(device, m, n, r, with_y, dtype, seed):
         assert ((dot - (dy64 * y64).sum(0)).abs() <= (m + 2) * 2.0 ** -24 * (dy64 * y64).abs().sum(0)).all()
 
 
+@given(st.integers(1, 200), st.sampled_from([64, 100, 128, 576, 1024]), st.integers(1, 20), st.booleans(),
+       st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(0, 2**31 - 1))
+def test_dy_products_match_float64(device, m, n, r, with_y, dtype, seed):
+    _check_dy_products(device, m, n, r, with_y, dtype, seed)
+
+
 @pytest.mark.parametrize("m, n, r, with_y", [(1024, 256, 16, False), (1024, 768, 16, False), (1024, 2048, 16, True),
                                           (1000, 320, 8, False), (3000, 768, 16, True), (8192, 4096, 16, False)])
 def test_dy_products_model_shapes(cuda_device, m, n, r, with_y):
     """Row chunks long enough that every warp's shared-memory ring wraps around many times (the
     property test above stays at M <= 200: one or two blocks per CTA)."""
-    g = torch.Generator().manual_seed(m + n + r)
-    dy = torch.randn(m, n, generator=g).bfloat16()
-    y = torch.randn(m, n, generator=g).bfloat16() if with_y else None
-    b = torch.randn(n, r, generator=g) * 0.05
-    h = torch.randn(m, r, generator=g)
-    out = ops.lora_dy_products(dy.to(cuda_device), b.to(cuda_device), h.to(cuda_device),
-                               None if y is None else y.to(cuda_device))
-    g_out, dh, dot = (t.cpu().double() for t in out)
-    dy64, b64, h64 = dy.double(), b.double(), h.double()
-    split = 2.0 ** -15
-    assert ((g_out - dy64 @ b64).abs() <= (split + (n + 2) * 2.0 ** -24) * (dy64.abs() @ b64.abs())).all()
-    assert ((dh - dy64.t() @ h64).abs() <= (split + (m + 2) * 2.0 ** -24) * (dy64.abs().t() @ h64.abs())).all()
-    if with_y:
-        y64 = y.double()
-        assert ((dot - (dy64 * y64).sum(0)).abs() <= (m + 2) * 2.0 ** -24 * (dy64 * y64).abs().sum(0)).all()
+    _check_dy_products(cuda_device, m, n, r, with_y, torch.bfloat16, m + n + r)
 
 
 @pytest.mark.parametrize("dora", [False, True])
