@@ -30,9 +30,6 @@ namespace lowrank::lora {
 namespace {
 
 constexpr int kWarpCols = 64;
-// h's 16 x 16 block in shared memory, row stride 20 floats: the fragment reads (row 2t (+ 8),
-// column g (+ 8)) fall in banks 8t + g, one per lane.
-constexpr int kHStride = 20;
 
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
@@ -88,6 +85,29 @@ struct BlockSlot<false> {
   uint4 dy[4][32];
 };
 
+// h^T's fragments for every 16-row block of h, split into hi + lo bf16 once per call rather than
+// by every warp of every column strip (56 strips at N = 14336 split the same block: ~40 of the
+// ~380 instructions a warp spent on a block, ncu on the H100): [block][lane][hi, lo] uint4 of the
+// A operand a0 (r g, m 2t, 2t + 1), a1 (r g + 8, m 2t..), a2 (r g, m 2t + 8..), a3 (r g + 8,
+// m 2t + 8..); rows past M and columns past r zero.
+__global__ void h_fragments(const float* h, int64_t m, int r, uint4* frag) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= (m + 15) / 16 * 32) return;
+  const int64_t m0 = (i >> 5) * 16;
+  const int lane = int(i & 31), g = lane >> 2, t = lane & 3;
+  uint32_t hi[4], lo[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int j = g + 8 * (q & 1);
+    const int64_t row = m0 + 2 * t + 8 * (q >> 1);
+    const float x0 = j < r && row < m ? h[row * r + j] : 0.0f;
+    const float x1 = j < r && row + 1 < m ? h[(row + 1) * r + j] : 0.0f;
+    split2(x0, x1, hi[q], lo[q]);
+  }
+  frag[2 * i] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  frag[2 * i + 1] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+}
+
 __device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool ok) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   // src-size 0: nothing read, the 16 bytes zero-filled
@@ -102,21 +122,21 @@ __device__ __forceinline__ void copy_wait() {
 }
 
 // Starts the copy of block m0 (rows m0 .. m0 + 15) into a lane's slot and commits it as one group
-// (an empty group past the chunk: one group per block keeps wait_group's count).
+// (an empty group past the chunk: one group per block keeps wait_group's count). dy_lane / y_lane:
+// the lane's first element of row m0 + g (column col + 8t); rows g + 8 are 8 rows further.
 template <bool DOT>
 __device__ __forceinline__ void issue_block(const LoraDyProductsParams& p, BlockSlot<DOT>& slot, int64_t m0,
-                                            int64_t row_end, int64_t col, bool active, int g, int t, int lane) {
+                                            int64_t row_end, const __nv_bfloat16* dy_lane,
+                                            const __nv_bfloat16* y_lane, bool active, int g, int lane) {
   if (m0 < row_end) {
 #pragma unroll
     for (int rg = 0; rg < 2; ++rg) {
-      const int64_t row = m0 + g + 8 * rg;
-      const bool ok = active && row < p.m;
-      const int64_t row_c = ok ? row : 0;  // an address inside dY even when nothing is read
+      const bool ok = active && m0 + g + 8 * rg < p.m;
+      const int64_t off = ok ? 8 * rg * p.n : 0;  // an address inside dY even when nothing is read
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int64_t off = row_c * p.n + (ok ? col : 0) + 32 * hf + 8 * t;
-        copy16_async(&slot.dy[2 * rg + hf][lane], static_cast<const __nv_bfloat16*>(p.dy) + off, ok);
-        if constexpr (DOT) copy16_async(&slot.y[2 * rg + hf][lane], static_cast<const __nv_bfloat16*>(p.y) + off, ok);
+        copy16_async(&slot.dy[2 * rg + hf][lane], (ok ? dy_lane : static_cast<const __nv_bfloat16*>(p.dy)) + off + 32 * hf, ok);
+        if constexpr (DOT) copy16_async(&slot.y[2 * rg + hf][lane], (ok ? y_lane : static_cast<const __nv_bfloat16*>(p.y)) + off + 32 * hf, ok);
       }
     }
   }
@@ -144,10 +164,6 @@ template <int WARPS, bool DOT>
 struct DyProductsShared {
   uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
   float g[2][WARPS][16][16];    // the warps' g of a block, double-buffered
-  // h's rows of a block (columns past r and rows past M zero), double-buffered: every warp needs
-  // the same 16 rows; loaded by the CTA's threads one block ahead (as 8 scalar loads per lane at
-  // the point of use they put an L2 round trip into every block's critical path)
-  float h[2][16][kHStride];
   BlockSlot<DOT> ring[kStages<DOT>][WARPS];
 };
 
@@ -157,8 +173,6 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT>*>(dy_products_smem);
   auto& s_b = shared.b;
   auto& s_g = shared.g;
-  auto& s_h = shared.h;
-  constexpr int kHPerThread = 256 / (32 * WARPS);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t col = (int64_t(blockIdx.x) * WARPS + warp) * kWarpCols;
@@ -167,30 +181,15 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   const int64_t row_end = row_begin + p.chunk_rows < p.m ? row_begin + p.chunk_rows : p.m;
 
   auto& ring = shared.ring;
+  // the lane's first dY (and y) element of the chunk: row row_begin + g, column col + 8t
+  const int64_t lane_off = active ? (row_begin + g) * p.n + col + 8 * t : 0;
+  const int64_t block_step = 16 * p.n;
+  const __nv_bfloat16* dy_lane = static_cast<const __nv_bfloat16*>(p.dy) + lane_off;
+  const __nv_bfloat16* y_lane = DOT ? static_cast<const __nv_bfloat16*>(p.y) + lane_off : nullptr;
 #pragma unroll
   for (int st = 0; st < kStages<DOT> - 1; ++st) {
-    issue_block<DOT>(p, ring[st][warp], row_begin + 16 * st, row_end, col, active, g, t, lane);
-  }
-  // entry e = threadIdx.x + i * 32 WARPS of a block: row e / 16, column e % 16
-  const auto load_h = [&](int64_t m0, float (&vals)[kHPerThread]) {
-#pragma unroll
-    for (int i = 0; i < kHPerThread; ++i) {
-      const int e = threadIdx.x + i * 32 * WARPS, j = e & 15;
-      const int64_t row = m0 + (e >> 4);
-      vals[i] = (m0 < row_end && j < p.r && row < p.m) ? p.h[row * p.r + j] : 0.0f;
-    }
-  };
-  const auto store_h = [&](int b, const float (&vals)[kHPerThread]) {
-#pragma unroll
-    for (int i = 0; i < kHPerThread; ++i) {
-      const int e = threadIdx.x + i * 32 * WARPS;
-      s_h[b][e >> 4][e & 15] = vals[i];
-    }
-  };
-  {
-    float first[kHPerThread];
-    load_h(row_begin, first);
-    store_h(0, first);
+    issue_block<DOT>(p, ring[st][warp], row_begin + 16 * st, row_end, dy_lane + st * block_step,
+                     DOT ? y_lane + st * block_step : nullptr, active, g, lane);
   }
 
   // k-chunk c = (half hf, word pair wp): fragment k = 2t' + e is column 32 hf + 8 t' + 4 wp + e,
@@ -231,7 +230,11 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
 #pragma unroll
       for (int i = 0; i < 8; ++i) dot[hf][i] = 0.0f;
   }
-  __syncthreads();  // s_b, s_h[0]
+  __syncthreads();  // s_b
+  uint4 h_cur[2] = {p.h_frag[((row_begin >> 4) * 32 + lane) * 2], p.h_frag[((row_begin >> 4) * 32 + lane) * 2 + 1]};
+  // the lane's pointers for the block kStages - 1 ahead of the one being read
+  const __nv_bfloat16* dy_ahead = dy_lane + (kStages<DOT> - 1) * block_step;
+  const __nv_bfloat16* y_ahead = DOT ? y_lane + (kStages<DOT> - 1) * block_step : nullptr;
 
   int buf = 0, stage = 0;
 #pragma unroll 1
@@ -242,13 +245,23 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     // refill the slot read one block ago (this lane's own reads of it are done: their values fed
     // the previous block's math)
     const int refill = stage == 0 ? kStages<DOT> - 1 : stage - 1;
-    issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (kStages<DOT> - 1), row_end, col, active, g, t, lane);
+    issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (kStages<DOT> - 1), row_end, dy_ahead, y_ahead, active, g, lane);
+    // this block's h^T fragments, loaded one block ahead (at the point of use an L2 round trip sat
+    // in every block's critical path; through the ring they cost a CTA per SM of shared memory)
+    const uint4 h_hi = h_cur[0], h_lo = h_cur[1];
+    if (m0 + 16 < row_end) {
+      const uint4* src = p.h_frag + (((m0 + 16) >> 4) * 32 + lane) * 2;
+      h_cur[0] = src[0];
+      h_cur[1] = src[1];
+    }
+    dy_ahead += block_step;
+    if constexpr (DOT) y_ahead += block_step;
     stage = stage == kStages<DOT> - 1 ? 0 : stage + 1;
-    float h_next[kHPerThread];
-    load_h(m0 + 16, h_next);
 
     // g = dY B_v over the warp's 64 columns: A = dY as loaded
+    // (hi and lo parts in separate accumulators: four chains of 4 dependent mma instead of two of 8)
     float gacc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float gacc_lo[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int hf = c >> 1, wp = c & 1;
@@ -257,18 +270,17 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const uint2 lo = s_b[warp][c][nt][1][lane], hi = s_b[warp][c][nt][0][lane];
-        mma_bf16_16816(gacc[nt], a0, a1, a2, a3, lo.x, lo.y);
+        mma_bf16_16816(gacc_lo[nt], a0, a1, a2, a3, lo.x, lo.y);
         mma_bf16_16816(gacc[nt], a0, a1, a2, a3, hi.x, hi.y);
       }
     }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) gacc[nt][e] += gacc_lo[nt][e];
 
     // dh^T += h^T dY: A = h^T (r = g, g + 8; m = 2t, 2t + 1, 2t + 8, 2t + 9), split hi + lo
-    uint32_t ah[4], al[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {  // a0 (r g, m 2t..), a1 (r g + 8, m 2t..), a2 (r g, m 2t + 8..), a3
-      const int j = g + 8 * (q & 1), row = 2 * t + 8 * (q >> 1);
-      split2(s_h[buf][row][j], s_h[buf][row + 1][j], ah[q], al[q]);
-    }
+    const uint32_t ah[4] = {h_hi.x, h_hi.y, h_hi.z, h_hi.w}, al[4] = {h_lo.x, h_lo.y, h_lo.z, h_lo.w};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
 #pragma unroll
@@ -303,8 +315,6 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
       s_g[buf][warp][g + 8][8 * nt + 2 * t] = gacc[nt][2];
       s_g[buf][warp][g + 8][8 * nt + 2 * t + 1] = gacc[nt][3];
     }
-    // the next block's h: its buffer's readers (the previous block) are past the previous barrier
-    store_h(buf ^ 1, h_next);
     __syncthreads();  // also: every reader of s_g[buf] two blocks ago is past it
     for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
       const int row = i >> 4, j = i & 15;
@@ -384,6 +394,8 @@ int ctas_per_sm() {
 
 template <int WARPS, bool DOT>
 void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
+  const int64_t frag_threads = (p.m + 15) / 16 * 32;
+  h_fragments<<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p.h, p.m, p.r, p.h_frag);
   const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
   const auto kernel = dy_products_kernel<WARPS, DOT>();
   kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT>), stream>>>(p);

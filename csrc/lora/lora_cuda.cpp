@@ -132,6 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_cuda(const at::Tensor
   p.g_part = g_part.mutable_data_ptr<float>();
   p.dh_part = dh_part.mutable_data_ptr<float>();
   p.dot_part = with_dot ? dot_part.mutable_data_ptr<float>() : nullptr;
+  const at::Tensor h_frag = at::empty({lora_dy_products_h_frag_bytes(m)}, dy.options().dtype(at::kByte));
+  p.h_frag = static_cast<uint4*>(h_frag.mutable_data_ptr());  // the caching allocator's blocks: 512-byte aligned
   launch_lora_dy_products(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor dot = with_dot ? dot_part.sum(0) : at::empty({0}, f32);
@@ -238,6 +240,8 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   p.out_kind = dtype == at::kFloat ? FloatKind::kFloat32 : dtype == at::kHalf ? FloatKind::kFloat16
                                                                                : FloatKind::kBFloat16;
   p.out = out.mutable_data_ptr();
+  const at::Tensor fragments = at::empty({lora_merge_4bit_mma_fragment_bytes(out_features)}, a.options().dtype(at::kByte));
+  p.fragments = fragments.mutable_data_ptr();  // the caching allocator's blocks are 512-byte aligned
   launch_lora_merge_4bit(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -264,6 +268,8 @@ std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
   p.scaling = static_cast<float>(scaling);
   p.r = int(a.size(0));
   p.out_kind = FloatKind::kFloat32;
+  const at::Tensor fragments = at::empty({lora_merge_4bit_mma_fragment_bytes(out_features)}, a.options().dtype(at::kByte));
+  p.fragments = fragments.mutable_data_ptr();
   TORCH_CHECK(lora_merge_4bit_mma_takes(p),
               "lowrank::dora_row_norm_4bit: the CUDA kernel needs r <= 16, in_features % 64 == 0, blocksize >= 16 "
               "and packed 8-byte aligned, got r ", quant::num(a.size(0)), ", in_features ", quant::num(in_features),

@@ -50,11 +50,13 @@ struct LoraDyProductsParams {
   float* g_part;         // [strips, M, r]
   float* dh_part;        // [row_chunks, N, r]
   float* dot_part;       // [row_chunks, N] or nullptr
+  uint4* h_frag;         // scratch: lora_dy_products_h_frag_bytes(M), 16-byte aligned
 };
 
 constexpr int kDyProductsMaxRank = 16;
 
 int64_t lora_dy_products_strip_cols(bool dot);
+inline int64_t lora_dy_products_h_frag_bytes(int64_t m) { return (m + 15) / 16 * 32 * 2 * 16; }
 int lora_dy_products_ctas_per_sm(bool dot);
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream);
 
@@ -94,6 +96,7 @@ struct LoraMerge4bitParams : quant::Packed4bitWeight {  // K % 4 == 0, packed 2-
   int r;                        // 1 .. kLoraMergeMaxRank
   FloatKind out_kind;
   void* out;                    // [N, K] row-major
+  void* fragments;              // merge_mma.cu's scratch: lora_merge_4bit_mma_fragment_bytes(N), 16-byte aligned
 };
 
 constexpr int kLoraMergeMaxRank = 32;
@@ -106,6 +109,7 @@ void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream);
 // applies unless LOWRANK_MERGE_MMA=0.
 constexpr int kMergeMmaMaxRank = 16;
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p);
+int64_t lora_merge_4bit_mma_fragment_bytes(int64_t n);  // the (s v) B fragments, any split up to 3
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream);
 
 // DoRA's row norm n_o = ||W0_o + s B_o A|| straight from the packed weight (merge_mma.cu: the

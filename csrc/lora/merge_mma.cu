@@ -23,6 +23,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "common/cuda_float.cuh"
 #include "lora/lora_launch.h"
 
@@ -72,17 +74,55 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a)[SPL
   mma_bf16_16816(d, a[0], b0[0], b1[0]);
 }
 
+// The mma's A operand (s v_o) B[o, :] for every 16-row tile, split into SPLIT bf16 parts once per
+// call (lora_b_fragments) instead of per tile in every column strip's CTA: 64 strips at K = 4096
+// each split the same rows (4 split_pairs and 8 products per lane and tile, ~45 of the ~466
+// instructions a tile took; ncu, H100, 14336 x 4096). Layout: [tile][lane][SPLIT] uint4, the
+// fragment words a0..a3 of part s (a0 row g, j 4t, 4t + 1; a1 row g + 8; a2 row g, j 4t + 2, 4t + 3;
+// a3 row g + 8), the k index permuted as below; rows past N and j past r zero.
+template <int SPLIT>
+__global__ void lora_b_fragments(LoraMerge4bitParams p, uint4* frag) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t tiles = (p.n + 15) / 16;
+  if (i >= tiles * 32) return;
+  const int64_t tile = i >> 5;
+  const int lane = int(i & 31), g = lane >> 2, t = lane & 3;
+  float x[2][4];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t o = tile * 16 + g + 8 * rr;
+    const bool row_in = o < p.n;
+    const float sv = row_in && p.row_scale != nullptr ? __fmul_rn(p.scaling, p.row_scale[o]) : p.scaling;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int j = 4 * t + q;
+      x[rr][q] = row_in && j < p.r ? __fmul_rn(sv, p.b[o * p.r + j]) : 0.0f;
+    }
+  }
+  uint32_t bs[SPLIT][4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int rr = q & 1, half = q >> 1;
+    uint32_t parts[SPLIT];
+    split_pair<SPLIT>(x[rr][2 * half], x[rr][2 * half + 1], parts);
+#pragma unroll
+    for (int s = 0; s < SPLIT; ++s) bs[s][q] = parts[s];
+  }
+#pragma unroll
+  for (int s = 0; s < SPLIT; ++s) frag[i * SPLIT + s] = make_uint4(bs[s][0], bs[s][1], bs[s][2], bs[s][3]);
+}
+
 // What a lane loads for one 16-row tile: rows g and g + 8 (clamped to the last row past N).
-template <bool NESTED>
+template <bool NESTED, int SPLIT>
 struct TileLoads {
   uint2 codes[2];          // the lane's 16 strip columns: 8 bytes per row
   float absmax_or_nested[2];
   uint32_t absmax_code[2];  // NESTED
   float v[2];               // row_scale, or 1
-  float b[2][4];            // B[o][4t .. 4t + 3] (0 past r): the k index is permuted, see below
+  uint4 bfrag[SPLIT];       // the tile's (s v) B fragments, see lora_b_fragments
 
-  __device__ __forceinline__ void load(const LoraMerge4bitParams& p, int64_t r0, int64_t col, int block_shift,
-                                       int nested_shift, int g, int t) {
+  __device__ __forceinline__ void load(const LoraMerge4bitParams& p, const uint4* frag, int64_t r0, int64_t col,
+                                       int block_shift, int nested_shift, int g, int lane) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       int64_t o = r0 + g + 8 * rr;
@@ -97,17 +137,10 @@ struct TileLoads {
         absmax_or_nested[rr] = p.absmax[block];
       }
       v[rr] = p.row_scale != nullptr ? p.row_scale[o] : 1.0f;
-      if (p.r == 16) {  // one 16-byte load (b 16-byte aligned: the launcher checks)
-        const float4 v4 = *reinterpret_cast<const float4*>(p.b + o * 16 + 4 * t);
-        b[rr][0] = v4.x;
-        b[rr][1] = v4.y;
-        b[rr][2] = v4.z;
-        b[rr][3] = v4.w;
-      } else {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) b[rr][q] = 4 * t + q < p.r ? p.b[o * p.r + 4 * t + q] : 0.0f;
-      }
     }
+    const uint4* f = frag + ((r0 >> 4) * 32 + lane) * SPLIT;  // r0: a multiple of 16
+#pragma unroll
+    for (int s = 0; s < SPLIT; ++s) bfrag[s] = f[s];
   }
 };
 
@@ -115,11 +148,14 @@ struct TileLoads {
 // (W0 + s B A)^2 into norm_partial[strip][row], and after those [strips][16] the strip's
 // sum_k A_jk^2 (row_scale must be null).
 template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
-__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(LoraMerge4bitParams p, float* norm_partial,
-                                                                 int64_t rows_per_cta) {
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(LoraMerge4bitParams p, const uint4* frag,
+                                                                 float* norm_partial, int64_t rows_per_cta) {
   __shared__ float s_values[16];
   __shared__ float s_qmap[NESTED ? 256 : 1];
   __shared__ __align__(16) float s_a[16][kStrip + 4];  // A's strip, rows past r zero (row pad: fewer bank conflicts)
+  // per n-tile and lane: b0's parts, then b1's, padded to whole 16-byte words (conflict-free reads)
+  constexpr int kFragWords = SPLIT == 3 ? 8 : 4;
+  __shared__ __align__(16) uint32_t s_afrag[8][32][kFragWords];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t col0 = int64_t(blockIdx.x) * kStrip;
@@ -141,8 +177,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
     *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
   }
   const int64_t first = row_cta + 16 * warp;
-  TileLoads<NESTED> cur;
-  if (first < row_end) cur.load(p, first, col0 + 16 * t, block_shift, nested_shift, g, t);
+  TileLoads<NESTED, SPLIT> cur;
+  if (first < row_end) cur.load(p, frag, first, col0 + 16 * t, block_shift, nested_shift, g, lane);
   __syncthreads();  // the tables and A's strip
   if constexpr (NORM) {  // ||A_j||^2 over the strip, once per strip, for the finish's error bound
     if (blockIdx.y == 0 && threadIdx.x < 16) {
@@ -156,77 +192,121 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   // load of B per row): k = 2t + e <-> j = 4t + e, k = 2t + 8 + e <-> j = 4t + 2 + e.
   // A's fragments (the mma's B operand, K = j x N = column): b0 holds k = 2t, 2t + 1 and b1
   // k = 2t + 8, 2t + 9, both at in-tile column g, i.e. strip column 16 (g / 2) + 2 nt + g % 2
-  uint32_t a_b0[8][SPLIT], a_b1[8][SPLIT];
+  // Built once by warp 0 into shared memory (the same for every warp) and read back per n-tile:
+  // held in registers they took 8 x 2 x SPLIT of them and the kernel spilled at 96.
+  if (warp == 0) {
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const int c = 16 * (g >> 1) + 2 * nt + (g & 1);
-    split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], a_b0[nt]);
-    split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], a_b1[nt]);
+    for (int nt = 0; nt < 8; ++nt) {
+      const int c = 16 * (g >> 1) + 2 * nt + (g & 1);
+      uint32_t b0[SPLIT], b1[SPLIT];
+      split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
+      split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
+#pragma unroll
+      for (int s = 0; s < SPLIT; ++s) {
+        s_afrag[nt][lane][s] = b0[s];
+        s_afrag[nt][lane][SPLIT + s] = b1[s];
+      }
+#pragma unroll
+      for (int w = 2 * SPLIT; w < kFragWords; ++w) s_afrag[nt][lane][w] = 0u;
+    }
   }
+  __syncthreads();
 
   const float offset = NESTED ? *p.offset : 0.0f;
   T* out = static_cast<T*>(p.out);
 
 #pragma unroll 1
   for (int64_t r0 = first; r0 < row_end; r0 += kRowsPerRound) {
-    TileLoads<NESTED> next;
+    TileLoads<NESTED, SPLIT> next;
     const int64_t r_next = r0 + kRowsPerRound;
-    if (r_next < row_end) next.load(p, r_next, col0 + 16 * t, block_shift, nested_shift, g, t);
+    if (r_next < row_end) next.load(p, frag, r_next, col0 + 16 * t, block_shift, nested_shift, g, lane);
 
-    float scale[2], sv[2];
+    float scale[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       // the block's float absmax as dequantize_4bit rebuilds it: a rounded product, a rounded sum
       const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[cur.absmax_code[rr]], cur.absmax_or_nested[rr]), offset)
                                   : cur.absmax_or_nested[rr];
       scale[rr] = p.row_scale != nullptr ? __fmul_rn(absmax, cur.v[rr]) : absmax;
-      sv[rr] = p.row_scale != nullptr ? __fmul_rn(p.scaling, cur.v[rr]) : p.scaling;
     }
-    // (s v_o) B[o, :] fragments (the mma's A operand, M = row x K = j): a0 (row g, k 2t..: j 4t..),
-    // a1 (row g + 8, k 2t..), a2 (row g, k 2t + 8..: j 4t + 2..), a3 (row g + 8, k 2t + 8..)
     uint32_t bs[SPLIT][4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int rr = q & 1, half = q >> 1;
-      uint32_t parts[SPLIT];
-      split_pair<SPLIT>(__fmul_rn(sv[rr], cur.b[rr][2 * half]), __fmul_rn(sv[rr], cur.b[rr][2 * half + 1]), parts);
-#pragma unroll
-      for (int s = 0; s < SPLIT; ++s) bs[s][q] = parts[s];
+    for (int s = 0; s < SPLIT; ++s) {
+      bs[s][0] = cur.bfrag[s].x;
+      bs[s][1] = cur.bfrag[s].y;
+      bs[s][2] = cur.bfrag[s].z;
+      bs[s][3] = cur.bfrag[s].w;
     }
+    // each code byte's nibbles as byte offsets into s_values (value index * 4), one per byte of
+    // the word: byte nt of the row's 8 is then one PRMT away from a lookup address
+    uint32_t hi4[2][2], lo4[2][2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      hi4[rr][0] = (cur.codes[rr].x >> 2) & 0x3c3c3c3cu;
+      lo4[rr][0] = (cur.codes[rr].x << 2) & 0x3c3c3c3cu;
+      hi4[rr][1] = (cur.codes[rr].y >> 2) & 0x3c3c3c3cu;
+      lo4[rr][1] = (cur.codes[rr].y << 2) & 0x3c3c3c3cu;
+    }
+    const char* values_bytes = reinterpret_cast<const char*>(s_values);
 
-    uint32_t packed_out[2][8];
+    uint32_t packed_out[2][4];  // half a row's 16 columns, stored after n-tiles 3 and 7
     float sq[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_split<SPLIT>(d, bs, a_b0[nt], a_b1[nt]);
+      uint32_t words[kFragWords];
+#pragma unroll
+      for (int w4 = 0; w4 < kFragWords; w4 += 4) {
+        const uint4 v4 = *reinterpret_cast<const uint4*>(&s_afrag[nt][lane][w4]);
+        words[w4] = v4.x;
+        words[w4 + 1] = v4.y;
+        words[w4 + 2] = v4.z;
+        words[w4 + 3] = v4.w;
+      }
+      uint32_t a_b0[SPLIT], a_b1[SPLIT];
+#pragma unroll
+      for (int s = 0; s < SPLIT; ++s) {
+        a_b0[s] = words[s];
+        a_b1[s] = words[SPLIT + s];
+      }
+      mma_split<SPLIT>(d, bs, a_b0, a_b1);
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        // strip columns 16t + 2nt (high nibble) and 16t + 2nt + 1 (low nibble): byte nt of the row's 8
-        const uint32_t word = nt < 4 ? cur.codes[rr].x : cur.codes[rr].y;
-        const uint32_t byte = (word >> (8 * (nt & 3))) & 0xffu;
-        const float w0 = __fadd_rn(__fmul_rn(s_values[byte >> 4], scale[rr]), d[2 * rr]);
-        const float w1 = __fadd_rn(__fmul_rn(s_values[byte & 15u], scale[rr]), d[2 * rr + 1]);
+        // strip columns 16t + 2nt (high nibble) and 16t + 2nt + 1 (low nibble): byte nt of the row's 8.
+        // value * scale + d in one fma: with B = 0 (d = +0) the dequantized weight's one rounding
+        const uint32_t sel = 0x4440u | uint32_t(nt & 3);  // byte nt & 3, zero-extended
+        const float value_hi = *reinterpret_cast<const float*>(values_bytes + __byte_perm(hi4[rr][nt >> 2], 0u, sel));
+        const float value_lo = *reinterpret_cast<const float*>(values_bytes + __byte_perm(lo4[rr][nt >> 2], 0u, sel));
+        const float w0 = __fmaf_rn(value_hi, scale[rr], d[2 * rr]);
+        const float w1 = __fmaf_rn(value_lo, scale[rr], d[2 * rr + 1]);
         if constexpr (NORM) {
           sq[rr] = __fmaf_rn(w0, w0, sq[rr]);
           sq[rr] = __fmaf_rn(w1, w1, sq[rr]);
         } else {
-          packed_out[rr][nt] = Pack2<T>::pack(w0, w1);
+          packed_out[rr][nt & 3] = Pack2<T>::pack(w0, w1);
+        }
+      }
+      if constexpr (!NORM) {
+        if ((nt & 3) == 3) {
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            const int64_t o = r0 + g + 8 * rr;
+            if (o < p.n) {
+              uint4* dst = reinterpret_cast<uint4*>(out + o * p.k + col0 + 16 * t) + (nt >> 2);
+              *dst = make_uint4(packed_out[rr][0], packed_out[rr][1], packed_out[rr][2], packed_out[rr][3]);
+            }
+          }
         }
       }
     }
+    if constexpr (NORM) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int64_t o = r0 + g + 8 * rr;
-      if constexpr (NORM) {
+      for (int rr = 0; rr < 2; ++rr) {
+        const int64_t o = r0 + g + 8 * rr;
         float total = sq[rr];
         total += __shfl_xor_sync(0xffffffffu, total, 1);
         total += __shfl_xor_sync(0xffffffffu, total, 2);
         if (t == 0 && o < p.n) norm_partial[int64_t(blockIdx.x) * p.n + o] = total;
-      } else if (o < p.n) {
-        uint4* dst = reinterpret_cast<uint4*>(out + o * p.k + col0 + 16 * t);
-        dst[0] = make_uint4(packed_out[rr][0], packed_out[rr][1], packed_out[rr][2], packed_out[rr][3]);
-        dst[1] = make_uint4(packed_out[rr][4], packed_out[rr][5], packed_out[rr][6], packed_out[rr][7]);
       }
     }
     cur = next;
@@ -239,16 +319,24 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
 // the bound's margin. As at::linalg_vector_norm it took 9.6 us and two launches on the H100.)
 __global__ void dora_row_norm_finish(DoraRowNormParams q, const float* partial, int strips) {
   __shared__ double s_a_norm[16];
-  if (threadIdx.x < 16) {
-    double a2 = 0.0;
-    for (int s = 0; s < strips; ++s) a2 += double(partial[int64_t(strips) * q.merge.n + 16 * s + threadIdx.x]);
-    s_a_norm[threadIdx.x] = sqrt(a2);
-  }
+  // Strips added in four interleaved float64 sums (a fixed order), so that four loads are in flight
+  // per step instead of one: a serial sum over K / 64 = 64 strips put 64 L2 round trips in a row
+  // (the kernel took 9.9 us on the H100 at 14336 x 4096).
+  const auto sum_strips = [strips](const float* base, int64_t stride) {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int s = 0;
+    for (; s + 4 <= strips; s += 4) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] += double(base[int64_t(s + i) * stride]);
+    }
+    for (; s < strips; ++s) acc[0] += double(base[int64_t(s) * stride]);
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  };
+  if (threadIdx.x < 16) s_a_norm[threadIdx.x] = sqrt(sum_strips(partial + int64_t(strips) * q.merge.n + threadIdx.x, 16));
   __syncthreads();
   const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= q.merge.n) return;
-  double n2 = 0.0;
-  for (int s = 0; s < strips; ++s) n2 += double(partial[int64_t(s) * q.merge.n + o]);
+  const double n2 = sum_strips(partial + o, q.merge.n);
   double t = 0.0;
   for (int j = 0; j < q.merge.r; ++j) t += fabs(double(q.merge.b[o * q.merge.r + j])) * s_a_norm[j];
   t *= fabs(double(q.merge.scaling));
@@ -280,19 +368,35 @@ void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
     return blocks > 0 ? blocks : 1;
   }();
+  uint4* frag = static_cast<uint4*>(p.fragments);
+  const int64_t frag_threads = (p.n + 15) / 16 * 32;
+  lora_b_fragments<SPLIT><<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p, frag);
   const int64_t rows = rows_per_cta_for(ctas_per_sm, p);
   const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + rows - 1) / rows));
-  kernel<<<grid, kThreads, 0, stream>>>(p, norm_partial, rows);
+  kernel<<<grid, kThreads, 0, stream>>>(p, frag, norm_partial, rows);
 }
 
 // CTAs per SM the register cap allows: the merge 5 (96 registers, a word spilled; ncu 81 us at 14336 x 4096 against
 // 91 us for 256-row CTAs at 110 registers; a cap at 80 registers spilled and ran slower), the
 // norm's 3-way split 4 (126 registers, none spilled; at 96 it spilled and ran ~10% slower).
+template <typename T, int SPLIT, bool NORM, int MIN_BLOCKS>
+void launch_blocks(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
+  if (p.absmax == nullptr) launch_kernel<T, true, SPLIT, NORM, MIN_BLOCKS>(p, norm_partial, stream);
+  else launch_kernel<T, false, SPLIT, NORM, MIN_BLOCKS>(p, norm_partial, stream);
+}
+
+// EXPERIMENT (LOWRANK_MERGE_CTAS=5|6, LOWRANK_NORM_CTAS=4|5): register caps for the A/B run
 template <typename T, int SPLIT, bool NORM>
 void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  constexpr int kMinBlocks = NORM ? 4 : 5;
-  if (p.absmax == nullptr) launch_kernel<T, true, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
-  else launch_kernel<T, false, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
+  const char* env = std::getenv(NORM ? "LOWRANK_NORM_CTAS" : "LOWRANK_MERGE_CTAS");
+  const int want = env != nullptr ? std::atoi(env) : (NORM ? 4 : 6);
+  if constexpr (NORM) {
+    if (want == 5) launch_blocks<T, SPLIT, NORM, 5>(p, norm_partial, stream);
+    else launch_blocks<T, SPLIT, NORM, 4>(p, norm_partial, stream);
+  } else {
+    if (want == 5) launch_blocks<T, SPLIT, NORM, 5>(p, norm_partial, stream);
+    else launch_blocks<T, SPLIT, NORM, 6>(p, norm_partial, stream);
+  }
 }
 
 }  // namespace
@@ -300,8 +404,11 @@ void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p) {
   return p.r <= kMergeMmaMaxRank && p.k % kStrip == 0 && p.blocksize >= 16 &&
          reinterpret_cast<uintptr_t>(p.packed) % 8 == 0 &&  // one 8-byte code load per lane and row
-         reinterpret_cast<uintptr_t>(p.a) % 16 == 0 && reinterpret_cast<uintptr_t>(p.b) % 16 == 0;
+         reinterpret_cast<uintptr_t>(p.a) % 16 == 0 && p.fragments != nullptr &&
+         reinterpret_cast<uintptr_t>(p.fragments) % 16 == 0;
 }
+
+int64_t lora_merge_4bit_mma_fragment_bytes(int64_t n) { return (n + 15) / 16 * 32 * 3 * 16; }
 
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream) {
   if (p.out_kind == FloatKind::kBFloat16) launch_shaped<__nv_bfloat16, 2, false>(p, nullptr, stream);
