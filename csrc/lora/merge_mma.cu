@@ -112,6 +112,12 @@ __global__ void lora_b_fragments(LoraMerge4bitParams p, uint4* frag) {
   for (int s = 0; s < SPLIT; ++s) frag[i * SPLIT + s] = make_uint4(bs[s][0], bs[s][1], bs[s][2], bs[s][3]);
 }
 
+// One 16-byte store. (Written as *uint4_ptr = ..., the first half-row store of the tile loop came
+// out of nvcc 13 as four 4-byte stores: 4x the L2 write transactions, ncu L2 at 79%, 125 us.)
+__device__ __forceinline__ void store16(void* dst, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
 // What a lane loads for one 16-row tile: rows g and g + 8 (clamped to the last row past N).
 template <bool NESTED, int SPLIT>
 struct TileLoads {
@@ -147,7 +153,7 @@ struct TileLoads {
 // NORM = false: W' rows written in T. NORM = true: per row, the sum over the strip of
 // (W0 + s B A)^2 into norm_partial[strip][row], and after those [strips][16] the strip's
 // sum_k A_jk^2 (row_scale must be null).
-template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
+template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS, bool A_SMEM>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(LoraMerge4bitParams p, const uint4* frag,
                                                                  float* norm_partial, int64_t rows_per_cta) {
   __shared__ float s_values[16];
@@ -155,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   __shared__ __align__(16) float s_a[16][kStrip + 4];  // A's strip, rows past r zero (row pad: fewer bank conflicts)
   // per n-tile and lane: b0's parts, then b1's, padded to whole 16-byte words (conflict-free reads)
   constexpr int kFragWords = SPLIT == 3 ? 8 : 4;
-  __shared__ __align__(16) uint32_t s_afrag[8][32][kFragWords];
+  __shared__ __align__(16) uint32_t s_afrag[A_SMEM ? 8 : 1][32][kFragWords];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t col0 = int64_t(blockIdx.x) * kStrip;
@@ -192,9 +198,23 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   // load of B per row): k = 2t + e <-> j = 4t + e, k = 2t + 8 + e <-> j = 4t + 2 + e.
   // A's fragments (the mma's B operand, K = j x N = column): b0 holds k = 2t, 2t + 1 and b1
   // k = 2t + 8, 2t + 9, both at in-tile column g, i.e. strip column 16 (g / 2) + 2 nt + g % 2
-  // Built once by warp 0 into shared memory (the same for every warp) and read back per n-tile:
-  // held in registers they took 8 x 2 x SPLIT of them and the kernel spilled at 96.
-  if (warp == 0) {
+  // A_SMEM: built once by warp 0 into shared memory (the same for every warp) and read back per
+  // n-tile (registers: 8 x 2 x SPLIT of them held through the loop).
+  uint32_t a_reg[A_SMEM ? 1 : 8][2 * SPLIT];
+  if (!A_SMEM) {
+#pragma unroll
+    for (int nt = 0; nt < (A_SMEM ? 1 : 8); ++nt) {
+      const int c = 16 * (g >> 1) + 2 * nt + (g & 1);
+      uint32_t b0[SPLIT], b1[SPLIT];
+      split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
+      split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
+#pragma unroll
+      for (int s = 0; s < SPLIT; ++s) {
+        a_reg[nt][s] = b0[s];
+        a_reg[nt][SPLIT + s] = b1[s];
+      }
+    }
+  } else if (warp == 0) {
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       const int c = 16 * (g >> 1) + 2 * nt + (g & 1);
@@ -255,13 +275,18 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
     for (int nt = 0; nt < 8; ++nt) {
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       uint32_t words[kFragWords];
+      if constexpr (A_SMEM) {
 #pragma unroll
-      for (int w4 = 0; w4 < kFragWords; w4 += 4) {
-        const uint4 v4 = *reinterpret_cast<const uint4*>(&s_afrag[nt][lane][w4]);
-        words[w4] = v4.x;
-        words[w4 + 1] = v4.y;
-        words[w4 + 2] = v4.z;
-        words[w4 + 3] = v4.w;
+        for (int w4 = 0; w4 < kFragWords; w4 += 4) {
+          const uint4 v4 = *reinterpret_cast<const uint4*>(&s_afrag[nt][lane][w4]);
+          words[w4] = v4.x;
+          words[w4 + 1] = v4.y;
+          words[w4 + 2] = v4.z;
+          words[w4 + 3] = v4.w;
+        }
+      } else {
+#pragma unroll
+        for (int w = 0; w < 2 * SPLIT; ++w) words[w] = a_reg[A_SMEM ? 0 : nt][w];
       }
       uint32_t a_b0[SPLIT], a_b1[SPLIT];
 #pragma unroll
@@ -292,8 +317,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
           for (int rr = 0; rr < 2; ++rr) {
             const int64_t o = r0 + g + 8 * rr;
             if (o < p.n) {
-              uint4* dst = reinterpret_cast<uint4*>(out + o * p.k + col0 + 16 * t) + (nt >> 2);
-              *dst = make_uint4(packed_out[rr][0], packed_out[rr][1], packed_out[rr][2], packed_out[rr][3]);
+              store16(out + o * p.k + col0 + 16 * t + 8 * (nt >> 2), packed_out[rr][0], packed_out[rr][1],
+                      packed_out[rr][2], packed_out[rr][3]);
             }
           }
         }
@@ -362,7 +387,9 @@ int64_t rows_per_cta_for(int ctas_per_sm, const LoraMerge4bitParams& p) {
 
 template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
 void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, MIN_BLOCKS>;
+  // EXPERIMENT: A's fragments in shared memory when the register cap is tight
+  constexpr bool kASmem = NORM ? MIN_BLOCKS >= 5 : MIN_BLOCKS >= 6;
+  const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, MIN_BLOCKS, kASmem>;
   static const int ctas_per_sm = [kernel] {  // one per instantiation (its registers decide)
     int blocks = 0;
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
