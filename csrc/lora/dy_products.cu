@@ -23,6 +23,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "lora/lora_launch.h"
 
@@ -171,7 +172,7 @@ struct DyProductsShared {
   BlockSlot<DOT> ring[kStages<DOT>][WARPS];
 };
 
-template <int WARPS, bool DOT>
+template <int WARPS, bool DOT, bool H_SMEM>
 __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsParams p) {
   extern __shared__ __align__(16) unsigned char dy_products_smem[];
   auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT>*>(dy_products_smem);
@@ -237,11 +238,14 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   constexpr int kHPerThread = 128 / (32 * WARPS);
   static_assert(kHPerThread * 32 * WARPS == 128, "a block's h fragments: 128 8-byte words");
   const uint2* h_words = reinterpret_cast<const uint2*>(p.h_frag);
+  if constexpr (H_SMEM) {
 #pragma unroll
-  for (int i = 0; i < kHPerThread; ++i) {
-    const int e = threadIdx.x + i * 32 * WARPS;
-    shared.hfrag[0][e] = h_words[(row_begin >> 4) * 128 + e];
+    for (int i = 0; i < kHPerThread; ++i) {
+      const int e = threadIdx.x + i * 32 * WARPS;
+      shared.hfrag[0][e] = h_words[(row_begin >> 4) * 128 + e];
+    }
   }
+  uint4 h_cur[2] = {p.h_frag[((row_begin >> 4) * 32 + lane) * 2], p.h_frag[((row_begin >> 4) * 32 + lane) * 2 + 1]};
   __syncthreads();  // s_b, hfrag[0]
   // the lane's pointers for the block kStages - 1 ahead of the one being read
   const __nv_bfloat16* dy_ahead = dy_lane + (kStages<DOT> - 1) * block_step;
@@ -258,13 +262,24 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     const int refill = stage == 0 ? kStages<DOT> - 1 : stage - 1;
     issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (kStages<DOT> - 1), row_end, dy_ahead, y_ahead, active, g, lane);
     // this block's h^T fragments; the next block's loaded now, stored before the block's barrier
-    const uint4 h_hi = reinterpret_cast<const uint4*>(shared.hfrag[buf])[2 * lane];
-    const uint4 h_lo = reinterpret_cast<const uint4*>(shared.hfrag[buf])[2 * lane + 1];
+    uint4 h_hi, h_lo;
     uint2 h_next[kHPerThread];
+    if constexpr (H_SMEM) {
+      h_hi = reinterpret_cast<const uint4*>(shared.hfrag[buf])[2 * lane];
+      h_lo = reinterpret_cast<const uint4*>(shared.hfrag[buf])[2 * lane + 1];
 #pragma unroll
-    for (int i = 0; i < kHPerThread; ++i) {
-      const int e = threadIdx.x + i * 32 * WARPS;
-      h_next[i] = m0 + 16 < row_end ? h_words[((m0 + 16) >> 4) * 128 + e] : make_uint2(0u, 0u);
+      for (int i = 0; i < kHPerThread; ++i) {
+        const int e = threadIdx.x + i * 32 * WARPS;
+        h_next[i] = m0 + 16 < row_end ? h_words[((m0 + 16) >> 4) * 128 + e] : make_uint2(0u, 0u);
+      }
+    } else {  // per warp from L2, one block ahead in registers
+      h_hi = h_cur[0];
+      h_lo = h_cur[1];
+      if (m0 + 16 < row_end) {
+        const uint4* src = p.h_frag + (((m0 + 16) >> 4) * 32 + lane) * 2;
+        h_cur[0] = src[0];
+        h_cur[1] = src[1];
+      }
     }
     dy_ahead += block_step;
     if constexpr (DOT) y_ahead += block_step;
@@ -327,8 +342,10 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
       s_g[buf][warp][g + 8][8 * nt + 2 * t] = gacc[nt][2];
       s_g[buf][warp][g + 8][8 * nt + 2 * t + 1] = gacc[nt][3];
     }
+    if constexpr (H_SMEM) {
 #pragma unroll
-    for (int i = 0; i < kHPerThread; ++i) shared.hfrag[buf ^ 1][threadIdx.x + i * 32 * WARPS] = h_next[i];
+      for (int i = 0; i < kHPerThread; ++i) shared.hfrag[buf ^ 1][threadIdx.x + i * 32 * WARPS] = h_next[i];
+    }
     __syncthreads();  // also: every reader of s_g[buf] and hfrag[buf ^ 1] a block ago is past it
     for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
       const int row = i >> 4, j = i & 15;
@@ -384,9 +401,9 @@ int64_t lora_dy_products_strip_cols(bool dot) { return int64_t(dot ? kWarpsDot :
 namespace {
 
 // The kernel with its dynamic shared memory allowed (once per device).
-template <int WARPS, bool DOT>
+template <int WARPS, bool DOT, bool H_SMEM = true>
 auto dy_products_kernel() {
-  const auto kernel = lora_dy_products<WARPS, DOT>;
+  const auto kernel = lora_dy_products<WARPS, DOT, H_SMEM>;
   static std::atomic<uint64_t> devices_set{0};
   int device = 0;
   cudaGetDevice(&device);
@@ -411,7 +428,9 @@ void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
   const int64_t frag_threads = (p.m + 15) / 16 * 32;
   h_fragments<<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p.h, p.m, p.r, p.h_frag);
   const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
-  const auto kernel = dy_products_kernel<WARPS, DOT>();
+  const char* env = std::getenv("LOWRANK_DY_H_SMEM");  // EXPERIMENT
+  const auto kernel = env != nullptr && env[0] == '0' ? dy_products_kernel<WARPS, DOT, false>()
+                                                      : dy_products_kernel<WARPS, DOT, true>();
   kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT>), stream>>>(p);
 }
 
@@ -422,6 +441,10 @@ int lora_dy_products_ctas_per_sm(bool dot) {
 }
 
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream) {
+  if (lora_v1_requested()) {
+    v1::launch_lora_dy_products_v1(p, stream);
+    return;
+  }
   if (p.y != nullptr) launch<kWarpsDot, true>(p, stream);
   else launch<kWarpsNoDot, false>(p, stream);
 }

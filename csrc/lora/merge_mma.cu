@@ -445,6 +445,10 @@ void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t strea
 int64_t dora_row_norm_partial_size(int64_t n, int64_t k) { return k / kStrip * (n + 16); }
 
 void launch_dora_row_norm(const DoraRowNormParams& q, float* partial, cudaStream_t stream) {
+  if (lora_v1_requested()) {
+    v1::launch_dora_row_norm_v1(q, partial, stream);
+    return;
+  }
   launch_shaped<float, 3, true>(q.merge, partial, stream);
   const int threads = 256;
   dora_row_norm_finish<<<unsigned((q.merge.n + threads - 1) / threads), threads, 0, stream>>>(

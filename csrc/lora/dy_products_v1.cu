@@ -1,0 +1,406 @@
+// EXPERIMENT: the dY-products kernel of 6fdea23 for an in-process A/B (LOWRANK_LORA_V1=1)
+// The LoRA/DoRA backward's products of dY in one read of dY (and of y for DoRA):
+//   g = dY B_v [M, r],  dh = dY^T h [N, r],  dot = sum_M(dY * y) [N]   (float32 out)
+// Why: as three launches they read dY three times (cuBLAS g 89 us, cuBLAS dh 82 us, the streaming
+// dot 157 us with y, on the H100 at M = 8192, N = 14336, r = 16; one read of dY is ~78 us).
+//
+// bf16 only. Both products run on the tensor cores (mma.sync m16n8k16) with dY as loaded: lane
+// (g, t) of a warp loads 16 bytes of rows g and g + 8 of a 16-row block in each 32-column half of
+// the warp's 64 columns (columns 8t .. 8t + 7), by cp.async into its own slots of a shared-memory
+// ring several blocks ahead, and reads them back into registers. As they are, those registers are the A operand of
+// g = dY B_v once the k index (a column) is permuted to match (B_v's fragments are built with the
+// same permutation, once per CTA, into shared memory). Transposed by movmatrix (an 8 x 8 b16 tile
+// per register), they are the B operand of dh^T = h^T dY, whose n index (a column) is permuted
+// the same way. The float32 sides (B_v, h) are split into two bf16 parts, hi + lo, two mma each:
+// products of bf16 values are exact in the float32 accumulator and hi + lo holds B_v to 2^-16
+// relative, far more than the bf16 dY carries.
+//
+// Reductions: a CTA owns a strip of WARPS x 64 columns and a chunk of rows. dh and dot are summed
+// over the chunk's rows in registers and written once as the chunk's partial sums; g is summed over
+// the warps' columns through shared memory per 16-row block and written as the strip's partial
+// sums. The caller adds the partials (a fixed order: deterministic).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "lora/lora_launch.h"
+
+namespace lowrank::lora {
+namespace v1 {
+namespace {
+
+constexpr int kWarpCols = 64;
+// h's 16 x 16 block in shared memory, row stride 20 floats: the fragment reads (row 2t (+ 8),
+// column g (+ 8)) fall in banks 8t + g, one per lane.
+constexpr int kHStride = 20;
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// (x0, x1) -> hi pair and lo pair of bf16 (the lower k in the low half)
+__device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat16 h0 = __float2bfloat16_rn(x0), h1 = __float2bfloat16_rn(x1);
+  const __nv_bfloat16 l0 = __float2bfloat16_rn(__fsub_rn(x0, __bfloat162float(h0)));
+  const __nv_bfloat16 l1 = __float2bfloat16_rn(__fsub_rn(x1, __bfloat162float(h1)));
+  hi = uint32_t(__bfloat16_as_ushort(h0)) | (uint32_t(__bfloat16_as_ushort(h1)) << 16);
+  lo = uint32_t(__bfloat16_as_ushort(l0)) | (uint32_t(__bfloat16_as_ushort(l1)) << 16);
+}
+
+__device__ __forceinline__ float2 bf16x2_to_float2(uint32_t bits) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+}
+
+// Blocks in flight per warp: a ring of kStages 16-row blocks in shared memory filled by cp.async,
+// kStages - 1 blocks ahead of the math. ncu on the H100 at M = 8192, N = 14336, r = 16 (LoRA / with
+// y): one block ahead in registers 137 us / -, a 3-stage ring with 8 warps 132 us (DRAM 57%) / 4
+// warps 182 us (DRAM 82%), 5 stages with 4 warps 124 us (DRAM 63%).
+template <bool DOT>
+constexpr int kStages = DOT ? 3 : 5;
+
+// One 16-row block of a warp's 64 columns as a lane holds it: [row group (g, g + 8)][32-column
+// half], 8 bf16 each.
+template <bool DOT>
+struct BlockRegs {
+  uint4 dy[2][2];
+  uint4 y[DOT ? 2 : 1][DOT ? 2 : 1];
+};
+
+// The ring's slot of one lane: what it copies is what it reads back (no other lane touches it, so
+// cp.async.wait_group alone orders the copy and the read).
+template <bool DOT>
+struct BlockSlot {
+  uint4 dy[4][32];  // [2 rg + hf][lane]
+  uint4 y[4][32];
+};
+template <>
+struct BlockSlot<false> {
+  uint4 dy[4][32];
+};
+
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool ok) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // src-size 0: nothing read, the 16 bytes zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int PENDING>
+__device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// Starts the copy of block m0 (rows m0 .. m0 + 15) into a lane's slot and commits it as one group
+// (an empty group past the chunk: one group per block keeps wait_group's count).
+template <bool DOT>
+__device__ __forceinline__ void issue_block(const LoraDyProductsParams& p, BlockSlot<DOT>& slot, int64_t m0,
+                                            int64_t row_end, int64_t col, bool active, int g, int t, int lane) {
+  if (m0 < row_end) {
+#pragma unroll
+    for (int rg = 0; rg < 2; ++rg) {
+      const int64_t row = m0 + g + 8 * rg;
+      const bool ok = active && row < p.m;
+      const int64_t row_c = ok ? row : 0;  // an address inside dY even when nothing is read
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int64_t off = row_c * p.n + (ok ? col : 0) + 32 * hf + 8 * t;
+        copy16_async(&slot.dy[2 * rg + hf][lane], static_cast<const __nv_bfloat16*>(p.dy) + off, ok);
+        if constexpr (DOT) copy16_async(&slot.y[2 * rg + hf][lane], static_cast<const __nv_bfloat16*>(p.y) + off, ok);
+      }
+    }
+  }
+  copy_commit();
+}
+
+template <bool DOT>
+__device__ __forceinline__ void read_block(const BlockSlot<DOT>& slot, int lane, BlockRegs<DOT>& regs) {
+#pragma unroll
+  for (int rg = 0; rg < 2; ++rg) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      regs.dy[rg][hf] = slot.dy[2 * rg + hf][lane];
+      if constexpr (DOT) regs.y[rg][hf] = slot.y[2 * rg + hf][lane];
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+// Shared memory (dynamic: 98.5 KB for 8 warps, 74.5 KB for 4 with y; static shared memory stops at 48)
+template <int WARPS, bool DOT>
+struct DyProductsShared {
+  uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
+  float g[2][WARPS][16][16];    // the warps' g of a block, double-buffered
+  // h's rows of a block (columns past r and rows past M zero), double-buffered: every warp needs
+  // the same 16 rows; loaded by the CTA's threads one block ahead (as 8 scalar loads per lane at
+  // the point of use they put an L2 round trip into every block's critical path)
+  float h[2][16][kHStride];
+  BlockSlot<DOT> ring[kStages<DOT>][WARPS];
+};
+
+template <int WARPS, bool DOT>
+__global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsParams p) {
+  extern __shared__ __align__(16) unsigned char dy_products_smem[];
+  auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT>*>(dy_products_smem);
+  auto& s_b = shared.b;
+  auto& s_g = shared.g;
+  auto& s_h = shared.h;
+  constexpr int kHPerThread = 256 / (32 * WARPS);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t col = (int64_t(blockIdx.x) * WARPS + warp) * kWarpCols;
+  const bool active = col < p.n;  // N % 64 == 0: a warp's columns are all in or all out
+  const int64_t row_begin = int64_t(blockIdx.y) * p.chunk_rows;
+  const int64_t row_end = row_begin + p.chunk_rows < p.m ? row_begin + p.chunk_rows : p.m;
+
+  auto& ring = shared.ring;
+#pragma unroll
+  for (int st = 0; st < kStages<DOT> - 1; ++st) {
+    issue_block<DOT>(p, ring[st][warp], row_begin + 16 * st, row_end, col, active, g, t, lane);
+  }
+  // entry e = threadIdx.x + i * 32 WARPS of a block: row e / 16, column e % 16
+  const auto load_h = [&](int64_t m0, float (&vals)[kHPerThread]) {
+#pragma unroll
+    for (int i = 0; i < kHPerThread; ++i) {
+      const int e = threadIdx.x + i * 32 * WARPS, j = e & 15;
+      const int64_t row = m0 + (e >> 4);
+      vals[i] = (m0 < row_end && j < p.r && row < p.m) ? p.h[row * p.r + j] : 0.0f;
+    }
+  };
+  const auto store_h = [&](int b, const float (&vals)[kHPerThread]) {
+#pragma unroll
+    for (int i = 0; i < kHPerThread; ++i) {
+      const int e = threadIdx.x + i * 32 * WARPS;
+      s_h[b][e >> 4][e & 15] = vals[i];
+    }
+  };
+  {
+    float first[kHPerThread];
+    load_h(row_begin, first);
+    store_h(0, first);
+  }
+
+  // k-chunk c = (half hf, word pair wp): fragment k = 2t' + e is column 32 hf + 8 t' + 4 wp + e,
+  // k = 2t' + 8 + e is column 32 hf + 8 t' + 4 wp + 2 + e (t' the lane's t for the A operand, and
+  // for the B operand below too: the same function of k)
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int hf = c >> 1, wp = c & 1;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int j = 8 * nt + g;
+      float x[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // q: (e, second half of k)
+        const int64_t cc = col + 32 * hf + 8 * t + 4 * wp + (q & 1) + 2 * (q >> 1);
+        x[q] = (active && j < p.r) ? p.b[cc * p.r + j] : 0.0f;
+      }
+      uint32_t hi0, lo0, hi1, lo1;
+      split2(x[0], x[1], hi0, lo0);
+      split2(x[2], x[3], hi1, lo1);
+      s_b[warp][c][nt][0][lane] = make_uint2(hi0, hi1);
+      s_b[warp][c][nt][1][lane] = make_uint2(lo0, lo1);
+    }
+  }
+
+  // dh^T accumulators: n-tile (hf, w) holds rows r = g, g + 8 of columns 32 hf + 8t + 2w + (0, 1)
+  float dh[2][4][4];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dh[hf][w][e] = 0.0f;
+  float dot[DOT ? 2 : 1][DOT ? 8 : 1];  // columns 32 hf + 8t + i
+  if constexpr (DOT) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot[hf][i] = 0.0f;
+  }
+  __syncthreads();  // s_b, s_h[0]
+
+  int buf = 0, stage = 0;
+#pragma unroll 1
+  for (int64_t m0 = row_begin; m0 < row_end; m0 += 16, buf ^= 1) {
+    copy_wait<kStages<DOT> - 2>();  // this block's group is done (kStages - 2 later ones may be pending)
+    BlockRegs<DOT> cur;
+    read_block<DOT>(ring[stage][warp], lane, cur);
+    // refill the slot read one block ago (this lane's own reads of it are done: their values fed
+    // the previous block's math)
+    const int refill = stage == 0 ? kStages<DOT> - 1 : stage - 1;
+    issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (kStages<DOT> - 1), row_end, col, active, g, t, lane);
+    stage = stage == kStages<DOT> - 1 ? 0 : stage + 1;
+    float h_next[kHPerThread];
+    load_h(m0 + 16, h_next);
+
+    // g = dY B_v over the warp's 64 columns: A = dY as loaded
+    float gacc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int hf = c >> 1, wp = c & 1;
+      const uint32_t a0 = word(cur.dy[0][hf], 2 * wp), a1 = word(cur.dy[1][hf], 2 * wp);
+      const uint32_t a2 = word(cur.dy[0][hf], 2 * wp + 1), a3 = word(cur.dy[1][hf], 2 * wp + 1);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const uint2 lo = s_b[warp][c][nt][1][lane], hi = s_b[warp][c][nt][0][lane];
+        mma_bf16_16816(gacc[nt], a0, a1, a2, a3, lo.x, lo.y);
+        mma_bf16_16816(gacc[nt], a0, a1, a2, a3, hi.x, hi.y);
+      }
+    }
+
+    // dh^T += h^T dY: A = h^T (r = g, g + 8; m = 2t, 2t + 1, 2t + 8, 2t + 9), split hi + lo
+    uint32_t ah[4], al[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // a0 (r g, m 2t..), a1 (r g + 8, m 2t..), a2 (r g, m 2t + 8..), a3
+      const int j = g + 8 * (q & 1), row = 2 * t + 8 * (q >> 1);
+      split2(s_h[buf][row][j], s_h[buf][row + 1][j], ah[q], al[q]);
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t b0 = transpose8x8(word(cur.dy[0][hf], w)), b1 = transpose8x8(word(cur.dy[1][hf], w));
+        mma_bf16_16816(dh[hf][w], al[0], al[1], al[2], al[3], b0, b1);
+        mma_bf16_16816(dh[hf][w], ah[0], ah[1], ah[2], ah[3], b0, b1);
+      }
+    }
+
+    if constexpr (DOT) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+#pragma unroll
+          for (int rg = 0; rg < 2; ++rg) {
+            const float2 d = bf16x2_to_float2(word(cur.dy[rg][hf], w));
+            const float2 yy = bf16x2_to_float2(word(cur.y[rg][hf], w));
+            dot[hf][2 * w] = __fmaf_rn(d.x, yy.x, dot[hf][2 * w]);
+            dot[hf][2 * w + 1] = __fmaf_rn(d.y, yy.y, dot[hf][2 * w + 1]);
+          }
+        }
+      }
+    }
+
+    // g over the CTA's columns: the warps' sums through shared memory, added in warp order
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s_g[buf][warp][g][8 * nt + 2 * t] = gacc[nt][0];
+      s_g[buf][warp][g][8 * nt + 2 * t + 1] = gacc[nt][1];
+      s_g[buf][warp][g + 8][8 * nt + 2 * t] = gacc[nt][2];
+      s_g[buf][warp][g + 8][8 * nt + 2 * t + 1] = gacc[nt][3];
+    }
+    // the next block's h: its buffer's readers (the previous block) are past the previous barrier
+    store_h(buf ^ 1, h_next);
+    __syncthreads();  // also: every reader of s_g[buf] two blocks ago is past it
+    for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
+      const int row = i >> 4, j = i & 15;
+      if (j < p.r && m0 + row < p.m) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += s_g[buf][w][row][j];
+        p.g_part[(int64_t(blockIdx.x) * p.m + m0 + row) * p.r + j] = sum;
+      }
+    }
+  }
+  copy_wait<0>();  // no copy outlives the CTA
+
+  if (!active) return;
+  // this chunk's partial sums: dh [N, r] (rows g, g + 8 of dh^T), dot [N] (summed over the 8 g)
+  float* dh_out = p.dh_part + int64_t(blockIdx.y) * p.n * p.r;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = g + 8 * (e >> 1);
+        const int64_t cc = col + 32 * hf + 8 * t + 2 * w + (e & 1);
+        if (j < p.r) dh_out[cc * p.r + j] = dh[hf][w][e];
+      }
+    }
+  }
+  if constexpr (DOT) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float v = dot[hf][i];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        if (g == 0) p.dot_part[int64_t(blockIdx.y) * p.n + col + 32 * hf + 8 * t + i] = v;
+      }
+    }
+  }
+}
+
+// 4 warps (256-column strips) and 3 CTAs per SM with or without y (8 warps for LoRA halved the g
+// partials, but 32 KB of B_v fragments per CTA left room for too few blocks in flight).
+constexpr int kWarpsNoDot = 4;
+constexpr int kWarpsDot = 4;
+
+}  // namespace
+
+int64_t lora_dy_products_strip_cols_unused(bool dot) { return int64_t(dot ? kWarpsDot : kWarpsNoDot) * kWarpCols; }
+
+namespace {
+
+// The kernel with its dynamic shared memory allowed (once per device).
+template <int WARPS, bool DOT>
+auto dy_products_kernel() {
+  const auto kernel = lora_dy_products<WARPS, DOT>;
+  static std::atomic<uint64_t> devices_set{0};
+  int device = 0;
+  cudaGetDevice(&device);
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (devices_set.load() & bit) == 0) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(DyProductsShared<WARPS, DOT>)));
+    devices_set.fetch_or(bit);
+  }
+  return kernel;
+}
+
+template <int WARPS, bool DOT>
+int ctas_per_sm() {
+  int blocks = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dy_products_kernel<WARPS, DOT>(), 32 * WARPS,
+                                                sizeof(DyProductsShared<WARPS, DOT>));
+  return blocks > 0 ? blocks : 1;
+}
+
+template <int WARPS, bool DOT>
+void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
+  const auto kernel = dy_products_kernel<WARPS, DOT>();
+  kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT>), stream>>>(p);
+}
+
+}  // namespace
+
+int lora_dy_products_ctas_per_sm_unused(bool dot) {
+  return dot ? ctas_per_sm<kWarpsDot, true>() : ctas_per_sm<kWarpsNoDot, false>();
+}
+
+void launch_lora_dy_products_v1(const LoraDyProductsParams& p, cudaStream_t stream) {
+  if (p.y != nullptr) launch<kWarpsDot, true>(p, stream);
+  else launch<kWarpsNoDot, false>(p, stream);
+}
+
+}  // namespace v1
+}  // namespace lowrank::lora
