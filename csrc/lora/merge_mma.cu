@@ -77,7 +77,8 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a)[SPL
 // The mma's A operand (s v_o) B[o, :] for every 16-row tile, split into SPLIT bf16 parts once per
 // call (lora_b_fragments) instead of per tile in every column strip's CTA: 64 strips at K = 4096
 // each split the same rows (4 split_pairs and 8 products per lane and tile, ~45 of the ~466
-// instructions a tile took; ncu, H100, 14336 x 4096). Layout: [tile][lane][SPLIT] uint4, the
+// instructions a tile took; ncu, H100, 14336 x 4096). Layout: [tile][SPLIT][lane] uint4 (one
+// warp load of 512 contiguous bytes per part), the
 // fragment words a0..a3 of part s (a0 row g, j 4t, 4t + 1; a1 row g + 8; a2 row g, j 4t + 2, 4t + 3;
 // a3 row g + 8), the k index permuted as below; rows past N and j past r zero.
 template <int SPLIT>
@@ -109,7 +110,7 @@ __global__ void lora_b_fragments(LoraMerge4bitParams p, uint4* frag) {
     for (int s = 0; s < SPLIT; ++s) bs[s][q] = parts[s];
   }
 #pragma unroll
-  for (int s = 0; s < SPLIT; ++s) frag[i * SPLIT + s] = make_uint4(bs[s][0], bs[s][1], bs[s][2], bs[s][3]);
+  for (int s = 0; s < SPLIT; ++s) frag[(tile * SPLIT + s) * 32 + lane] = make_uint4(bs[s][0], bs[s][1], bs[s][2], bs[s][3]);
 }
 
 // One 16-byte store. (Written as *uint4_ptr = ..., the first half-row store of the tile loop came
@@ -118,14 +119,15 @@ __device__ __forceinline__ void store16(void* dst, uint32_t a, uint32_t b, uint3
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 
-// What a lane loads for one 16-row tile: rows g and g + 8 (clamped to the last row past N).
+// What a lane loads for one 16-row tile: rows g and g + 8 (clamped to the last row past N), strip
+// columns 8t .. 8t + 7 (half 0) and 32 + 8t .. 32 + 8t + 7 (half 1): 4 bytes of codes each.
 template <bool NESTED, int SPLIT>
 struct TileLoads {
-  uint2 codes[2];          // the lane's 16 strip columns: 8 bytes per row
-  float absmax_or_nested[2];
-  uint32_t absmax_code[2];  // NESTED
-  float v[2];               // row_scale, or 1
-  uint4 bfrag[SPLIT];       // the tile's (s v) B fragments, see lora_b_fragments
+  uint2 codes[2];                // per row: .x half 0, .y half 1
+  float absmax_or_nested[2][2];  // [row][half]: the halves share a block when blocksize >= 64
+  uint32_t absmax_code[2][2];    // NESTED
+  float v[2];                    // row_scale, or 1
+  uint4 bfrag[SPLIT];            // the tile's (s v) B fragments, see lora_b_fragments
 
   __device__ __forceinline__ void load(const LoraMerge4bitParams& p, const uint4* frag, int64_t r0, int64_t col,
                                        int block_shift, int nested_shift, int g, int lane) {
@@ -133,20 +135,30 @@ struct TileLoads {
     for (int rr = 0; rr < 2; ++rr) {
       int64_t o = r0 + g + 8 * rr;
       o = o < p.n ? o : p.n - 1;
-      const int64_t flat = o * p.k + col;  // a multiple of 16: one block (blocksize >= 16)
-      codes[rr] = *reinterpret_cast<const uint2*>(p.packed + flat / 2);
-      const int64_t block = flat >> block_shift;
-      if constexpr (NESTED) {
-        absmax_code[rr] = p.absmax_codes[block];
-        absmax_or_nested[rr] = p.nested_absmax[block >> nested_shift];
-      } else {
-        absmax_or_nested[rr] = p.absmax[block];
+      const int64_t flat = o * p.k + col;  // a multiple of 8
+      codes[rr].x = *reinterpret_cast<const uint32_t*>(p.packed + flat / 2);
+      codes[rr].y = *reinterpret_cast<const uint32_t*>(p.packed + flat / 2 + 16);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if (half == 1 && p.blocksize >= 64) {  // the strip is inside one block
+          absmax_or_nested[rr][1] = absmax_or_nested[rr][0];
+          absmax_code[rr][1] = absmax_code[rr][0];
+          continue;
+        }
+        const int64_t block = (flat + 32 * half) >> block_shift;
+        if constexpr (NESTED) {
+          absmax_code[rr][half] = p.absmax_codes[block];
+          absmax_or_nested[rr][half] = p.nested_absmax[block >> nested_shift];
+        } else {
+          absmax_code[rr][half] = 0;
+          absmax_or_nested[rr][half] = p.absmax[block];
+        }
       }
       v[rr] = p.row_scale != nullptr ? p.row_scale[o] : 1.0f;
     }
-    const uint4* f = frag + ((r0 >> 4) * 32 + lane) * SPLIT;  // r0: a multiple of 16
+    const uint4* f = frag + (r0 >> 4) * 32 * SPLIT + lane;  // r0: a multiple of 16
 #pragma unroll
-    for (int s = 0; s < SPLIT; ++s) bfrag[s] = f[s];
+    for (int s = 0; s < SPLIT; ++s) bfrag[s] = f[32 * s];
   }
 };
 
@@ -184,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   }
   const int64_t first = row_cta + 16 * warp;
   TileLoads<NESTED, SPLIT> cur;
-  if (first < row_end) cur.load(p, frag, first, col0 + 16 * t, block_shift, nested_shift, g, lane);
+  if (first < row_end) cur.load(p, frag, first, col0 + 8 * t, block_shift, nested_shift, g, lane);
   __syncthreads();  // the tables and A's strip
   if constexpr (NORM) {  // ||A_j||^2 over the strip, once per strip, for the finish's error bound
     if (blockIdx.y == 0 && threadIdx.x < 16) {
@@ -204,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   if (!A_SMEM) {
 #pragma unroll
     for (int nt = 0; nt < (A_SMEM ? 1 : 8); ++nt) {
-      const int c = 16 * (g >> 1) + 2 * nt + (g & 1);
+      const int c = 32 * (nt >> 2) + 8 * (g >> 1) + 2 * (nt & 3) + (g & 1);
       uint32_t b0[SPLIT], b1[SPLIT];
       split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
       split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
@@ -217,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   } else if (warp == 0) {
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      const int c = 16 * (g >> 1) + 2 * nt + (g & 1);
+      const int c = 32 * (nt >> 2) + 8 * (g >> 1) + 2 * (nt & 3) + (g & 1);
       uint32_t b0[SPLIT], b1[SPLIT];
       split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
       split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
@@ -239,15 +251,19 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   for (int64_t r0 = first; r0 < row_end; r0 += kRowsPerRound) {
     TileLoads<NESTED, SPLIT> next;
     const int64_t r_next = r0 + kRowsPerRound;
-    if (r_next < row_end) next.load(p, frag, r_next, col0 + 16 * t, block_shift, nested_shift, g, lane);
+    if (r_next < row_end) next.load(p, frag, r_next, col0 + 8 * t, block_shift, nested_shift, g, lane);
 
-    float scale[2];
+    float scale[2][2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      // the block's float absmax as dequantize_4bit rebuilds it: a rounded product, a rounded sum
-      const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[cur.absmax_code[rr]], cur.absmax_or_nested[rr]), offset)
-                                  : cur.absmax_or_nested[rr];
-      scale[rr] = p.row_scale != nullptr ? __fmul_rn(absmax, cur.v[rr]) : absmax;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // the block's float absmax as dequantize_4bit rebuilds it: a rounded product, a rounded sum
+        const float absmax =
+            NESTED ? __fadd_rn(__fmul_rn(s_qmap[cur.absmax_code[rr][half]], cur.absmax_or_nested[rr][half]), offset)
+                   : cur.absmax_or_nested[rr][half];
+        scale[rr][half] = p.row_scale != nullptr ? __fmul_rn(absmax, cur.v[rr]) : absmax;
+      }
     }
     uint32_t bs[SPLIT][4];
 #pragma unroll
@@ -297,13 +313,14 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
       mma_split<SPLIT>(d, bs, a_b0, a_b1);
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        // strip columns 16t + 2nt (high nibble) and 16t + 2nt + 1 (low nibble): byte nt of the row's 8.
+        // strip columns 32 (nt / 4) + 8t + 2 (nt % 4) (high nibble) and the next (low nibble): byte
+        // nt % 4 of the half's word.
         // value * scale + d in one fma: with B = 0 (d = +0) the dequantized weight's one rounding
         const uint32_t sel = 0x4440u | uint32_t(nt & 3);  // byte nt & 3, zero-extended
         const float value_hi = *reinterpret_cast<const float*>(values_bytes + __byte_perm(hi4[rr][nt >> 2], 0u, sel));
         const float value_lo = *reinterpret_cast<const float*>(values_bytes + __byte_perm(lo4[rr][nt >> 2], 0u, sel));
-        const float w0 = __fmaf_rn(value_hi, scale[rr], d[2 * rr]);
-        const float w1 = __fmaf_rn(value_lo, scale[rr], d[2 * rr + 1]);
+        const float w0 = __fmaf_rn(value_hi, scale[rr][nt >> 2], d[2 * rr]);
+        const float w1 = __fmaf_rn(value_lo, scale[rr][nt >> 2], d[2 * rr + 1]);
         if constexpr (NORM) {
           sq[rr] = __fmaf_rn(w0, w0, sq[rr]);
           sq[rr] = __fmaf_rn(w1, w1, sq[rr]);
@@ -317,7 +334,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
           for (int rr = 0; rr < 2; ++rr) {
             const int64_t o = r0 + g + 8 * rr;
             if (o < p.n) {
-              store16(out + o * p.k + col0 + 16 * t + 8 * (nt >> 2), packed_out[rr][0], packed_out[rr][1],
+              // the 4 lanes of a row write 64 contiguous bytes: whole 32-byte sectors
+              store16(out + o * p.k + col0 + 32 * (nt >> 2) + 8 * t, packed_out[rr][0], packed_out[rr][1],
                       packed_out[rr][2], packed_out[rr][3]);
             }
           }
@@ -430,7 +448,7 @@ void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
 
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p) {
   return p.r <= kMergeMmaMaxRank && p.k % kStrip == 0 && p.blocksize >= 16 &&
-         reinterpret_cast<uintptr_t>(p.packed) % 8 == 0 &&  // one 8-byte code load per lane and row
+         reinterpret_cast<uintptr_t>(p.packed) % 4 == 0 &&  // 4-byte code loads
          reinterpret_cast<uintptr_t>(p.a) % 16 == 0 && p.fragments != nullptr &&
          reinterpret_cast<uintptr_t>(p.fragments) % 16 == 0;
 }
