@@ -23,7 +23,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
 #include "lora/lora_launch.h"
 
@@ -165,14 +164,10 @@ template <int WARPS, bool DOT>
 struct DyProductsShared {
   uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
   float g[2][WARPS][16][16];    // the warps' g of a block, double-buffered
-  // the block's h^T fragments (h_fragments: [lane][hi, lo]), double-buffered: the same for every
-  // warp, so loaded once per CTA one block ahead (per warp from L2 they added 25-50% to the
-  // kernel's L2 reads: ncu L2 at 79-82%)
-  alignas(16) uint2 hfrag[2][128];
   BlockSlot<DOT> ring[kStages<DOT>][WARPS];
 };
 
-template <int WARPS, bool DOT, bool H_SMEM>
+template <int WARPS, bool DOT>
 __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsParams p) {
   extern __shared__ __align__(16) unsigned char dy_products_smem[];
   auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT>*>(dy_products_smem);
@@ -235,18 +230,11 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
 #pragma unroll
       for (int i = 0; i < 8; ++i) dot[hf][i] = 0.0f;
   }
-  constexpr int kHPerThread = 128 / (32 * WARPS);
-  static_assert(kHPerThread * 32 * WARPS == 128, "a block's h fragments: 128 8-byte words");
-  const uint2* h_words = reinterpret_cast<const uint2*>(p.h_frag);
-  if constexpr (H_SMEM) {
-#pragma unroll
-    for (int i = 0; i < kHPerThread; ++i) {
-      const int e = threadIdx.x + i * 32 * WARPS;
-      shared.hfrag[0][e] = h_words[(row_begin >> 4) * 128 + e];
-    }
-  }
+  // a block's h^T fragments, per lane, one block ahead in registers (at the point of use an L2
+  // round trip sat in every block's critical path; loaded once per CTA through shared memory
+  // instead, the kernel ran 125 us against 110)
   uint4 h_cur[2] = {p.h_frag[((row_begin >> 4) * 32 + lane) * 2], p.h_frag[((row_begin >> 4) * 32 + lane) * 2 + 1]};
-  __syncthreads();  // s_b, hfrag[0]
+  __syncthreads();  // s_b
   // the lane's pointers for the block kStages - 1 ahead of the one being read
   const __nv_bfloat16* dy_ahead = dy_lane + (kStages<DOT> - 1) * block_step;
   const __nv_bfloat16* y_ahead = DOT ? y_lane + (kStages<DOT> - 1) * block_step : nullptr;
@@ -262,24 +250,11 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     const int refill = stage == 0 ? kStages<DOT> - 1 : stage - 1;
     issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (kStages<DOT> - 1), row_end, dy_ahead, y_ahead, active, g, lane);
     // this block's h^T fragments; the next block's loaded now, stored before the block's barrier
-    uint4 h_hi, h_lo;
-    uint2 h_next[kHPerThread];
-    if constexpr (H_SMEM) {
-      h_hi = reinterpret_cast<const uint4*>(shared.hfrag[buf])[2 * lane];
-      h_lo = reinterpret_cast<const uint4*>(shared.hfrag[buf])[2 * lane + 1];
-#pragma unroll
-      for (int i = 0; i < kHPerThread; ++i) {
-        const int e = threadIdx.x + i * 32 * WARPS;
-        h_next[i] = m0 + 16 < row_end ? h_words[((m0 + 16) >> 4) * 128 + e] : make_uint2(0u, 0u);
-      }
-    } else {  // per warp from L2, one block ahead in registers
-      h_hi = h_cur[0];
-      h_lo = h_cur[1];
-      if (m0 + 16 < row_end) {
-        const uint4* src = p.h_frag + (((m0 + 16) >> 4) * 32 + lane) * 2;
-        h_cur[0] = src[0];
-        h_cur[1] = src[1];
-      }
+    const uint4 h_hi = h_cur[0], h_lo = h_cur[1];
+    if (m0 + 16 < row_end) {
+      const uint4* src = p.h_frag + (((m0 + 16) >> 4) * 32 + lane) * 2;
+      h_cur[0] = src[0];
+      h_cur[1] = src[1];
     }
     dy_ahead += block_step;
     if constexpr (DOT) y_ahead += block_step;
@@ -342,11 +317,7 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
       s_g[buf][warp][g + 8][8 * nt + 2 * t] = gacc[nt][2];
       s_g[buf][warp][g + 8][8 * nt + 2 * t + 1] = gacc[nt][3];
     }
-    if constexpr (H_SMEM) {
-#pragma unroll
-      for (int i = 0; i < kHPerThread; ++i) shared.hfrag[buf ^ 1][threadIdx.x + i * 32 * WARPS] = h_next[i];
-    }
-    __syncthreads();  // also: every reader of s_g[buf] and hfrag[buf ^ 1] a block ago is past it
+    __syncthreads();  // also: every reader of s_g[buf] two blocks ago is past it
     for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
       const int row = i >> 4, j = i & 15;
       if (j < p.r && m0 + row < p.m) {
@@ -401,9 +372,9 @@ int64_t lora_dy_products_strip_cols(bool dot) { return int64_t(dot ? kWarpsDot :
 namespace {
 
 // The kernel with its dynamic shared memory allowed (once per device).
-template <int WARPS, bool DOT, bool H_SMEM = true>
+template <int WARPS, bool DOT>
 auto dy_products_kernel() {
-  const auto kernel = lora_dy_products<WARPS, DOT, H_SMEM>;
+  const auto kernel = lora_dy_products<WARPS, DOT>;
   static std::atomic<uint64_t> devices_set{0};
   int device = 0;
   cudaGetDevice(&device);
@@ -428,9 +399,7 @@ void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
   const int64_t frag_threads = (p.m + 15) / 16 * 32;
   h_fragments<<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p.h, p.m, p.r, p.h_frag);
   const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
-  const char* env = std::getenv("LOWRANK_DY_H_SMEM");  // EXPERIMENT
-  const auto kernel = env != nullptr && env[0] == '0' ? dy_products_kernel<WARPS, DOT, false>()
-                                                      : dy_products_kernel<WARPS, DOT, true>();
+  const auto kernel = dy_products_kernel<WARPS, DOT>();
   kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT>), stream>>>(p);
 }
 
@@ -441,10 +410,6 @@ int lora_dy_products_ctas_per_sm(bool dot) {
 }
 
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream) {
-  if (lora_v1_requested()) {
-    v1::launch_lora_dy_products_v1(p, stream);
-    return;
-  }
   if (p.y != nullptr) launch<kWarpsDot, true>(p, stream);
   else launch<kWarpsNoDot, false>(p, stream);
 }

@@ -2,7 +2,6 @@
 // lora_cuda.cpp and lora_reduce.cu (no torch header in the .cu).
 #pragma once
 #include <cstdint>
-#include <cstdlib>
 
 #include <cuda_runtime.h>
 
@@ -105,7 +104,7 @@ constexpr int kLoraMergeMaxRank = 32;
 void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream);
 
 // The tensor-core variant (merge_mma.cu): 16-bit outputs, r <= kMergeMmaMaxRank, K % 64 == 0,
-// blocksize >= 16, packed 8-byte aligned; the rank-r product from split-bf16 mma (error ~2^-15 of
+// blocksize >= 16, packed 4-byte aligned; the rank-r product from split-bf16 mma (error ~2^-15 of
 // sum |s v B| |A|, not bit-identical to the CPU op). launch_lora_merge_4bit takes it where it
 // applies unless LOWRANK_MERGE_MMA=0.
 constexpr int kMergeMmaMaxRank = 16;
@@ -154,16 +153,5 @@ struct SplitParams {
 };
 
 void launch_split_bf16x3(const SplitParams& p, cudaStream_t stream);
-
-// EXPERIMENT: the kernels of 6fdea23 (merge_mma_v1.cu, dy_products_v1.cu), LOWRANK_LORA_V1=1
-namespace v1 {
-void launch_lora_merge_4bit_mma_v1(const LoraMerge4bitParams& p, cudaStream_t stream);
-void launch_dora_row_norm_v1(const DoraRowNormParams& q, float* partial, cudaStream_t stream);
-void launch_lora_dy_products_v1(const LoraDyProductsParams& p, cudaStream_t stream);
-}  // namespace v1
-inline bool lora_v1_requested() {
-  const char* env = std::getenv("LOWRANK_LORA_V1");
-  return env != nullptr && env[0] == '1';
-}
 
 }  // namespace lowrank::lora

@@ -223,8 +223,7 @@ void launch_typed(const LoraMerge4bitParams& p, cudaStream_t stream) {
 void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream) {
   const char* env = std::getenv("LOWRANK_MERGE_MMA");  // read per launch: tests and benchmarks compare
   if ((env == nullptr || env[0] != '0') && p.out_kind != FloatKind::kFloat32 && lora_merge_4bit_mma_takes(p)) {
-    if (lora_v1_requested()) v1::launch_lora_merge_4bit_mma_v1(p, stream);
-    else launch_lora_merge_4bit_mma(p, stream);
+    launch_lora_merge_4bit_mma(p, stream);
     return;
   }
   switch (p.out_kind) {

@@ -23,8 +23,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-
 #include "common/cuda_float.cuh"
 #include "lora/lora_launch.h"
 
@@ -362,18 +360,23 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
 // the bound's margin. As at::linalg_vector_norm it took 9.6 us and two launches on the H100.)
 __global__ void dora_row_norm_finish(DoraRowNormParams q, const float* partial, int strips) {
   __shared__ double s_a_norm[16];
-  // Strips added in four interleaved float64 sums (a fixed order), so that four loads are in flight
-  // per step instead of one: a serial sum over K / 64 = 64 strips put 64 L2 round trips in a row
-  // (the kernel took 9.9 us on the H100 at 14336 x 4096).
+  // Strips added in chunks of 16 loads issued together, each chunk summed in a fixed order: one
+  // thread per row summing K / 64 = 64 strips one load at a time put 64 L2 round trips in a row
+  // (9.9 us on the H100 at 14336 x 4096; 10.2 us with 4 loads in flight).
   const auto sum_strips = [strips](const float* base, int64_t stride) {
-    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    double total = 0.0;
     int s = 0;
-    for (; s + 4 <= strips; s += 4) {
+    for (; s + 16 <= strips; s += 16) {
+      float v[16];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] += double(base[int64_t(s + i) * stride]);
+      for (int i = 0; i < 16; ++i) v[i] = base[int64_t(s + i) * stride];
+      double chunk = 0.0;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) chunk += double(v[i]);
+      total += chunk;
     }
-    for (; s < strips; ++s) acc[0] += double(base[int64_t(s) * stride]);
-    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (; s < strips; ++s) total += double(base[int64_t(s) * stride]);
+    return total;
   };
   if (threadIdx.x < 16) s_a_norm[threadIdx.x] = sqrt(sum_strips(partial + int64_t(strips) * q.merge.n + threadIdx.x, 16));
   __syncthreads();
@@ -405,8 +408,7 @@ int64_t rows_per_cta_for(int ctas_per_sm, const LoraMerge4bitParams& p) {
 
 template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
 void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  // EXPERIMENT: A's fragments in shared memory when the register cap is tight
-  constexpr bool kASmem = NORM ? MIN_BLOCKS >= 5 : MIN_BLOCKS >= 6;
+  constexpr bool kASmem = !NORM;  // see launch_shaped
   const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, MIN_BLOCKS, kASmem>;
   static const int ctas_per_sm = [kernel] {  // one per instantiation (its registers decide)
     int blocks = 0;
@@ -424,24 +426,15 @@ void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
 // CTAs per SM the register cap allows: the merge 5 (96 registers, a word spilled; ncu 81 us at 14336 x 4096 against
 // 91 us for 256-row CTAs at 110 registers; a cap at 80 registers spilled and ran slower), the
 // norm's 3-way split 4 (126 registers, none spilled; at 96 it spilled and ran ~10% slower).
-template <typename T, int SPLIT, bool NORM, int MIN_BLOCKS>
-void launch_blocks(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  if (p.absmax == nullptr) launch_kernel<T, true, SPLIT, NORM, MIN_BLOCKS>(p, norm_partial, stream);
-  else launch_kernel<T, false, SPLIT, NORM, MIN_BLOCKS>(p, norm_partial, stream);
-}
-
-// EXPERIMENT (LOWRANK_MERGE_CTAS=5|6, LOWRANK_NORM_CTAS=4|5): register caps for the A/B run
+// CTAs per SM (the register cap): the merge 6 (80 registers, A's fragments in shared memory; ncu
+// at 14336 x 4096: 69.7 us, and 73.5 us at 5 CTAs with A's fragments in 96 registers), the norm's
+// 3-way split 4 (127 registers, A's fragments in registers: 65 us; at 5 CTAs with them in shared
+// memory 81 us, L1/TEX 91% busy).
 template <typename T, int SPLIT, bool NORM>
 void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
-  const char* env = std::getenv(NORM ? "LOWRANK_NORM_CTAS" : "LOWRANK_MERGE_CTAS");
-  const int want = env != nullptr ? std::atoi(env) : (NORM ? 4 : 6);
-  if constexpr (NORM) {
-    if (want == 5) launch_blocks<T, SPLIT, NORM, 5>(p, norm_partial, stream);
-    else launch_blocks<T, SPLIT, NORM, 4>(p, norm_partial, stream);
-  } else {
-    if (want == 5) launch_blocks<T, SPLIT, NORM, 5>(p, norm_partial, stream);
-    else launch_blocks<T, SPLIT, NORM, 6>(p, norm_partial, stream);
-  }
+  constexpr int kMinBlocks = NORM ? 4 : 6;
+  if (p.absmax == nullptr) launch_kernel<T, true, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
+  else launch_kernel<T, false, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
 }
 
 }  // namespace
@@ -463,10 +456,6 @@ void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t strea
 int64_t dora_row_norm_partial_size(int64_t n, int64_t k) { return k / kStrip * (n + 16); }
 
 void launch_dora_row_norm(const DoraRowNormParams& q, float* partial, cudaStream_t stream) {
-  if (lora_v1_requested()) {
-    v1::launch_dora_row_norm_v1(q, partial, stream);
-    return;
-  }
   launch_shaped<float, 3, true>(q.merge, partial, stream);
   const int threads = 256;
   dora_row_norm_finish<<<unsigned((q.merge.n + threads - 1) / threads), threads, 0, stream>>>(
