@@ -123,6 +123,9 @@ def main():
             w_hat = qs[0].dequantize(torch.float32)
             ref = x.float() @ w_hat.t()
             err = ((lowrank.matmul_4bit(x, qs[0]).float() - ref).norm() / ref.norm()).item()
+            wgmma_err = None
+            if m > 16:
+                wgmma_err = ((lowrank.matmul_4bit(x, qs[0], path="wgmma").float() - ref).norm() / ref.norm()).item()
             plain_err = ((F.linear(x, w_hat.bfloat16()).float() - ref).norm() / ref.norm()).item()
             del w_hat, ref
             passes = [("forward", False)] + ([("forward+backward", True)] if m >= BACKWARD_FROM_M else [])
@@ -133,9 +136,11 @@ def main():
                     "bf16": (lambda xx, ww: F.linear(xx, ww), [(wi,) for wi in ws], 2 * n * k),
                     "lowrank": (lambda xx, q: lowrank.matmul_4bit(xx, q), [(q,) for q in qs], q4_bytes),
                 }
-                if m <= 16:
-                    impls["lowrank-dequantize"] = (lambda xx, q: lowrank.matmul_4bit(xx, q, path="dequantize"),
-                                                   [(q,) for q in qs], q4_bytes)
+                if m > 16:  # the fused GEMM forced (the backward's dY @ W dequantizes either way)
+                    impls["lowrank-wgmma"] = (lambda xx, q: lowrank.matmul_4bit(xx, q, path="wgmma"),
+                                              [(q,) for q in qs], q4_bytes)
+                impls["lowrank-dequantize"] = (lambda xx, q: lowrank.matmul_4bit(xx, q, path="dequantize"),
+                                               [(q,) for q in qs], q4_bytes)
                 if m <= 16 and args.sweep_row_tiles:
                     for tiles in (1, 2, 4):
                         impls[f"skinny-rows{16 * tiles}"] = (
@@ -162,6 +167,8 @@ def main():
                 for row in rows[-len(impls):]:
                     base = next(r for r in rows[-len(impls):] if r["impl"] == "bf16")
                     row["vs_bf16"] = row["median_ms"] / base["median_ms"]
+                    if row["impl"] == "lowrank-wgmma":
+                        row["rel_error"], row["bf16_linear_rel_error"] = wgmma_err, plain_err
                     if row["impl"] == "lowrank":
                         row["rel_error"], row["bf16_linear_rel_error"] = err, plain_err
                         target = targets_for(n, k, m)

@@ -45,8 +45,9 @@ def matmul_4bit(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None =
     accumulation.
 
     x: fp32/fp16/bf16 on W's device; bias: [N] or None. Gradients flow to x and bias (W is frozen).
-    path: "auto" (the dispatch rule), or force "skinny" (CUDA fused kernel; an error says why when
-    it cannot take the call) or "dequantize" (dequantize + matmul) — for tests and benchmarks."""
+    path: "auto" (the dispatch rule), or force "skinny" (CUDA fused kernel for M <= 16), "wgmma"
+    (CUDA fused tensor-core GEMM, Hopper) — an error says why when one cannot take the call — or
+    "dequantize" (dequantize + matmul): for tests and benchmarks."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"matmul_4bit: q must be a lowrank.QuantizedTensor, got {type(q).__name__}")
     if len(q.shape) != 2:

@@ -178,7 +178,7 @@ def _(absmax):
 
 # --- matmul_4bit -------------------------------------------------------------------------------
 
-MATMUL_PATHS = ("auto", "skinny", "dequantize")
+MATMUL_PATHS = ("auto", "skinny", "wgmma", "dequantize")
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
@@ -191,8 +191,9 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
     absmax: fp32 [n_blocks], or with double quantization the uint8 codes of the absmax plus
     nested_absmax fp32 / nested_qmap fp32 [256] / offset fp32 scalar. bias: [out_features] in x's
     dtype. path: "auto" (docs/design.md's dispatch rule), "skinny" (the fused CUDA kernel: fp16/bf16
-    x with at most 16 rows, blocksize >= 64 dividing in_features) or "dequantize" (dequantize +
-    the backend's matmul)."""
+    x with at most 16 rows, blocksize >= 64 dividing in_features), "wgmma" (the fused tensor-core
+    GEMM of sm_90: fp16/bf16 x, in_features % 64 == 0, blocksize >= 64, out_features % 8 == 0) or
+    "dequantize" (dequantize + the backend's matmul)."""
     return torch.ops.lowrank.matmul_4bit(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
                                          nested_blocksize, out_features, in_features, bias, path)
 

@@ -123,6 +123,127 @@ def test_cuda_skinny_path_refuses_what_it_cannot_take(cuda_device, make_call, me
     _assert_within_rule(lowrank.matmul_4bit(x, q), x, q, None)  # "auto" falls back
 
 
+# --- the wgmma kernel (CUDA, Hopper) -------------------------------------------------------------
+
+_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU (wgmma)")
+
+
+@given(m=st.sampled_from([1, 17, 63, 64, 65, 100, 128, 129, 255, 256, 257, 300, 600]),
+       n=st.sampled_from([8, 120, 128, 136, 264, 1040]), k=st.sampled_from([64, 128, 192, 512, 1024, 4096]),
+       quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from([64, 128, 256]),
+       double_quant=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+@needs_hopper
+def test_cuda_wgmma_kernel_matches_reference(m, n, k, quant_type, blocksize, double_quant, dtype, with_bias, seed):
+    """Every token-tile width (64 / 128 / 256 by M), partial token and weight-row tiles, pipelines
+    shorter and longer than the stage ring, both absmax forms."""
+    if k % blocksize:
+        blocksize = 64
+    q = _quantized(n, k, quant_type, blocksize, double_quant, "cuda", seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to("cuda", dtype)
+    bias = torch.randn(n, generator=g).to("cuda", dtype) if with_bias else None
+    y = lowrank.matmul_4bit(x, q, bias, path="wgmma")
+    assert y.shape == (m, n) and y.dtype == dtype
+    _assert_within_rule(y, x, q, bias)
+    assert torch.equal(y, lowrank.matmul_4bit(x, q, bias, path="wgmma"))  # deterministic
+
+
+@pytest.mark.parametrize("m, k", [(64, 64), (128, 128), (256, 256), (256, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+@needs_hopper
+def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype, double_quant):
+    """x = rows of the identity: y[i, n] = W[n, i] is one product with 1.0, exact in fp32, so y must
+    equal the dequantize kernel's weight bit for bit. This pins every element's place in the
+    fragments, the swizzled x tile and the staged output, and the dequantization's rounding."""
+    n = 264  # three weight-row tiles, the last one partial
+    q = _quantized(n, k, "nf4", 64, double_quant, "cuda", 21)
+    x = torch.eye(m, k, device="cuda", dtype=dtype)
+    y = lowrank.matmul_4bit(x, q, path="wgmma")
+    assert torch.equal(y, q.dequantize(dtype)[:, :m].t())
+
+
+@needs_hopper
+def test_cuda_wgmma_kernel_model_shape():
+    """A model-sized weight with many k steps (the stage ring wraps 16-32 times) and a raster with
+    more token tiles than one group."""
+    q = _quantized(4096, 4096, "nf4", 64, True, "cuda", 0)
+    for m in (17, 128, 2304):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        _assert_within_rule(lowrank.matmul_4bit(x, q, path="wgmma"), x, q, None)
+
+
+@needs_hopper
+def test_cuda_wgmma_kernel_reads_a_strided_x():
+    q = _quantized(48, 256, "nf4", 64, False, "cuda", 2)
+    big = torch.randn(40, 512, device="cuda", dtype=torch.bfloat16)
+    x = big[:, 1:257]  # not contiguous, not 16-byte aligned: copied
+    _assert_within_rule(lowrank.matmul_4bit(x, q, path="wgmma"), x.contiguous(), q, None)
+
+
+def _misaligned(t):
+    """t's values in a buffer whose data pointer is 1 byte past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
+    base = (16 - buf.data_ptr() % 16) % 16
+    view = buf[base + 1: base + 1 + t.numel()]
+    view.copy_(t.reshape(-1))
+    return view
+
+
+@pytest.mark.parametrize("make_call, message", [
+    (lambda d: (torch.randn(32, 64, device=d), 64, 32), "float16 or bfloat16"),
+    (lambda d: (torch.randn(32, 96, device=d, dtype=torch.float16), 32, 32), "multiple of 64"),
+    (lambda d: (torch.randn(32, 128, device=d, dtype=torch.float16), 32, 32), "blocksize >= 64"),
+    (lambda d: (torch.randn(32, 128, device=d, dtype=torch.float16), 64, 12), "out_features to be a multiple of 8"),
+])
+@needs_hopper
+def test_cuda_wgmma_path_refuses_what_it_cannot_take(make_call, message):
+    x, blocksize, n = make_call("cuda")
+    q = _quantized(n, x.shape[-1], "nf4", blocksize, True, "cuda", 3)
+    with pytest.raises(RuntimeError, match=message):
+        lowrank.matmul_4bit(x, q, path="wgmma")
+    _assert_within_rule(lowrank.matmul_4bit(x, q), x, q, None)  # "auto" falls back
+
+
+@needs_hopper
+def test_cuda_wgmma_path_refuses_a_misaligned_packed_weight():
+    q = _quantized(32, 128, "nf4", 64, True, "cuda", 4)
+    x = torch.randn(20, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        ops.matmul_4bit(x, _misaligned(q.packed), q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset,
+                        q.quant_map, 64, q.nested_blocksize, 32, 128, None, "wgmma")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _HOPPER, reason="needs a CUDA GPU that is not Hopper")
+def test_cuda_wgmma_path_refuses_other_gpus():
+    q = _quantized(32, 128, "nf4", 64, True, "cuda", 5)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        lowrank.matmul_4bit(torch.randn(20, 128, device="cuda", dtype=torch.bfloat16), q, path="wgmma")
+
+
+@needs_hopper
+def test_cuda_graph_capture_wgmma():
+    """The wgmma path builds its tensor maps on the host at each call and passes them by value:
+    a captured call replays on new contents of the same x buffer."""
+    q = _quantized(256, 512, "nf4", 64, True, "cuda", 6)
+    x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
+    expected = lowrank.matmul_4bit(x, q, path="wgmma")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        lowrank.matmul_4bit(x, q, path="wgmma")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lowrank.matmul_4bit(x, q, path="wgmma")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(out, lowrank.matmul_4bit(x, q, path="wgmma"))
+    assert not torch.equal(out, expected)
+
+
 # --- the dequantize path and the op's contract (every device) ----------------------------------
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -135,10 +256,11 @@ def test_dequantize_path(device, dtype, double_quant):
     assert torch.equal(y, torch.nn.functional.linear(x, q.dequantize(dtype), bias))
 
 
-def test_skinny_path_is_cuda_only():
+@pytest.mark.parametrize("path", ["skinny", "wgmma"])
+def test_fused_paths_are_cuda_only(path):
     q = _quantized(32, 64, "nf4", 64, True, "cpu", 5)
-    with pytest.raises(RuntimeError, match="'skinny' is a CUDA kernel"):
-        lowrank.matmul_4bit(torch.randn(2, 64, dtype=torch.bfloat16), q, path="skinny")
+    with pytest.raises(RuntimeError, match=f"'{path}' is a CUDA kernel"):
+        lowrank.matmul_4bit(torch.randn(2, 64, dtype=torch.bfloat16), q, path=path)
 
 
 def test_op_rejects_bad_input(device):
@@ -155,7 +277,7 @@ def test_op_rejects_bad_input(device):
             a[names.index(key)] = v
         return ops.matmul_4bit(*a)
 
-    with pytest.raises(RuntimeError, match="path must be 'auto', 'skinny' or 'dequantize'"):
+    with pytest.raises(RuntimeError, match="path must be 'auto', 'skinny', 'wgmma' or 'dequantize'"):
         call(path="fast")
     with pytest.raises(RuntimeError, match="last dimension must be in_features = 64"):
         call(x=torch.randn(2, 65, device=device))

@@ -30,13 +30,15 @@ struct Weight4bit {
   bool nested() const { return nested_absmax.has_value(); }
 };
 
-enum class MatmulPath { kAuto, kSkinny, kDequantize };
+enum class MatmulPath { kAuto, kSkinny, kWgmma, kDequantize };
 
 inline MatmulPath parse_path(const std::string& path) {
   if (path == "auto") return MatmulPath::kAuto;
   if (path == "skinny") return MatmulPath::kSkinny;
+  if (path == "wgmma") return MatmulPath::kWgmma;
   if (path == "dequantize") return MatmulPath::kDequantize;
-  TORCH_CHECK(false, "lowrank::matmul_4bit: path must be 'auto', 'skinny' or 'dequantize', got '", path, "'");
+  TORCH_CHECK(false, "lowrank::matmul_4bit: path must be 'auto', 'skinny', 'wgmma' or 'dequantize', got '", path,
+              "'");
 }
 
 // The weight's tensors: shapes, dtypes, devices, and exactly one absmax form.

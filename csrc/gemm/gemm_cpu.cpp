@@ -38,8 +38,8 @@ at::Tensor matmul_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
                      out_features, in_features};
   check_matmul_4bit(x, w, bias);
   const MatmulPath chosen = parse_path(std::string(path));
-  TORCH_CHECK(chosen != MatmulPath::kSkinny, "lowrank::matmul_4bit: path 'skinny' is a CUDA kernel; on CPU use "
-              "'auto' or 'dequantize'");
+  TORCH_CHECK(chosen != MatmulPath::kSkinny && chosen != MatmulPath::kWgmma, "lowrank::matmul_4bit: path '",
+              std::string(path), "' is a CUDA kernel; on CPU use 'auto' or 'dequantize'");
   return matmul_4bit_dequantize(x, w, bias);
 }
 

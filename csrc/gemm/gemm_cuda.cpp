@@ -1,5 +1,5 @@
-// lowrank::matmul_4bit on CUDA: the dispatch rule between the fused skinny kernel and the
-// dequantize-then-cuBLAS path (docs/design.md, "matmul_4bit dispatch").
+// lowrank::matmul_4bit on CUDA: the dispatch rule between the fused skinny kernel (M <= 16), the
+// fused wgmma GEMM (Hopper) and the dequantize-then-cuBLAS path (docs/design.md, "Dispatch rule").
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +27,33 @@ const char* skinny_refusal(const at::Tensor& x, const Weight4bit& w, int64_t m) 
   return nullptr;
 }
 
+bool is_hopper(const at::Device& device) {
+  static int cached_major[64] = {};  // per device index; 0 = not read yet
+  const int index = device.index();
+  if (index < 0 || index >= 64) return false;
+  if (cached_major[index] == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
+    cached_major[index] = major;
+  }
+  return cached_major[index] == 9;
+}
+
+// Why the wgmma kernel cannot take this call, or nullptr when it can.
+const char* wgmma_refusal(const at::Tensor& x, const Weight4bit& w) {
+  if (!is_hopper(x.device())) return "it runs on compute capability 9.0 (Hopper) only";
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)
+    return "it takes float16 or bfloat16 x (float32 x goes through dequantize + matmul)";
+  if (w.in_features % kWgmmaTileK != 0) return "it needs in_features to be a multiple of 64";
+  if (w.blocksize < kWgmmaTileK) return "it needs blocksize >= 64";
+  if (w.out_features % 8 != 0) return "it needs out_features to be a multiple of 8 (16-byte stores of y)";
+  if (w.in_features >= (int64_t(1) << 31) || w.out_features >= (int64_t(1) << 31))
+    return "it takes weight dimensions below 2^31";
+  if (reinterpret_cast<uintptr_t>(w.packed.const_data_ptr()) % 16 != 0)
+    return "it needs the packed weight 16-byte aligned (TMA)";
+  return nullptr;
+}
+
 at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                             const std::optional<at::Tensor>& nested_absmax,
                             const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset,
@@ -37,14 +64,21 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
                      out_features, in_features};
   check_matmul_4bit(x, w, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const MatmulPath chosen = parse_path(std::string(path));
+  MatmulPath chosen = parse_path(std::string(path));
   const int64_t m = x.numel() / in_features;
-  const char* refusal = skinny_refusal(x, w, m);
-  TORCH_CHECK(chosen != MatmulPath::kSkinny || refusal == nullptr,
-              "lowrank::matmul_4bit: path 'skinny' cannot take this call: ", refusal);
-  if (chosen == MatmulPath::kDequantize || refusal != nullptr || m == 0) return matmul_4bit_dequantize(x, w, bias);
+  const char* skinny_no = skinny_refusal(x, w, m);
+  TORCH_CHECK(chosen != MatmulPath::kSkinny || skinny_no == nullptr,
+              "lowrank::matmul_4bit: path 'skinny' cannot take this call: ", skinny_no);
+  const char* wgmma_no = chosen == MatmulPath::kWgmma ? wgmma_refusal(x, w) : nullptr;
+  TORCH_CHECK(chosen != MatmulPath::kWgmma || wgmma_no == nullptr,
+              "lowrank::matmul_4bit: path 'wgmma' cannot take this call: ", wgmma_no);
+  if (chosen == MatmulPath::kAuto) {
+    // the rule (docs/design.md): skinny for M <= 16, otherwise dequantize + cuBLAS
+    chosen = skinny_no == nullptr ? MatmulPath::kSkinny : MatmulPath::kDequantize;
+  }
+  if (chosen == MatmulPath::kDequantize || m == 0) return matmul_4bit_dequantize(x, w, bias);
 
-  // x as a contiguous [M, K] whose rows start 16-byte aligned (a copy only for an odd view; M <= 16).
+  // x as a contiguous [M, K] whose rows start 16-byte aligned (a copy only for an odd view).
   at::Tensor x2 = x.reshape({m, in_features}).contiguous();
   if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) x2 = x2.clone();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -60,7 +94,12 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   set_packed_weight(p, w);
   p.bias = bias_c.has_value() ? bias_c->const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
-  launch_gemm_4bit_skinny(p, c10::cuda::getCurrentCUDAStream());
+  if (chosen == MatmulPath::kSkinny) {
+    launch_gemm_4bit_skinny(p, c10::cuda::getCurrentCUDAStream());
+  } else {
+    const char* error = launch_gemm_4bit_wgmma(p, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(error == nullptr, "lowrank::matmul_4bit: the wgmma kernel could not launch: ", error);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

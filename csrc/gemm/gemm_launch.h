@@ -32,4 +32,11 @@ constexpr int kSkinnyChunk = 64;
 
 void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream);
 
+// The wgmma kernel (sm_90a): the dequantized weight as wgmma's register A operand, x tiles brought
+// by TMA as its shared-memory B operand (gemm_4bit_wgmma.cu). Takes fp16/bf16 x with K % 64 == 0
+// (one 128-byte swizzle row per k step), blocksize >= 64, N % 8 == 0 (16-byte stores of y), x
+// and the packed codes 16-byte aligned (TMA). Returns nullptr, or why it could not launch.
+constexpr int kWgmmaTileK = 64;
+const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream);
+
 }  // namespace lowrank::gemm

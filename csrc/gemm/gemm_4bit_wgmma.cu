@@ -1,0 +1,414 @@
+// Fused 4-bit matmul on Hopper's warpgroup tensor cores (sm_90a), for M from 17 rows of x up to
+// training batches: y = x W^T with W read as packed codes, dequantized in registers and fed to
+// wgmma as its A operand; no dequantized weight in global or shared memory. Math:
+// lowrank/reference.py matmul_4bit.
+//
+// Shape of the kernel, and the counts that chose it (28672 x 8192 NF4, H100):
+// - Operands swapped: the kernel computes y^T = W x^T. wgmma takes A (64 rows x 16 k) from
+//   registers, so the weight, which has to pass through registers anyway to be dequantized, is A
+//   and never touches shared memory on its way to the tensor cores; x is B, from shared memory,
+//   loaded by the copy engine (TMA) in the 128-byte swizzle wgmma reads. The tokens are wgmma's N
+//   (64, 128 or 256 per CTA by M), the weight rows its M (64 per consumer warpgroup, 128 per CTA).
+// - Numerics equal the dequantize path: each element is values[code] * absmax in fp32, rounded
+//   once to x's 16-bit type (the dequantize kernel's exact operations, so W is bit-identical to
+//   lowrank.dequantize_4bit's), then accumulated in fp32 by the tensor cores.
+// - Warp roles: warpgroup 0 produces (one thread issues the TMA copies of the x tile and the codes
+//   tile per 64-wide k step; its 128 threads decode one weight row's absmax each, loads issued 4
+//   steps ahead), warpgroups 1 and 2 consume (dequantize their 64 rows, issue wgmma). Registers
+//   are moved to the consumers with setmaxnreg (56 / 224: 128 x 56 + 256 x 224 <= 64 K).
+// - Dequantize cost per consumer thread and k16 step: 8 elements = 8 lookups in a 16-entry float
+//   table (16 words in 16 banks: conflict-free whatever the codes), 8 fp32 multiplies, 4 packs, ~36
+//   instructions against a wgmma of 64 (N = 128) or 128 (N = 256) tensor-core cycles per
+//   warpgroup; the lookups of step s + 1 overlap the wgmma of step s (one k tile of fragments is
+//   built while the previous tile's wgmma group is in flight).
+// - Bytes per 64-wide k step of a CTA: x tile N x 128 bytes (from L2: x is shared by every CTA)
+//   and 4 KB of codes (from DRAM once per token tile). M = 128: 20 KB per 2 MFLOP of tensor work.
+//
+// Epilogue: the accumulators (+ bias in fp32) are rounded to x's type into a shared staging tile
+// per consumer ([tokens][64 rows], rows padded to 72 elements: the 2-byte stores of a warp land in
+// distinct banks), then stored as 16-byte rows of y (N % 8 == 0).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <mutex>
+
+#include "common/cuda_float.cuh"
+#include "gemm/gemm_launch.h"
+#include "gemm/wgmma_rs.cuh"
+
+namespace lowrank::gemm {
+namespace {
+
+constexpr int kRowsPerCta = 128;  // 2 consumer warpgroups x 64 weight rows
+constexpr int kTileK = kWgmmaTileK;
+constexpr int kCodeRowBytes = kTileK / 2;  // 32
+constexpr int kThreads = 384;
+constexpr int kOutPitch = 72;  // elements per token row of the staging tile (64 + 8: 144 bytes)
+constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
+constexpr int kTokenGroup = 8;  // token tiles per raster group (CTAs that share a weight row tile)
+
+template <int BT>
+struct Tile {
+  static constexpr int kStages = BT == 256 ? 4 : (BT == 128 ? 6 : 8);
+  static constexpr int kXBytes = BT * kTileK * 2;  // one TMA box, 128-byte rows
+  static constexpr int kCodeBytes = kRowsPerCta * kCodeRowBytes;
+  static constexpr int kAbsmaxBytes = kRowsPerCta * 4;
+  static constexpr int kOutBytes = BT * kOutPitch * 2;  // per consumer
+  static constexpr int kXOff = 0;  // 1024-aligned: the swizzle pattern repeats every 1024 bytes
+  static constexpr int kCodeOff = kXOff + kStages * kXBytes;
+  static constexpr int kAbsmaxOff = kCodeOff + kStages * kCodeBytes;
+  static constexpr int kOutOff = kAbsmaxOff + kStages * kAbsmaxBytes;
+  static constexpr int kBarOff = kOutOff + 2 * kOutBytes;
+  static constexpr int kBytes = kBarOff + 2 * kStages * 8;
+  static constexpr int kAlloc = kBytes + 1024;  // the dynamic base is aligned up to 1024 in the kernel
+};
+static_assert(Tile<256>::kAlloc + 16 * 4 + 256 * 4 <= 227 * 1024, "shared memory of the N = 256 tile");
+
+struct KernelArgs {
+  const float* values;
+  const float* absmax;        // non-nested
+  const uint8_t* absmax_codes;  // nested
+  const float* nested_absmax;
+  const float* nested_qmap;
+  const float* offset;
+  int blocksize_log2, nested_blocksize_log2;
+  int n, k, m;
+  int row_tiles, token_tiles;
+  const void* bias;
+  void* out;
+};
+
+// --- PTX wrappers (sm_90a) -----------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int R>
+__device__ __forceinline__ void fence_registers(float (&r)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+#endif
+
+// Descriptor of a K-major 128-byte-swizzled tile: 8-row atoms of 128-byte rows, 1024 bytes apart
+// (stride byte offset), layout type 1 = 128-byte swizzle; the leading byte offset is unused for
+// this layout (the k16 step stays within one 128-byte row). Start address in 16-byte units.
+__device__ __forceinline__ uint64_t swizzle128_desc(uint32_t smem_byte_addr) {
+  return uint64_t((smem_byte_addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ uint32_t rotr(uint32_t w, uint32_t s) { return __funnelshift_r(w, w, s); }
+
+// Byte t of word w (t = the lane's column pair) as two dequantized 16-bit values in one register:
+// high nibble (the pair's first element) in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(const float* table, uint32_t w, uint32_t shift_hi,
+                                                 uint32_t shift_lo, float absmax) {
+  const char* base = reinterpret_cast<const char*>(table);
+  const float hi = *reinterpret_cast<const float*>(base + (rotr(w, shift_hi) & 0x3Cu));
+  const float lo = *reinterpret_cast<const float*>(base + (rotr(w, shift_lo) & 0x3Cu));
+  return Pack2<T>::pack(__fmul_rn(hi, absmax), __fmul_rn(lo, absmax));
+}
+
+template <typename T, int BT, bool NESTED>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_4bit_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
+                           const KernelArgs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = Tile<BT>;
+  constexpr int S = Cfg::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ float s_values[16];
+  __shared__ float s_qmap[256];
+  // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
+  // addresses (ld.shared, not generic loads)
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const uint32_t smem_base = smem_addr(smem);
+  const uint32_t full_bar = smem_base + Cfg::kBarOff;  // + 8 s
+  const uint32_t empty_bar = full_bar + 8 * S;
+
+  // Raster: groups of kTokenGroup token tiles; inside a group the token tile varies fastest, so
+  // the CTAs resident together share weight row tiles (codes read from DRAM once per group).
+  const int group_ctas = kTokenGroup * p.row_tiles;
+  const int group = blockIdx.x / group_ctas;
+  const int first_token_tile = group * kTokenGroup;
+  const int group_size = min(kTokenGroup, p.token_tiles - first_token_tile);
+  const int in_group = blockIdx.x - group * group_ctas;
+  const int row0 = (in_group / group_size) * kRowsPerCta;
+  const int token0 = (first_token_tile + in_group % group_size) * BT;
+  const int k_tiles = p.k / kTileK;
+
+  if (threadIdx.x < 16) s_values[threadIdx.x] = p.values[threadIdx.x];
+  if (NESTED)
+    for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full_bar + 8 * s, kRowsPerCta);  // the 128 producer threads (one with the tx bytes)
+      mbar_init(empty_bar + 8 * s, 8);           // lane 0 of each of the 8 consumer warps
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // ---- producer ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
+    const int r = threadIdx.x;  // the row whose absmax this thread decodes
+    const int row = row0 + r;
+    const bool row_ok = row < p.n;
+    const int64_t row_start = int64_t(row) * p.k;
+    const float offset = NESTED ? *p.offset : 0.0f;
+    // absmax of (row, k step kt), in two halves: the loads (issued kAbsmaxLookahead steps ahead)
+    // and the decode at use.
+    auto load = [&](int kt, uint32_t& code, float& scale) {
+      code = 0;
+      scale = 0.0f;
+      if (row_ok && kt < k_tiles) {
+        const int64_t block = (row_start + int64_t(kt) * kTileK) >> p.blocksize_log2;
+        if (NESTED) {
+          code = __ldg(p.absmax_codes + block);
+          scale = __ldg(p.nested_absmax + (block >> p.nested_blocksize_log2));
+        } else {
+          scale = __ldg(p.absmax + block);
+        }
+      }
+    };
+    uint32_t c0, c1, c2, c3;
+    float f0, f1, f2, f3;
+    load(0, c0, f0);
+    load(1, c1, f1);
+    load(2, c2, f2);
+    load(3, c3, f3);
+    static_assert(kAbsmaxLookahead == 4, "the load queue below holds 4 steps");
+    float* s_absmax = reinterpret_cast<float*>(smem + Cfg::kAbsmaxOff);
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int s = kt % S;
+      mbar_wait(empty_bar + 8 * s, ((kt / S) & 1) ^ 1);
+      s_absmax[s * kRowsPerCta + r] = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c0], f0), offset) : f0;
+      if (r == 0) {
+        mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
+        tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, &x_map, kt * kTileK, token0, full_bar + 8 * s);
+        tma_load_2d(smem_base + Cfg::kCodeOff + s * Cfg::kCodeBytes, &code_map, kt * kCodeRowBytes, row0,
+                    full_bar + 8 * s);
+      } else {
+        mbar_arrive(full_bar + 8 * s);
+      }
+      c0 = c1, f0 = f1;
+      c1 = c2, f1 = f2;
+      c2 = c3, f2 = f3;
+      load(kt + kAbsmaxLookahead, c3, f3);
+    }
+  } else {
+    // ---- consumers ----
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
+    const int cw = warpgroup - 1;
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int r_lo = 64 * cw + 16 * warp + g;  // this thread's rows within the CTA tile
+    const int r_hi = r_lo + 8;
+    const uint32_t shift_hi = 8 * t + 2;          // nibble 2t+1 of the word (high one of byte t) to bits 2..5
+    const uint32_t shift_lo = (8 * t + 30) & 31;  // nibble 2t (low one of byte t) to bits 2..5
+    const float* s_absmax = reinterpret_cast<const float*>(smem + Cfg::kAbsmaxOff);
+    const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
+
+    float acc[BT / 2];
+#pragma unroll
+    for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int s = kt % S;
+      mbar_wait(full_bar + 8 * s, (kt / S) & 1);
+      const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
+      const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
+      const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
+      const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
+      const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
+      const float abs_lo = s_absmax[s * kRowsPerCta + r_lo];
+      const float abs_hi = s_absmax[s * kRowsPerCta + r_hi];
+      const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
+      const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
+      // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
+      uint32_t frag[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        frag[j][0] = dequant_pair<T>(s_values, wl[2 * j], shift_hi, shift_lo, abs_lo);
+        frag[j][1] = dequant_pair<T>(s_values, wh[2 * j], shift_hi, shift_lo, abs_hi);
+        frag[j][2] = dequant_pair<T>(s_values, wl[2 * j + 1], shift_hi, shift_lo, abs_lo);
+        frag[j][3] = dequant_pair<T>(s_values, wh[2 * j + 1], shift_hi, shift_lo, abs_hi);
+      }
+      wgmma_fence();
+      const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, frag[j], desc + uint64_t((32 * j) >> 4));
+      wgmma_commit();
+      // the previous step's group has finished reading its x tile: give that stage back
+      wgmma_wait<1>();
+      fence_registers(acc);
+      if (kt > 0) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
+      }
+    }
+    wgmma_wait<0>();
+    fence_registers(acc);
+
+    // ---- epilogue: + bias, round, stage [token][row], 16-byte stores ----
+    T* stage = reinterpret_cast<T*>(smem + Cfg::kOutOff + cw * Cfg::kOutBytes);
+    const int row_lo = row0 + r_lo, row_hi = row0 + r_hi;
+    float bias_lo = 0.0f, bias_hi = 0.0f;
+    if (p.bias != nullptr) {
+      const T* bias = static_cast<const T*>(p.bias);
+      if (row_lo < p.n) bias_lo = to_float(bias[row_lo]);
+      if (row_hi < p.n) bias_hi = to_float(bias[row_hi]);
+    }
+    const int rl = 16 * warp + g;  // row within this consumer's 64
+#pragma unroll
+    for (int j = 0; j < BT / 8; ++j) {
+      const int tok = 8 * j + 2 * t;
+      stage[tok * kOutPitch + rl] = from_float<T>(acc[4 * j] + bias_lo);
+      stage[(tok + 1) * kOutPitch + rl] = from_float<T>(acc[4 * j + 1] + bias_lo);
+      stage[tok * kOutPitch + rl + 8] = from_float<T>(acc[4 * j + 2] + bias_hi);
+      stage[(tok + 1) * kOutPitch + rl + 8] = from_float<T>(acc[4 * j + 3] + bias_hi);
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+    T* out = static_cast<T*>(p.out);
+    const int tid = threadIdx.x - 128 * warpgroup;
+    for (int idx = tid; idx < BT * 8; idx += 128) {
+      const int tk = idx / 8, c = idx % 8;
+      const int token = token0 + tk;
+      const int row = row0 + 64 * cw + 8 * c;
+      if (token < p.m && row < p.n) {
+        const uint4 v = *reinterpret_cast<const uint4*>(stage + tk * kOutPitch + 8 * c);
+        *reinterpret_cast<uint4*>(out + int64_t(token) * p.n + row) = v;
+      }
+    }
+  }
+#else
+  __trap();  // built for a target without wgmma: the launcher refuses before getting here
+#endif
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) ==
+            cudaSuccess &&
+        status == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  });
+  return fn;
+}
+
+template <typename T, int BT, bool NESTED>
+const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStream_t stream) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return "the driver does not provide cuTensorMapEncodeTiled";
+  CUtensorMap x_map, code_map;
+  const CUtensorMapDataType x_type =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const cuuint64_t x_dims[2] = {cuuint64_t(p.k), cuuint64_t(p.m)};
+  const cuuint64_t x_strides[1] = {cuuint64_t(p.k) * 2};
+  const cuuint32_t x_box[2] = {kTileK, BT};
+  const cuuint32_t unit[2] = {1, 1};
+  if (encode(&x_map, x_type, 2, const_cast<void*>(p.x), x_dims, x_strides, x_box, unit,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return "cuTensorMapEncodeTiled rejected x's tensor map";
+  const cuuint64_t code_dims[2] = {cuuint64_t(p.k / 2), cuuint64_t(p.n)};
+  const cuuint64_t code_strides[1] = {cuuint64_t(p.k / 2)};
+  const cuuint32_t code_box[2] = {kCodeRowBytes, kRowsPerCta};
+  if (encode(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(p.packed), code_dims, code_strides,
+             code_box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return "cuTensorMapEncodeTiled rejected the codes' tensor map";
+
+  auto kernel = gemm_4bit_wgmma_kernel<T, BT, NESTED>;
+  static std::once_flag attr_once;
+  static cudaError_t attr_error = cudaSuccess;
+  std::call_once(attr_once, [&] {
+    attr_error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kAlloc);
+  });
+  if (attr_error != cudaSuccess) return "cudaFuncSetAttribute refused the kernel's shared memory";
+  KernelArgs a = args;
+  a.token_tiles = int((p.m + BT - 1) / BT);
+  const int ctas = a.row_tiles * a.token_tiles;
+  kernel<<<ctas, kThreads, Tile<BT>::kAlloc, stream>>>(x_map, code_map, a);
+  return nullptr;
+}
+
+template <typename T, bool NESTED>
+const char* launch_typed(const Gemm4bitParams& p, const KernelArgs& args, cudaStream_t stream) {
+  if (p.m <= 64) return launch_tile<T, 64, NESTED>(p, args, stream);
+  if (p.m <= 128) return launch_tile<T, 128, NESTED>(p, args, stream);
+  return launch_tile<T, 256, NESTED>(p, args, stream);
+}
+
+int log2_exact(int v) { return __builtin_ctz(unsigned(v)); }
+
+}  // namespace
+
+const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream) {
+  KernelArgs a{};
+  a.values = p.values;
+  a.absmax = p.absmax;
+  a.absmax_codes = p.absmax_codes;
+  a.nested_absmax = p.nested_absmax;
+  a.nested_qmap = p.nested_qmap;
+  a.offset = p.offset;
+  a.blocksize_log2 = log2_exact(p.blocksize);
+  a.nested_blocksize_log2 = p.absmax_codes != nullptr ? log2_exact(p.nested_blocksize) : 0;
+  a.n = int(p.n);
+  a.k = int(p.k);
+  a.m = int(p.m);
+  a.row_tiles = int((p.n + kRowsPerCta - 1) / kRowsPerCta);
+  a.bias = p.bias;
+  a.out = p.out;
+  const bool nested = p.absmax_codes != nullptr;
+  if (p.kind == FloatKind::kBFloat16)
+    return nested ? launch_typed<__nv_bfloat16, true>(p, a, stream) : launch_typed<__nv_bfloat16, false>(p, a, stream);
+  return nested ? launch_typed<__half, true>(p, a, stream) : launch_typed<__half, false>(p, a, stream);
+}
+
+}  // namespace lowrank::gemm
