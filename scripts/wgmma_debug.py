@@ -8,7 +8,7 @@ for m, k, n in [(64, 64, 128), (128, 64, 128), (128, 128, 128), (65, 64, 128), (
     q = lowrank.quantize_4bit(w, "nf4", 64, False)
     x = torch.eye(m, k, device="cuda", dtype=torch.bfloat16)
     y = lowrank.matmul_4bit(x, q, path="wgmma").float()
-    ref = q.dequantize(torch.bfloat16)[:, :m].t().float()
+    ref = x.float() @ q.dequantize(torch.bfloat16).float().t()
     bad = ~(y == ref)
     print(f"M={m} K={k} N={n}: bad {bad.sum().item()} of {bad.numel()}, nan {torch.isnan(y).sum().item()}")
     if bad.any():
