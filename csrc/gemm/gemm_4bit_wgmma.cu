@@ -46,8 +46,8 @@ constexpr int kTileK = kWgmmaTileK;
 constexpr int kCodeRowBytes = kTileK / 2;  // 32
 constexpr int kThreads = 384;
 constexpr int kOutPitch = 72;  // elements per token row of the staging tile (64 + 8: 144 bytes)
-constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
-constexpr int kTokenGroup = 8;  // token tiles per raster group (CTAs that share a weight row tile)
+[[maybe_unused]] constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
+[[maybe_unused]] constexpr int kTokenGroup = 8;  // token tiles per raster group (CTAs that share a weight row tile)
 
 template <int BT>
 struct Tile {
@@ -82,7 +82,7 @@ struct KernelArgs {
 
 // --- PTX wrappers (sm_90a) -----------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+[[maybe_unused]] __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
@@ -119,6 +119,13 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// An empty use of each register: what is passed stays live (unmoved, unreused) up to here.
+__device__ __forceinline__ void keep(const uint32_t (&r)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" ::"r"(r[j][i]) : "memory");
+}
 template <int R>
 __device__ __forceinline__ void fence_registers(float (&r)[R]) {
 #pragma unroll
@@ -129,12 +136,12 @@ __device__ __forceinline__ void fence_registers(float (&r)[R]) {
 // Descriptor of a K-major 128-byte-swizzled tile: 8-row atoms of 128-byte rows, 1024 bytes apart
 // (stride byte offset), layout type 1 = 128-byte swizzle; the leading byte offset is unused for
 // this layout (the k16 step stays within one 128-byte row). Start address in 16-byte units.
-__device__ __forceinline__ uint64_t swizzle128_desc(uint32_t smem_byte_addr) {
+[[maybe_unused]] __device__ __forceinline__ uint64_t swizzle128_desc(uint32_t smem_byte_addr) {
   return uint64_t((smem_byte_addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
          (uint64_t(1) << 62);
 }
 
-__device__ __forceinline__ uint32_t rotr(uint32_t w, uint32_t s) { return __funnelshift_r(w, w, s); }
+[[maybe_unused]] __device__ __forceinline__ uint32_t rotr(uint32_t w, uint32_t s) { return __funnelshift_r(w, w, s); }
 
 // Byte t of word w (t = the lane's column pair) as two dequantized 16-bit values in one register:
 // high nibble (the pair's first element) in the low half.
@@ -254,7 +261,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
 
-    for (int kt = 0; kt < k_tiles; ++kt) {
+    // One k step: dequantize into `cur` while the previous step's wgmma group (reading `prev`) is
+    // in flight, issue this step's group, wait for the previous one, give its stage back.
+    // wgmma reads its A registers asynchronously, after the issuing instruction, and the compiler
+    // does not know that: it reused the registers of an in-flight group's fragments for the next
+    // step's (wrong sums on the H100 whenever K > 64). `keep` makes `prev` live until its group
+    // is known to be done, so the two steps' fragments sit in different registers.
+    auto step = [&](int kt, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
       const int s = kt % S;
       mbar_wait(full_bar + 8 * s, (kt / S) & 1);
       const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
@@ -267,28 +280,46 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
       const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
       // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
-      uint32_t frag[4][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        frag[j][0] = dequant_pair<T>(s_values, wl[2 * j], shift_hi, shift_lo, abs_lo);
-        frag[j][1] = dequant_pair<T>(s_values, wh[2 * j], shift_hi, shift_lo, abs_hi);
-        frag[j][2] = dequant_pair<T>(s_values, wl[2 * j + 1], shift_hi, shift_lo, abs_lo);
-        frag[j][3] = dequant_pair<T>(s_values, wh[2 * j + 1], shift_hi, shift_lo, abs_hi);
+        cur[j][0] = dequant_pair<T>(s_values, wl[2 * j], shift_hi, shift_lo, abs_lo);
+        cur[j][1] = dequant_pair<T>(s_values, wh[2 * j], shift_hi, shift_lo, abs_hi);
+        cur[j][2] = dequant_pair<T>(s_values, wl[2 * j + 1], shift_hi, shift_lo, abs_lo);
+        cur[j][3] = dequant_pair<T>(s_values, wh[2 * j + 1], shift_hi, shift_lo, abs_hi);
       }
+      fence_registers(acc);
       wgmma_fence();
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, frag[j], desc + uint64_t((32 * j) >> 4));
+      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, cur[j], desc + uint64_t((32 * j) >> 4));
       wgmma_commit();
-      // the previous step's group has finished reading its x tile: give that stage back
-      wgmma_wait<1>();
+      fence_registers(acc);
+      wgmma_wait<1>();  // the previous step's group is done: its fragments and its x tile are free
+      keep(prev);
       fence_registers(acc);
       if (kt > 0) {
         __syncwarp();
         if (lane == 0) mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
       }
+    };
+    uint32_t frag_a[4][4], frag_b[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) frag_b[j][i] = 0u;
+    int kt = 0;
+    for (; kt + 1 < k_tiles; kt += 2) {
+      step(kt, frag_a, frag_b);
+      step(kt + 1, frag_b, frag_a);
     }
-    wgmma_wait<0>();
+    if (kt < k_tiles) {
+      step(kt, frag_a, frag_b);
+      wgmma_wait<0>();
+      keep(frag_a);
+    } else {
+      wgmma_wait<0>();
+      keep(frag_b);
+    }
     fence_registers(acc);
 
     // ---- epilogue: + bias, round, stage [token][row], 16-byte stores ----
