@@ -46,25 +46,30 @@ constexpr int kTileK = kWgmmaTileK;
 constexpr int kCodeRowBytes = kTileK / 2;  // 32
 constexpr int kThreads = 384;
 constexpr int kOutPitch = 72;  // elements per token row of the staging tile (64 + 8: 144 bytes)
+// A weight row's scaled code table for one k step: its 16 values bf16/fp16(values[i] * absmax),
+// split into the 16 low bytes and the 16 high bytes (4 + 4 words), the form the byte-permute
+// lookup reads.
+constexpr int kTableRowBytes = 32;
 [[maybe_unused]] constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
 [[maybe_unused]] constexpr int kTokenGroup = 8;  // token tiles per raster group (CTAs that share a weight row tile)
 
 template <int BT>
 struct Tile {
-  static constexpr int kStages = BT == 256 ? 4 : (BT == 128 ? 6 : 8);
+  static constexpr int kStages = BT == 256 ? 5 : 8;
   static constexpr int kXBytes = BT * kTileK * 2;  // one TMA box, 128-byte rows
   static constexpr int kCodeBytes = kRowsPerCta * kCodeRowBytes;
-  static constexpr int kAbsmaxBytes = kRowsPerCta * 4;
-  static constexpr int kOutBytes = BT * kOutPitch * 2;  // per consumer
+  static constexpr int kTableBytes = kRowsPerCta * kTableRowBytes;
+  static constexpr int kOutBytes = BT * kOutPitch * 2;  // per consumer, in the x stages once they are done
   static constexpr int kXOff = 0;  // 1024-aligned: the swizzle pattern repeats every 1024 bytes
   static constexpr int kCodeOff = kXOff + kStages * kXBytes;
-  static constexpr int kAbsmaxOff = kCodeOff + kStages * kCodeBytes;
-  static constexpr int kOutOff = kAbsmaxOff + kStages * kAbsmaxBytes;
-  static constexpr int kBarOff = kOutOff + 2 * kOutBytes;
+  static constexpr int kTableOff = kCodeOff + kStages * kCodeBytes;
+  static constexpr int kBarOff = kTableOff + kStages * kTableBytes;
   static constexpr int kBytes = kBarOff + 2 * kStages * 8;
   static constexpr int kAlloc = kBytes + 1024;  // the dynamic base is aligned up to 1024 in the kernel
+  static_assert(2 * kOutBytes <= kStages * kXBytes, "the output staging reuses the x stages");
 };
 static_assert(Tile<256>::kAlloc + 16 * 4 + 256 * 4 <= 227 * 1024, "shared memory of the N = 256 tile");
+static_assert(Tile<128>::kAlloc + 16 * 4 + 256 * 4 <= 227 * 1024, "shared memory of the N = 128 tile");
 
 struct KernelArgs {
   const float* values;
@@ -141,17 +146,34 @@ __device__ __forceinline__ void fence_registers(float (&r)[R]) {
          (uint64_t(1) << 62);
 }
 
-[[maybe_unused]] __device__ __forceinline__ uint32_t rotr(uint32_t w, uint32_t s) { return __funnelshift_r(w, w, s); }
-
-// Byte t of word w (t = the lane's column pair) as two dequantized 16-bit values in one register:
-// high nibble (the pair's first element) in the low half.
+// The scaled table of one weight row for one k step, built by a producer thread: entry i is
+// values[i] * absmax in fp32 rounded once to T (the dequantize kernel's operations), stored as
+// 4 words of low bytes (entries 4q..4q+3 in word q) and 4 words of high bytes.
 template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(const float* table, uint32_t w, uint32_t shift_hi,
-                                                 uint32_t shift_lo, float absmax) {
-  const char* base = reinterpret_cast<const char*>(table);
-  const float hi = *reinterpret_cast<const float*>(base + (rotr(w, shift_hi) & 0x3Cu));
-  const float lo = *reinterpret_cast<const float*>(base + (rotr(w, shift_lo) & 0x3Cu));
-  return Pack2<T>::pack(__fmul_rn(hi, absmax), __fmul_rn(lo, absmax));
+__device__ __forceinline__ void build_table(const float (&values)[16], float absmax, uint4& lo, uint4& hi) {
+  uint32_t w[8];  // entries 2p (low half) and 2p + 1
+#pragma unroll
+  for (int p = 0; p < 8; ++p) w[p] = Pack2<T>::pack(__fmul_rn(values[2 * p], absmax), __fmul_rn(values[2 * p + 1], absmax));
+  lo = make_uint4(__byte_perm(w[0], w[1], 0x6420), __byte_perm(w[2], w[3], 0x6420), __byte_perm(w[4], w[5], 0x6420),
+                  __byte_perm(w[6], w[7], 0x6420));
+  hi = make_uint4(__byte_perm(w[0], w[1], 0x7531), __byte_perm(w[2], w[3], 0x7531), __byte_perm(w[4], w[5], 0x7531),
+                  __byte_perm(w[6], w[7], 0x7531));
+}
+
+// Four table lookups in registers, no shared memory: `codes` holds two code bytes in its low 16
+// bits (nibbles n0..n3: byte A's low and high nibble, then byte B's). A byte permute selects among
+// 8 bytes by a 3-bit index, so the low bytes of entries 0-7 and of entries 8-15 are picked by
+// two permutes, merged by a third whose selector comes from the codes' bit 3; the same for the
+// high bytes; two more permutes interleave them into the pairs (A's first element = its high
+// nibble, in the low half). 12 instructions per 4 elements; every selector nibble is <= 7.
+[[maybe_unused]] __device__ __forceinline__ void lookup4(uint32_t codes, const uint4& lo, const uint4& hi, uint32_t& pair_a,
+                                        uint32_t& pair_b) {
+  const uint32_t sel = codes & 0x7777u;
+  const uint32_t merge = ((codes >> 1) & 0x4444u) | 0x3210u;
+  const uint32_t lo_bytes = __byte_perm(__byte_perm(lo.x, lo.y, sel), __byte_perm(lo.z, lo.w, sel), merge);
+  const uint32_t hi_bytes = __byte_perm(__byte_perm(hi.x, hi.y, sel), __byte_perm(hi.z, hi.w, sel), merge);
+  pair_a = __byte_perm(lo_bytes, hi_bytes, 0x4051);
+  pair_b = __byte_perm(lo_bytes, hi_bytes, 0x6273);
 }
 
 template <typename T, int BT, bool NESTED>
@@ -162,7 +184,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Cfg = Tile<BT>;
   constexpr int S = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
-  __shared__ float s_values[16];
   __shared__ float s_qmap[256];
   // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
   // addresses (ld.shared, not generic loads)
@@ -182,7 +203,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int token0 = (first_token_tile + in_group % group_size) * BT;
   const int k_tiles = p.k / kTileK;
 
-  if (threadIdx.x < 16) s_values[threadIdx.x] = p.values[threadIdx.x];
   if (NESTED)
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
   if (threadIdx.x == 0) {
@@ -196,13 +216,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
-    // ---- producer ----
+    // ---- producer: per k step, the TMA copies (thread 0) and each row's scaled code table ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
-    const int r = threadIdx.x;  // the row whose absmax this thread decodes
+    const int r = threadIdx.x;  // the row whose table this thread builds
     const int row = row0 + r;
     const bool row_ok = row < p.n;
     const int64_t row_start = int64_t(row) * p.k;
     const float offset = NESTED ? *p.offset : 0.0f;
+    float values[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) values[i] = __ldg(p.values + i);
     // absmax of (row, k step kt), in two halves: the loads (issued kAbsmaxLookahead steps ahead)
     // and the decode at use.
     auto load = [&](int kt, uint32_t& code, float& scale) {
@@ -225,11 +248,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     load(2, c2, f2);
     load(3, c3, f3);
     static_assert(kAbsmaxLookahead == 4, "the load queue below holds 4 steps");
-    float* s_absmax = reinterpret_cast<float*>(smem + Cfg::kAbsmaxOff);
     for (int kt = 0; kt < k_tiles; ++kt) {
       const int s = kt % S;
+      const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c0], f0), offset) : f0;
+      uint4 lo, hi;
+      build_table<T>(values, absmax, lo, hi);
       mbar_wait(empty_bar + 8 * s, ((kt / S) & 1) ^ 1);
-      s_absmax[s * kRowsPerCta + r] = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c0], f0), offset) : f0;
+      uint4* table = reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes + r * kTableRowBytes);
+      table[0] = lo;
+      table[1] = hi;
       if (r == 0) {
         mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
         tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, &x_map, kt * kTileK, token0, full_bar + 8 * s);
@@ -252,9 +279,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int g = lane / 4, t = lane % 4;
     const int r_lo = 64 * cw + 16 * warp + g;  // this thread's rows within the CTA tile
     const int r_hi = r_lo + 8;
-    const uint32_t shift_hi = 8 * t + 2;          // nibble 2t+1 of the word (high one of byte t) to bits 2..5
-    const uint32_t shift_lo = (8 * t + 30) & 31;  // nibble 2t (low one of byte t) to bits 2..5
-    const float* s_absmax = reinterpret_cast<const float*>(smem + Cfg::kAbsmaxOff);
+    // byte t of two words into the low 16 bits: the two code bytes of one fragment row per k16 step
+    const uint32_t gather = uint32_t(t) | (uint32_t(t + 4) << 4);
     const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
 
     float acc[BT / 2];
@@ -271,21 +297,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int s = kt % S;
       mbar_wait(full_bar + 8 * s, (kt / S) & 1);
       const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
+      const uint8_t* tables = smem + Cfg::kTableOff + s * Cfg::kTableBytes;
       const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
       const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
       const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
       const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
-      const float abs_lo = s_absmax[s * kRowsPerCta + r_lo];
-      const float abs_hi = s_absmax[s * kRowsPerCta + r_hi];
+      const uint4 tlo_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes);
+      const uint4 thi_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes + 16);
+      const uint4 tlo_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes);
+      const uint4 thi_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes + 16);
       const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
       const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
       // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        cur[j][0] = dequant_pair<T>(s_values, wl[2 * j], shift_hi, shift_lo, abs_lo);
-        cur[j][1] = dequant_pair<T>(s_values, wh[2 * j], shift_hi, shift_lo, abs_hi);
-        cur[j][2] = dequant_pair<T>(s_values, wl[2 * j + 1], shift_hi, shift_lo, abs_lo);
-        cur[j][3] = dequant_pair<T>(s_values, wh[2 * j + 1], shift_hi, shift_lo, abs_hi);
+        lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
+        lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
       }
       fence_registers(acc);
       wgmma_fence();
@@ -322,8 +349,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     fence_registers(acc);
 
-    // ---- epilogue: + bias, round, stage [token][row], 16-byte stores ----
-    T* stage = reinterpret_cast<T*>(smem + Cfg::kOutOff + cw * Cfg::kOutBytes);
+    // ---- epilogue: + bias, round, stage [token][row] in the x stages, 16-byte stores ----
+    // Both consumers' groups are done before either overwrites the x stages.
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    T* stage = reinterpret_cast<T*>(smem + Cfg::kXOff + cw * Cfg::kOutBytes);
     const int row_lo = row0 + r_lo, row_hi = row0 + r_hi;
     float bias_lo = 0.0f, bias_hi = 0.0f;
     if (p.bias != nullptr) {
@@ -340,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       stage[tok * kOutPitch + rl + 8] = from_float<T>(acc[4 * j + 2] + bias_hi);
       stage[(tok + 1) * kOutPitch + rl + 8] = from_float<T>(acc[4 * j + 3] + bias_hi);
     }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
     T* out = static_cast<T*>(p.out);
     const int tid = threadIdx.x - 128 * warpgroup;
     for (int idx = tid; idx < BT * 8; idx += 128) {
