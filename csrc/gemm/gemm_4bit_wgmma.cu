@@ -32,6 +32,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 
 #include "common/cuda_float.cuh"
@@ -83,6 +84,7 @@ struct KernelArgs {
   int row_tiles, token_tiles;
   const void* bias;
   void* out;
+  int experiment;  // A/B only (LOWRANK_WGMMA_EXPERIMENT): 1 = no lookups, 2 = no wgmma
 };
 
 // --- PTX wrappers (sm_90a) -----------------------------------------------------------------------
@@ -309,16 +311,31 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
       const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
       // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
+      if (p.experiment == 1) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
-        lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
+        for (int j = 0; j < 4; ++j) {
+          cur[j][0] = wl[2 * j] & 0x3f003f00u;
+          cur[j][2] = wl[2 * j + 1] & 0x3f003f00u;
+          cur[j][1] = (wh[2 * j] ^ tlo_lo.x ^ thi_lo.y) & 0x3f003f00u;
+          cur[j][3] = (wh[2 * j + 1] ^ tlo_hi.z ^ thi_hi.w) & 0x3f003f00u;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
+          lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
+        }
       }
       fence_registers(acc);
       wgmma_fence();
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
+      if (p.experiment != 2) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, cur[j], desc + uint64_t((32 * j) >> 4));
+        for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, cur[j], desc + uint64_t((32 * j) >> 4));
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[j] += __uint_as_float(cur[j][0] ^ cur[j][1] ^ cur[j][2] ^ cur[j][3]);
+      }
       wgmma_commit();
       fence_registers(acc);
       wgmma_wait<1>();  // the previous step's group is done: its fragments and its x tile are free
@@ -465,6 +482,8 @@ const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream)
   a.row_tiles = int((p.n + kRowsPerCta - 1) / kRowsPerCta);
   a.bias = p.bias;
   a.out = p.out;
+  const char* experiment = std::getenv("LOWRANK_WGMMA_EXPERIMENT");
+  a.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   const bool nested = p.absmax_codes != nullptr;
   if (p.kind == FloatKind::kBFloat16)
     return nested ? launch_typed<__nv_bfloat16, true>(p, a, stream) : launch_typed<__nv_bfloat16, false>(p, a, stream);
