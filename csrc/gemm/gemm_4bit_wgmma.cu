@@ -288,6 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BT / 2];
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
+    uint32_t sink = 0;  // experiment 2 only
 
     // One k step: dequantize into `cur` while the previous step's wgmma group (reading `prev`) is
     // in flight, issue this step's group, wait for the previous one, give its stage back.
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, cur[j], desc + uint64_t((32 * j) >> 4));
       } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[j] += __uint_as_float(cur[j][0] ^ cur[j][1] ^ cur[j][2] ^ cur[j][3]);
+        for (int j = 0; j < 4; ++j) sink ^= cur[j][0] ^ cur[j][1] ^ cur[j][2] ^ cur[j][3];
       }
       wgmma_commit();
       fence_registers(acc);
@@ -365,6 +366,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       keep(frag_b);
     }
     fence_registers(acc);
+    if (p.experiment == 2 && sink == 0x12345679u) acc[0] += 1.0f;
 
     // ---- epilogue: + bias, round, stage [token][row] in the x stages, 16-byte stores ----
     // Both consumers' groups are done before either overwrites the x stages.
