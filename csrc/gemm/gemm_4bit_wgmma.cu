@@ -31,8 +31,6 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <mutex>
 
 #include "common/cuda_float.cuh"
@@ -84,7 +82,6 @@ struct KernelArgs {
   int row_tiles, token_tiles;
   const void* bias;
   void* out;
-  int experiment;  // A/B only (LOWRANK_WGMMA_EXPERIMENT): 1 = no lookups, 2 = no wgmma
 };
 
 // --- PTX wrappers (sm_90a) -----------------------------------------------------------------------
@@ -178,7 +175,7 @@ __device__ __forceinline__ void build_table(const float (&values)[16], float abs
   pair_b = __byte_perm(lo_bytes, hi_bytes, 0x6273);
 }
 
-template <typename T, int BT, bool NESTED, int EXPERIMENT>
+template <typename T, int BT, bool NESTED>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_4bit_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
                            const KernelArgs p) {
@@ -288,7 +285,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BT / 2];
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
-    uint32_t sink = 0;  // experiment 2 only
 
     // One k step: dequantize into `cur` while the previous step's wgmma group (reading `prev`) is
     // in flight, issue this step's group, wait for the previous one, give its stage back.
@@ -312,31 +308,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
       const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
       // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
-      if constexpr (EXPERIMENT == 1) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          cur[j][0] = wl[2 * j] & 0x3f003f00u;
-          cur[j][2] = wl[2 * j + 1] & 0x3f003f00u;
-          cur[j][1] = (wh[2 * j] ^ tlo_lo.x ^ thi_lo.y) & 0x3f003f00u;
-          cur[j][3] = (wh[2 * j + 1] ^ tlo_hi.z ^ thi_hi.w) & 0x3f003f00u;
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
-          lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
-        }
+      for (int j = 0; j < 4; ++j) {
+        lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
+        lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
       }
       fence_registers(acc);
       wgmma_fence();
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
-      if constexpr (EXPERIMENT != 2) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, cur[j], desc + uint64_t((32 * j) >> 4));
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) sink ^= cur[j][0] ^ cur[j][1] ^ cur[j][2] ^ cur[j][3];
-      }
+      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, cur[j], desc + uint64_t((32 * j) >> 4));
       wgmma_commit();
       fence_registers(acc);
       wgmma_wait<1>();  // the previous step's group is done: its fragments and its x tile are free
@@ -366,7 +347,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       keep(frag_b);
     }
     fence_registers(acc);
-    if (EXPERIMENT == 2 && sink == 0x12345679u) acc[0] += 1.0f;
 
     // ---- epilogue: + bias, round, stage [token][row] in the x stages, 16-byte stores ----
     // Both consumers' groups are done before either overwrites the x stages.
@@ -420,7 +400,7 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-template <typename T, int BT, bool NESTED, int EXPERIMENT = 0>
+template <typename T, int BT, bool NESTED>
 const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStream_t stream) {
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return "the driver does not provide cuTensorMapEncodeTiled";
@@ -443,7 +423,7 @@ const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStr
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return "cuTensorMapEncodeTiled rejected the codes' tensor map";
 
-  auto kernel = gemm_4bit_wgmma_kernel<T, BT, NESTED, EXPERIMENT>;
+  auto kernel = gemm_4bit_wgmma_kernel<T, BT, NESTED>;
   static std::once_flag attr_once;
   static cudaError_t attr_error = cudaSuccess;
   std::call_once(attr_once, [&] {
@@ -459,12 +439,6 @@ const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStr
 
 template <typename T, bool NESTED>
 const char* launch_typed(const Gemm4bitParams& p, const KernelArgs& args, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && NESTED) {  // the A/B's variants
-    if (args.experiment == 1)
-      return p.m <= 128 ? launch_tile<T, 128, NESTED, 1>(p, args, stream) : launch_tile<T, 256, NESTED, 1>(p, args, stream);
-    if (args.experiment == 2)
-      return p.m <= 128 ? launch_tile<T, 128, NESTED, 2>(p, args, stream) : launch_tile<T, 256, NESTED, 2>(p, args, stream);
-  }
   if (p.m <= 64) return launch_tile<T, 64, NESTED>(p, args, stream);
   if (p.m <= 128) return launch_tile<T, 128, NESTED>(p, args, stream);
   return launch_tile<T, 256, NESTED>(p, args, stream);
@@ -490,8 +464,6 @@ const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream)
   a.row_tiles = int((p.n + kRowsPerCta - 1) / kRowsPerCta);
   a.bias = p.bias;
   a.out = p.out;
-  const char* experiment = std::getenv("LOWRANK_WGMMA_EXPERIMENT");
-  a.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   const bool nested = p.absmax_codes != nullptr;
   if (p.kind == FloatKind::kBFloat16)
     return nested ? launch_typed<__nv_bfloat16, true>(p, a, stream) : launch_typed<__nv_bfloat16, false>(p, a, stream);
