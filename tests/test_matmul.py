@@ -224,6 +224,21 @@ def test_cuda_wgmma_path_refuses_other_gpus():
 
 
 @needs_hopper
+def test_cuda_auto_takes_the_wgmma_kernel_by_the_rule():
+    """docs/design.md's rule: wgmma for 16 < M <= 2048 when its grid fills half the SMs, else
+    dequantize + cuBLAS (the same bits as the forced path in each case)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 128 * sms  # one row tile per SM: any M up to 2048 fills the GPU
+    q = _quantized(n, 256, "nf4", 64, True, "cuda", 7)
+    for m, expected in ((17, "wgmma"), (300, "wgmma"), (2048, "wgmma"), (2049, "dequantize"), (16, "skinny")):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(lowrank.matmul_4bit(x, q), lowrank.matmul_4bit(x, q, path=expected)), (m, expected)
+    small = _quantized(1024, 256, "nf4", 64, True, "cuda", 8)  # 8 row tiles: too few CTAs
+    x = torch.randn(100, 256, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(lowrank.matmul_4bit(x, small), lowrank.matmul_4bit(x, small, path="dequantize"))
+
+
+@needs_hopper
 def test_cuda_graph_capture_wgmma():
     """The wgmma path builds its tensor maps on the host at each call and passes them by value:
     a captured call replays on new contents of the same x buffer."""

@@ -27,17 +27,22 @@ const char* skinny_refusal(const at::Tensor& x, const Weight4bit& w, int64_t m) 
   return nullptr;
 }
 
-bool is_hopper(const at::Device& device) {
-  static int cached_major[64] = {};  // per device index; 0 = not read yet
-  const int index = device.index();
-  if (index < 0 || index >= 64) return false;
-  if (cached_major[index] == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
-    cached_major[index] = major;
+// Compute capability major and SM count of a device, read once (the dispatch runs at every call).
+struct DeviceFacts {
+  int major = 0;
+  int sms = 0;
+};
+const DeviceFacts& device_facts(int index) {
+  static DeviceFacts cached[64];
+  TORCH_CHECK(index >= 0 && index < 64, "lowrank::matmul_4bit: CUDA device index out of range");
+  DeviceFacts& f = cached[index];
+  if (f.sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, index));
   }
-  return cached_major[index] == 9;
+  return f;
 }
+bool is_hopper(const at::Device& device) { return device_facts(device.index()).major == 9; }
 
 // Why the wgmma kernel cannot take this call, or nullptr when it can.
 const char* wgmma_refusal(const at::Tensor& x, const Weight4bit& w) {
@@ -69,12 +74,20 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   const char* skinny_no = skinny_refusal(x, w, m);
   TORCH_CHECK(chosen != MatmulPath::kSkinny || skinny_no == nullptr,
               "lowrank::matmul_4bit: path 'skinny' cannot take this call: ", skinny_no);
-  const char* wgmma_no = chosen == MatmulPath::kWgmma ? wgmma_refusal(x, w) : nullptr;
+  const char* wgmma_no = chosen != MatmulPath::kSkinny && chosen != MatmulPath::kDequantize ? wgmma_refusal(x, w)
+                                                                                            : "not asked for";
   TORCH_CHECK(chosen != MatmulPath::kWgmma || wgmma_no == nullptr,
               "lowrank::matmul_4bit: path 'wgmma' cannot take this call: ", wgmma_no);
   if (chosen == MatmulPath::kAuto) {
-    // the rule (docs/design.md): skinny for M <= 16, otherwise dequantize + cuBLAS
-    chosen = skinny_no == nullptr ? MatmulPath::kSkinny : MatmulPath::kDequantize;
+    // The rule (docs/design.md): skinny for M <= 16; the wgmma GEMM for 16 < M <= 2048 when its
+    // grid fills at least half the SMs; otherwise dequantize + cuBLAS.
+    const int sms = device_facts(x.device().index()).sms;
+    if (skinny_no == nullptr)
+      chosen = MatmulPath::kSkinny;
+    else if (wgmma_no == nullptr && m <= kWgmmaMaxAutoM && 2 * wgmma_ctas(m, out_features) >= sms)
+      chosen = MatmulPath::kWgmma;
+    else
+      chosen = MatmulPath::kDequantize;
   }
   if (chosen == MatmulPath::kDequantize || m == 0) return matmul_4bit_dequantize(x, w, bias);
 

@@ -37,6 +37,16 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream);
 // (one 128-byte swizzle row per k step), blocksize >= 64, N % 8 == 0 (16-byte stores of y), x
 // and the packed codes 16-byte aligned (TMA). Returns nullptr, or why it could not launch.
 constexpr int kWgmmaTileK = 64;
+constexpr int kWgmmaRowsPerCta = 128;
+// Tokens per CTA by M (the wgmma's N): 64, 128, or 256.
+constexpr int64_t wgmma_token_tile(int64_t m) { return m <= 64 ? 64 : (m <= 128 ? 128 : 256); }
+constexpr int64_t wgmma_ctas(int64_t m, int64_t n) {
+  return ((n + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta) * ((m + wgmma_token_tile(m) - 1) / wgmma_token_tile(m));
+}
+// The dispatch rule's bounds (docs/design.md): above this M cuBLAS on a dequantized weight is
+// faster (28672 x 8192: M = 8192 6.50 ms against 5.56 ms), and a grid of fewer CTAs than half the
+// SMs leaves too much of the GPU idle (4096 x 14336, M = 128: 32 CTAs, 117 us against 112 us).
+constexpr int64_t kWgmmaMaxAutoM = 2048;
 const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream);
 
 }  // namespace lowrank::gemm
