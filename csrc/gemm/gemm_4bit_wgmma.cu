@@ -12,21 +12,29 @@
 // - Numerics equal the dequantize path: each element is values[code] * absmax in fp32, rounded
 //   once to x's 16-bit type (the dequantize kernel's exact operations, so W is bit-identical to
 //   lowrank.dequantize_4bit's), then accumulated in fp32 by the tensor cores.
-// - Warp roles: warpgroup 0 produces (one thread issues the TMA copies of the x tile and the codes
-//   tile per 64-wide k step; its 128 threads decode one weight row's absmax each, loads issued 4
-//   steps ahead), warpgroups 1 and 2 consume (dequantize their 64 rows, issue wgmma). Registers
-//   are moved to the consumers with setmaxnreg (56 / 224: 128 x 56 + 256 x 224 <= 64 K).
-// - Dequantize cost per consumer thread and k16 step: 8 elements = 8 lookups in a 16-entry float
-//   table (16 words in 16 banks: conflict-free whatever the codes), 8 fp32 multiplies, 4 packs, ~36
-//   instructions against a wgmma of 64 (N = 128) or 128 (N = 256) tensor-core cycles per
-//   warpgroup; the lookups of step s + 1 overlap the wgmma of step s (one k tile of fragments is
-//   built while the previous tile's wgmma group is in flight).
-// - Bytes per 64-wide k step of a CTA: x tile N x 128 bytes (from L2: x is shared by every CTA)
-//   and 4 KB of codes (from DRAM once per token tile). M = 128: 20 KB per 2 MFLOP of tensor work.
+// - Warp roles: warpgroup 0 produces: per 64-wide k step, one thread issues the TMA copies of the
+//   x tile and the codes tile, and each of its 128 threads decodes one weight row's absmax (loads
+//   issued 4 steps ahead) and writes that row's scaled code table (values[i] * absmax rounded to
+//   x's type, 32 bytes). Warpgroups 1 and 2 consume: dequantize their 64 rows, issue wgmma.
+//   Registers move to the consumers with setmaxnreg (56 / 224: 128 x 56 + 256 x 224 = 384 x 168).
+// - Lookups in registers: a consumer thread reads its two rows' tables (4 x 16 bytes) once per
+//   k step and dequantizes by byte permutes, 12 instructions per 4 elements, no shared-memory
+//   access per element. The first version looked each code up in a 16-entry float table in
+//   shared memory and multiplied by absmax in the consumer: ncu L1/TEX 73-75% busy (the lookups
+//   were ~40% of the shared-memory wavefronts beside wgmma's reads of x); 28672 x 8192 M = 128
+//   155 -> 145 us, M = 2048 1779 -> 1736 us with the tables.
+// - The fragments of step s + 1 are built while step s's wgmma group is in flight; wgmma reads
+//   its register A operand asynchronously, so the two steps' fragments are kept apart (`keep`).
+// - What bounds it now (H100, 28672 x 8192, same process): M = 2048 ran 1490 us, 1428 us with
+//   the lookups replaced by a mask, 1108 us with no wgmma at all: the tile loads alone take 3/4
+//   of the time. Per 64-wide k step a CTA reads a 32 KB x tile from L2 and 4 KB of codes, for
+//   128 x 256 x 64 MACs: ~7.5 TB/s out of L2 across the GPU. Two CTAs of a cluster sharing one x
+//   tile by TMA multicast would halve the x bytes (not done yet).
 //
 // Epilogue: the accumulators (+ bias in fp32) are rounded to x's type into a shared staging tile
 // per consumer ([tokens][64 rows], rows padded to 72 elements: the 2-byte stores of a warp land in
-// distinct banks), then stored as 16-byte rows of y (N % 8 == 0).
+// distinct banks) placed in the x stages once both consumers' groups are done, then stored as
+// 16-byte rows of y (N % 8 == 0).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>

@@ -13,10 +13,12 @@
 //
 // Layout: a CTA owns a strip of 64 columns and a chunk of rows (chunks sized for one wave of
 // CTAs); its 4 warps take 16-row tiles in turn. The mma's n index is permuted (n-tile nt, in-tile
-// column c <-> strip column 16 (c / 2) + 2 nt + c % 2) so that lane (g, t)'s accumulators over the
-// 8 n-tiles are strip columns 16t .. 16t + 15 of rows g and g + 8: one 8-byte load of codes per
-// row, dequantized and added straight from the accumulators, and two 16-byte stores per row (4
-// lanes write a row's 128 bytes). The first version staged the product through shared memory:
+// column c <-> strip column 32 (nt / 4) + 8 (c / 2) + 2 (nt % 4) + c % 2) so that lane (g, t)'s
+// accumulators over the 8 n-tiles are strip columns 8t .. 8t + 7 and 32 + 8t .. 32 + 8t + 7 of
+// rows g and g + 8: two 4-byte loads of codes per row, dequantized and added straight from the
+// accumulators, and two 16-byte stores per row, after n-tiles 3 and 7, each 4 lanes' stores
+// covering whole 32-byte sectors (with 16t .. 16t + 15, half-sector stores: 106-109 us against
+// 69.7 us, L2 71%). The first version staged the product through shared memory:
 // L1-bound (ncu L1/TEX 88%, stalls on L1TEX 55%), 129.5 us at 14336 x 4096 r = 16. A tile's codes,
 // absmax and B are loaded a tile before its math (two tiles ahead, 128 registers:
 // 168 us against 94 us).
