@@ -1,6 +1,9 @@
 """The matmul_4bit op on every dispatch path: accuracy against an fp32 reference on the same
 dequantized weight (flash-attention's rule: at most 2x the error of plain PyTorch F.linear in the
 same precision), determinism, opcheck, and the errors of a path forced where it cannot run."""
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -129,40 +132,72 @@ _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] ==
 needs_hopper = pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU (wgmma)")
 
 
+WGMMA_TILES = ["128x64", "128x128", "128x256", "256x64", "256x128"]  # rows x tokens per CTA
+
+
+@contextlib.contextmanager
+def _wgmma_tile(tile):
+    """Force the wgmma kernel's CTA tile (LOWRANK_WGMMA_TILE, read at each launch); None = its own
+    choice. An env variable rather than monkeypatch: hypothesis tests cannot take that fixture."""
+    before = os.environ.get("LOWRANK_WGMMA_TILE")
+    if tile is not None:
+        os.environ["LOWRANK_WGMMA_TILE"] = tile
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LOWRANK_WGMMA_TILE", None)
+        else:
+            os.environ["LOWRANK_WGMMA_TILE"] = before
+
+
 @given(m=st.sampled_from([1, 17, 63, 64, 65, 100, 128, 129, 255, 256, 257, 300, 600]),
-       n=st.sampled_from([8, 120, 128, 136, 264, 1040]), k=st.sampled_from([64, 128, 192, 512, 1024, 4096]),
+       n=st.sampled_from([8, 120, 128, 136, 264, 520, 1040]), k=st.sampled_from([64, 128, 192, 512, 1024, 4096]),
        quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from([64, 128, 256]),
        double_quant=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
+       tile=st.sampled_from([None] + WGMMA_TILES), seed=st.integers(0, 2**31 - 1))
 @needs_hopper
-def test_cuda_wgmma_kernel_matches_reference(m, n, k, quant_type, blocksize, double_quant, dtype, with_bias, seed):
-    """Every token-tile width (64 / 128 / 256 by M), partial token and weight-row tiles, pipelines
-    shorter and longer than the stage ring, both absmax forms."""
+def test_cuda_wgmma_kernel_matches_reference(m, n, k, quant_type, blocksize, double_quant, dtype, with_bias, tile,
+                                             seed):
+    """Every CTA tile (128 or 256 weight rows x 64, 128 or 256 tokens), partial token and
+    weight-row tiles, pipelines shorter and longer than the stage ring, both absmax forms."""
     if k % blocksize:
         blocksize = 64
     q = _quantized(n, k, quant_type, blocksize, double_quant, "cuda", seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=g).to("cuda", dtype)
     bias = torch.randn(n, generator=g).to("cuda", dtype) if with_bias else None
-    y = lowrank.matmul_4bit(x, q, bias, path="wgmma")
-    assert y.shape == (m, n) and y.dtype == dtype
-    _assert_within_rule(y, x, q, bias)
-    assert torch.equal(y, lowrank.matmul_4bit(x, q, bias, path="wgmma"))  # deterministic
+    with _wgmma_tile(tile):
+        y = lowrank.matmul_4bit(x, q, bias, path="wgmma")
+        assert y.shape == (m, n) and y.dtype == dtype
+        _assert_within_rule(y, x, q, bias)
+        assert torch.equal(y, lowrank.matmul_4bit(x, q, bias, path="wgmma"))  # deterministic
 
 
+@pytest.mark.parametrize("tile", WGMMA_TILES)
 @pytest.mark.parametrize("m, k", [(64, 64), (128, 128), (256, 256), (256, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
 @needs_hopper
-def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype, double_quant):
+def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype, double_quant, tile):
     """x = rows of the identity: y[i, n] = W[n, i] is one product with 1.0, exact in fp32, so y must
     equal the dequantize kernel's weight bit for bit. This pins every element's place in the
-    fragments, the swizzled x tile and the staged output, and the dequantization's rounding."""
-    n = 264  # three weight-row tiles, the last one partial
+    fragments, the swizzled x tile and the staged output, and the dequantization's rounding, for
+    every CTA tile."""
+    n = 392  # 128-row tiles: three full and one of 8 rows; 256-row tiles: one full, one partial
     q = _quantized(n, k, "nf4", 64, double_quant, "cuda", 21)
     x = torch.eye(m, k, device="cuda", dtype=dtype)
-    y = lowrank.matmul_4bit(x, q, path="wgmma")
+    with _wgmma_tile(tile):
+        y = lowrank.matmul_4bit(x, q, path="wgmma")
     assert torch.equal(y, q.dequantize(dtype)[:, :m].t())
+
+
+@needs_hopper
+def test_cuda_wgmma_tile_override_names_the_tiles():
+    q = _quantized(128, 128, "nf4", 64, True, "cuda", 22)
+    x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    with _wgmma_tile("96x64"), pytest.raises(RuntimeError, match="LOWRANK_WGMMA_TILE must be one of 128x64"):
+        lowrank.matmul_4bit(x, q, path="wgmma")
 
 
 @needs_hopper

@@ -39,6 +39,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <mutex>
 
 #include "common/cuda_float.cuh"
@@ -48,7 +49,6 @@
 namespace lowrank::gemm {
 namespace {
 
-constexpr int kRowsPerCta = 128;  // 2 consumer warpgroups x 64 weight rows
 constexpr int kTileK = kWgmmaTileK;
 constexpr int kCodeRowBytes = kTileK / 2;  // 32
 constexpr int kThreads = 384;
@@ -60,23 +60,26 @@ constexpr int kTableRowBytes = 32;
 [[maybe_unused]] constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
 [[maybe_unused]] constexpr int kTokenGroup = 8;  // token tiles per raster group (CTAs that share a weight row tile)
 
-template <int BT>
+// A CTA tile: ROWS weight rows (2 consumer warpgroups x ROWS / 128 blocks of 64 rows) x BT tokens.
+template <int ROWS, int BT>
 struct Tile {
-  static constexpr int kStages = BT == 256 ? 5 : 8;
+  static constexpr int kBlocks = ROWS / 128;  // 64-row blocks per consumer warpgroup (its wgmma M)
   static constexpr int kXBytes = BT * kTileK * 2;  // one TMA box, 128-byte rows
-  static constexpr int kCodeBytes = kRowsPerCta * kCodeRowBytes;
-  static constexpr int kTableBytes = kRowsPerCta * kTableRowBytes;
-  static constexpr int kOutBytes = BT * kOutPitch * 2;  // per consumer, in the x stages once they are done
+  static constexpr int kCodeBytes = ROWS * kCodeRowBytes;
+  static constexpr int kTableBytes = ROWS * kTableRowBytes;
+  static constexpr int kStageBytes = kXBytes + kCodeBytes + kTableBytes;
+  static constexpr int kStages = (200 * 1024) / kStageBytes < 8 ? (200 * 1024) / kStageBytes : 8;
+  static constexpr int kOutBytes = BT * kOutPitch * 2;  // per 64-row block, in the x stages once they are done
   static constexpr int kXOff = 0;  // 1024-aligned: the swizzle pattern repeats every 1024 bytes
   static constexpr int kCodeOff = kXOff + kStages * kXBytes;
   static constexpr int kTableOff = kCodeOff + kStages * kCodeBytes;
   static constexpr int kBarOff = kTableOff + kStages * kTableBytes;
   static constexpr int kBytes = kBarOff + 2 * kStages * 8;
   static constexpr int kAlloc = kBytes + 1024;  // the dynamic base is aligned up to 1024 in the kernel
-  static_assert(2 * kOutBytes <= kStages * kXBytes, "the output staging reuses the x stages");
+  static_assert(ROWS == 128 || ROWS == 256, "one or two 64-row blocks per consumer");
+  static_assert(2 * kBlocks * kOutBytes <= kStages * kXBytes, "the output staging reuses the x stages");
+  static_assert(kAlloc + 16 * 4 + 256 * 4 <= 227 * 1024, "shared memory per CTA");
 };
-static_assert(Tile<256>::kAlloc + 16 * 4 + 256 * 4 <= 227 * 1024, "shared memory of the N = 256 tile");
-static_assert(Tile<128>::kAlloc + 16 * 4 + 256 * 4 <= 227 * 1024, "shared memory of the N = 128 tile");
 
 struct KernelArgs {
   const float* values;
@@ -183,15 +186,17 @@ __device__ __forceinline__ void build_table(const float (&values)[16], float abs
   pair_b = __byte_perm(lo_bytes, hi_bytes, 0x6273);
 }
 
-template <typename T, int BT, bool NESTED>
+template <typename T, int ROWS, int BT, bool NESTED>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_4bit_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
                            const KernelArgs p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = Tile<BT>;
+  using Cfg = Tile<ROWS, BT>;
   constexpr int S = Cfg::kStages;
+  constexpr int B = Cfg::kBlocks;
   extern __shared__ uint8_t smem_raw[];
   __shared__ float s_qmap[256];
+  __shared__ float4 s_values[4];
   // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
   // addresses (ld.shared, not generic loads)
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -206,15 +211,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first_token_tile = group * kTokenGroup;
   const int group_size = min(kTokenGroup, p.token_tiles - first_token_tile);
   const int in_group = blockIdx.x - group * group_ctas;
-  const int row0 = (in_group / group_size) * kRowsPerCta;
+  const int row0 = (in_group / group_size) * ROWS;
   const int token0 = (first_token_tile + in_group % group_size) * BT;
   const int k_tiles = p.k / kTileK;
 
   if (NESTED)
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
+  if (threadIdx.x < 16) reinterpret_cast<float*>(s_values)[threadIdx.x] = p.values[threadIdx.x];
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(full_bar + 8 * s, kRowsPerCta);  // the 128 producer threads (one with the tx bytes)
+      mbar_init(full_bar + 8 * s, 128);  // the 128 producer threads (one with the tx bytes)
       mbar_init(empty_bar + 8 * s, 8);           // lane 0 of each of the 8 consumer warps
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -224,22 +230,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     // ---- producer: per k step, the TMA copies (thread 0) and each row's scaled code table ----
+    // Thread r builds the tables of rows r and (with 256-row tiles) r + 128.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
-    const int r = threadIdx.x;  // the row whose table this thread builds
-    const int row = row0 + r;
-    const bool row_ok = row < p.n;
-    const int64_t row_start = int64_t(row) * p.k;
+    const int r = threadIdx.x;
     const float offset = NESTED ? *p.offset : 0.0f;
-    float values[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) values[i] = __ldg(p.values + i);
-    // absmax of (row, k step kt), in two halves: the loads (issued kAbsmaxLookahead steps ahead)
-    // and the decode at use.
-    auto load = [&](int kt, uint32_t& code, float& scale) {
+    // absmax of (row r + 128 b, k step kt), in two halves: the loads (issued kAbsmaxLookahead
+    // steps ahead) and the decode at use.
+    auto load = [&](int b, int kt, uint32_t& code, float& scale) {
       code = 0;
       scale = 0.0f;
-      if (row_ok && kt < k_tiles) {
-        const int64_t block = (row_start + int64_t(kt) * kTileK) >> p.blocksize_log2;
+      const int row = row0 + r + 128 * b;
+      if (row < p.n && kt < k_tiles) {
+        const int64_t block = (int64_t(row) * p.k + int64_t(kt) * kTileK) >> p.blocksize_log2;
         if (NESTED) {
           code = __ldg(p.absmax_codes + block);
           scale = __ldg(p.nested_absmax + (block >> p.nested_blocksize_log2));
@@ -248,22 +250,35 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     };
-    uint32_t c0, c1, c2, c3;
-    float f0, f1, f2, f3;
-    load(0, c0, f0);
-    load(1, c1, f1);
-    load(2, c2, f2);
-    load(3, c3, f3);
     static_assert(kAbsmaxLookahead == 4, "the load queue below holds 4 steps");
+    uint32_t c[B][4];
+    float f[B][4];
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) load(b, i, c[b][i], f[b][i]);
     for (int kt = 0; kt < k_tiles; ++kt) {
       const int s = kt % S;
-      const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c0], f0), offset) : f0;
-      uint4 lo, hi;
-      build_table<T>(values, absmax, lo, hi);
+      float values[16];  // from shared memory per step: 16 registers fewer held across the loop
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4 v = s_values[q];
+        values[4 * q] = v.x, values[4 * q + 1] = v.y, values[4 * q + 2] = v.z, values[4 * q + 3] = v.w;
+      }
+      uint4 lo[B], hi[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c[b][0]], f[b][0]), offset) : f[b][0];
+        build_table<T>(values, absmax, lo[b], hi[b]);
+      }
       mbar_wait(empty_bar + 8 * s, ((kt / S) & 1) ^ 1);
-      uint4* table = reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes + r * kTableRowBytes);
-      table[0] = lo;
-      table[1] = hi;
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        uint4* table = reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes +
+                                                (r + 128 * b) * kTableRowBytes);
+        table[0] = lo[b];
+        table[1] = hi[b];
+      }
       if (r == 0) {
         mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
         tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, &x_map, kt * kTileK, token0, full_bar + 8 * s);
@@ -272,37 +287,44 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         mbar_arrive(full_bar + 8 * s);
       }
-      c0 = c1, f0 = f1;
-      c1 = c2, f1 = f2;
-      c2 = c3, f2 = f3;
-      load(kt + kAbsmaxLookahead, c3, f3);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        c[b][0] = c[b][1], f[b][0] = f[b][1];
+        c[b][1] = c[b][2], f[b][1] = f[b][2];
+        c[b][2] = c[b][3], f[b][2] = f[b][3];
+        load(b, kt + kAbsmaxLookahead, c[b][3], f[b][3]);
+      }
     }
   } else {
-    // ---- consumers ----
+    // ---- consumers: warpgroup cw owns the 64-row blocks cw * B + h, h < B ----
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
     const int cw = warpgroup - 1;
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    const int r_lo = 64 * cw + 16 * warp + g;  // this thread's rows within the CTA tile
-    const int r_hi = r_lo + 8;
+    const int r_in_block = 16 * warp + g;  // this thread's rows within each 64-row block: + 0 and + 8
     // byte t of two words into the low 16 bits: the two code bytes of one fragment row per k16 step
     const uint32_t gather = uint32_t(t) | (uint32_t(t + 4) << 4);
     const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
 
-    float acc[BT / 2];
+    float acc[B][BT / 2];
 #pragma unroll
-    for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
+    for (int h = 0; h < B; ++h)
+#pragma unroll
+      for (int i = 0; i < BT / 2; ++i) acc[h][i] = 0.0f;
 
-    // One k step: dequantize into `cur` while the previous step's wgmma group (reading `prev`) is
-    // in flight, issue this step's group, wait for the previous one, give its stage back.
+    // One wgmma group = one k step of one 64-row block h: dequantize into `cur` while the previous
+    // group (reading `prev`) is in flight, issue this group, wait for the previous one; the first
+    // group of a step gives the previous step's stage back (every group of that step is done).
     // wgmma reads its A registers asynchronously, after the issuing instruction, and the compiler
     // does not know that: it reused the registers of an in-flight group's fragments for the next
-    // step's (wrong sums on the H100 whenever K > 64). `keep` makes `prev` live until its group
-    // is known to be done, so the two steps' fragments sit in different registers.
-    auto step = [&](int kt, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
+    // group's (wrong sums on the H100 whenever K > 64). `keep` makes `prev` live until its group
+    // is known to be done, so the two groups' fragments sit in different registers.
+    auto group = [&](int kt, int h, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
       const int s = kt % S;
-      mbar_wait(full_bar + 8 * s, (kt / S) & 1);
+      if (h == 0) mbar_wait(full_bar + 8 * s, (kt / S) & 1);
+      const int r_lo = 64 * (cw * B + h) + r_in_block;
+      const int r_hi = r_lo + 8;
       const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
       const uint8_t* tables = smem + Cfg::kTableOff + s * Cfg::kTableBytes;
       const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
@@ -321,17 +343,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
         lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
       }
-      fence_registers(acc);
+#pragma unroll
+      for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       wgmma_fence();
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc, cur[j], desc + uint64_t((32 * j) >> 4));
+      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4));
       wgmma_commit();
-      fence_registers(acc);
-      wgmma_wait<1>();  // the previous step's group is done: its fragments and its x tile are free
+#pragma unroll
+      for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+      wgmma_wait<1>();  // the previous group is done: its fragments (and, for h == 0, its stage) are free
       keep(prev);
-      fence_registers(acc);
-      if (kt > 0) {
+#pragma unroll
+      for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+      if (h == 0 && kt > 0) {
         __syncwarp();
         if (lane == 0) mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
       }
@@ -341,48 +366,64 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) frag_b[j][i] = 0u;
+    // groups alternate between the two fragment buffers: (kt, h) uses buffer (kt * B + h) % 2
     int kt = 0;
-    for (; kt + 1 < k_tiles; kt += 2) {
-      step(kt, frag_a, frag_b);
-      step(kt + 1, frag_b, frag_a);
-    }
-    if (kt < k_tiles) {
-      step(kt, frag_a, frag_b);
-      wgmma_wait<0>();
-      keep(frag_a);
-    } else {
+    if constexpr (B == 2) {
+      for (; kt < k_tiles; ++kt) {
+        group(kt, 0, frag_a, frag_b);
+        group(kt, 1, frag_b, frag_a);
+      }
       wgmma_wait<0>();
       keep(frag_b);
+    } else {
+      for (; kt + 1 < k_tiles; kt += 2) {
+        group(kt, 0, frag_a, frag_b);
+        group(kt + 1, 0, frag_b, frag_a);
+      }
+      if (kt < k_tiles) {
+        group(kt, 0, frag_a, frag_b);
+        wgmma_wait<0>();
+        keep(frag_a);
+      } else {
+        wgmma_wait<0>();
+        keep(frag_b);
+      }
     }
-    fence_registers(acc);
+#pragma unroll
+    for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
 
-    // ---- epilogue: + bias, round, stage [token][row] in the x stages, 16-byte stores ----
+    // ---- epilogue: + bias, round, stage [token][row] per 64-row block in the x stages, 16-byte stores ----
     // Both consumers' groups are done before either overwrites the x stages.
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    T* stage = reinterpret_cast<T*>(smem + Cfg::kXOff + cw * Cfg::kOutBytes);
-    const int row_lo = row0 + r_lo, row_hi = row0 + r_hi;
-    float bias_lo = 0.0f, bias_hi = 0.0f;
-    if (p.bias != nullptr) {
-      const T* bias = static_cast<const T*>(p.bias);
-      if (row_lo < p.n) bias_lo = to_float(bias[row_lo]);
-      if (row_hi < p.n) bias_hi = to_float(bias[row_hi]);
-    }
-    const int rl = 16 * warp + g;  // row within this consumer's 64
 #pragma unroll
-    for (int j = 0; j < BT / 8; ++j) {
-      const int tok = 8 * j + 2 * t;
-      stage[tok * kOutPitch + rl] = from_float<T>(acc[4 * j] + bias_lo);
-      stage[(tok + 1) * kOutPitch + rl] = from_float<T>(acc[4 * j + 1] + bias_lo);
-      stage[tok * kOutPitch + rl + 8] = from_float<T>(acc[4 * j + 2] + bias_hi);
-      stage[(tok + 1) * kOutPitch + rl + 8] = from_float<T>(acc[4 * j + 3] + bias_hi);
+    for (int h = 0; h < B; ++h) {
+      const int block = cw * B + h;
+      T* stage = reinterpret_cast<T*>(smem + Cfg::kXOff + block * Cfg::kOutBytes);
+      const int row_lo = row0 + 64 * block + r_in_block, row_hi = row_lo + 8;
+      float bias_lo = 0.0f, bias_hi = 0.0f;
+      if (p.bias != nullptr) {
+        const T* bias = static_cast<const T*>(p.bias);
+        if (row_lo < p.n) bias_lo = to_float(bias[row_lo]);
+        if (row_hi < p.n) bias_hi = to_float(bias[row_hi]);
+      }
+#pragma unroll
+      for (int j = 0; j < BT / 8; ++j) {
+        const int tok = 8 * j + 2 * t;
+        stage[tok * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j] + bias_lo);
+        stage[(tok + 1) * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j + 1] + bias_lo);
+        stage[tok * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 2] + bias_hi);
+        stage[(tok + 1) * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 3] + bias_hi);
+      }
     }
     asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
     T* out = static_cast<T*>(p.out);
     const int tid = threadIdx.x - 128 * warpgroup;
-    for (int idx = tid; idx < BT * 8; idx += 128) {
-      const int tk = idx / 8, c = idx % 8;
+    for (int idx = tid; idx < B * BT * 8; idx += 128) {
+      const int block = cw * B + idx / (BT * 8);
+      const int tk = (idx / 8) % BT, c = idx % 8;
+      const T* stage = reinterpret_cast<const T*>(smem + Cfg::kXOff + block * Cfg::kOutBytes);
       const int token = token0 + tk;
-      const int row = row0 + 64 * cw + 8 * c;
+      const int row = row0 + 64 * block + 8 * c;
       if (token < p.m && row < p.n) {
         const uint4 v = *reinterpret_cast<const uint4*>(stage + tk * kOutPitch + 8 * c);
         *reinterpret_cast<uint4*>(out + int64_t(token) * p.n + row) = v;
@@ -408,8 +449,9 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-template <typename T, int BT, bool NESTED>
+template <typename T, int ROWS, int BT, bool NESTED>
 const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStream_t stream) {
+  using Cfg = Tile<ROWS, BT>;
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return "the driver does not provide cuTensorMapEncodeTiled";
   CUtensorMap x_map, code_map;
@@ -425,31 +467,35 @@ const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStr
     return "cuTensorMapEncodeTiled rejected x's tensor map";
   const cuuint64_t code_dims[2] = {cuuint64_t(p.k / 2), cuuint64_t(p.n)};
   const cuuint64_t code_strides[1] = {cuuint64_t(p.k / 2)};
-  const cuuint32_t code_box[2] = {kCodeRowBytes, kRowsPerCta};
+  const cuuint32_t code_box[2] = {kCodeRowBytes, ROWS};
   if (encode(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(p.packed), code_dims, code_strides,
              code_box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return "cuTensorMapEncodeTiled rejected the codes' tensor map";
 
-  auto kernel = gemm_4bit_wgmma_kernel<T, BT, NESTED>;
+  auto kernel = gemm_4bit_wgmma_kernel<T, ROWS, BT, NESTED>;
   static std::once_flag attr_once;
   static cudaError_t attr_error = cudaSuccess;
   std::call_once(attr_once, [&] {
-    attr_error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kAlloc);
+    attr_error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kAlloc);
   });
   if (attr_error != cudaSuccess) return "cudaFuncSetAttribute refused the kernel's shared memory";
   KernelArgs a = args;
+  a.row_tiles = int((p.n + ROWS - 1) / ROWS);
   a.token_tiles = int((p.m + BT - 1) / BT);
-  const int ctas = a.row_tiles * a.token_tiles;
-  kernel<<<ctas, kThreads, Tile<BT>::kAlloc, stream>>>(x_map, code_map, a);
+  kernel<<<a.row_tiles * a.token_tiles, kThreads, Cfg::kAlloc, stream>>>(x_map, code_map, a);
   return nullptr;
 }
 
 template <typename T, bool NESTED>
-const char* launch_typed(const Gemm4bitParams& p, const KernelArgs& args, cudaStream_t stream) {
-  if (p.m <= 64) return launch_tile<T, 64, NESTED>(p, args, stream);
-  if (p.m <= 128) return launch_tile<T, 128, NESTED>(p, args, stream);
-  return launch_tile<T, 256, NESTED>(p, args, stream);
+const char* launch_typed(const Gemm4bitParams& p, const KernelArgs& args, int rows, int tokens,
+                         cudaStream_t stream) {
+  if (rows == 256 && tokens == 64) return launch_tile<T, 256, 64, NESTED>(p, args, stream);
+  if (rows == 256 && tokens == 128) return launch_tile<T, 256, 128, NESTED>(p, args, stream);
+  if (rows == 128 && tokens == 64) return launch_tile<T, 128, 64, NESTED>(p, args, stream);
+  if (rows == 128 && tokens == 128) return launch_tile<T, 128, 128, NESTED>(p, args, stream);
+  if (rows == 128 && tokens == 256) return launch_tile<T, 128, 256, NESTED>(p, args, stream);
+  return "LOWRANK_WGMMA_TILE must be one of 128x64, 128x128, 128x256, 256x64, 256x128 (rows x tokens)";
 }
 
 int log2_exact(int v) { return __builtin_ctz(unsigned(v)); }
@@ -469,13 +515,22 @@ const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream)
   a.n = int(p.n);
   a.k = int(p.k);
   a.m = int(p.m);
-  a.row_tiles = int((p.n + kRowsPerCta - 1) / kRowsPerCta);
   a.bias = p.bias;
   a.out = p.out;
+  int rows = int(wgmma_rows_per_cta(p.m, p.n, p.sms));
+  int tokens = int(wgmma_token_tile(p.m));
+  // LOWRANK_WGMMA_TILE=<rows>x<tokens> forces a tile (A/B in one process; read per launch)
+  if (const char* env = std::getenv("LOWRANK_WGMMA_TILE"); env != nullptr && env[0] != '\0') {
+    char* end = nullptr;
+    rows = int(std::strtol(env, &end, 10));
+    tokens = (end != nullptr && *end == 'x') ? int(std::strtol(end + 1, nullptr, 10)) : 0;
+  }
   const bool nested = p.absmax_codes != nullptr;
   if (p.kind == FloatKind::kBFloat16)
-    return nested ? launch_typed<__nv_bfloat16, true>(p, a, stream) : launch_typed<__nv_bfloat16, false>(p, a, stream);
-  return nested ? launch_typed<__half, true>(p, a, stream) : launch_typed<__half, false>(p, a, stream);
+    return nested ? launch_typed<__nv_bfloat16, true>(p, a, rows, tokens, stream)
+                  : launch_typed<__nv_bfloat16, false>(p, a, rows, tokens, stream);
+  return nested ? launch_typed<__half, true>(p, a, rows, tokens, stream)
+                : launch_typed<__half, false>(p, a, rows, tokens, stream);
 }
 
 }  // namespace lowrank::gemm

@@ -107,6 +107,7 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   set_packed_weight(p, w);
   p.bias = bias_c.has_value() ? bias_c->const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
+  p.sms = device_facts(x.device().index()).sms;
   if (chosen == MatmulPath::kSkinny) {
     launch_gemm_4bit_skinny(p, c10::cuda::getCurrentCUDAStream());
   } else {

@@ -20,6 +20,7 @@ struct Gemm4bitParams : quant::Packed4bitWeight {  // packed 8-byte aligned; blo
   const void* bias;     // [N] in kind, or nullptr
   void* out;            // [M, N] in kind
   bool generic_lookup;  // the skinny kernel's table lookups through generic addresses (A/B; default off)
+  int sms;              // of the device: the wgmma kernel's tile choice
 };
 
 // The skinny kernel: weights dequantized in registers straight into tensor-core fragments
@@ -37,15 +38,24 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream);
 // (one 128-byte swizzle row per k step), blocksize >= 64, N % 8 == 0 (16-byte stores of y), x
 // and the packed codes 16-byte aligned (TMA). Returns nullptr, or why it could not launch.
 constexpr int kWgmmaTileK = 64;
-constexpr int kWgmmaRowsPerCta = 128;
-// Tokens per CTA by M (the wgmma's N): 64, 128, or 256.
-constexpr int64_t wgmma_token_tile(int64_t m) { return m <= 64 ? 64 : (m <= 128 ? 128 : 256); }
-constexpr int64_t wgmma_ctas(int64_t m, int64_t n) {
-  return ((n + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta) * ((m + wgmma_token_tile(m) - 1) / wgmma_token_tile(m));
+// Tokens per CTA by M (the wgmma's N): 64 or 128.
+constexpr int64_t wgmma_token_tile(int64_t m) { return m <= 64 ? 64 : 128; }
+constexpr int64_t wgmma_ctas(int64_t m, int64_t n, int64_t rows_per_cta = 128) {
+  return ((n + rows_per_cta - 1) / rows_per_cta) * ((m + wgmma_token_tile(m) - 1) / wgmma_token_tile(m));
+}
+// Weight rows per CTA: 256 (two 64-row blocks per consumer warpgroup) halves the bytes each SM takes
+// in per multiply-add (x tile + codes per k step: 16 + 8 KB for 256 x 128 against 16 + 4 KB for
+// 128 x 128); it is taken when its grid needs no more time in waves than the 128-row grid (a
+// 256-row CTA takes about twice as long): 28672 x 8192 at M = 128 is 112 CTAs (one wave) against
+// 224 (two waves); 14336 x 4096 at M = 128 stays at 128 rows (56 CTAs would leave 76 SMs idle).
+constexpr int64_t wgmma_rows_per_cta(int64_t m, int64_t n, int64_t sms) {
+  const int64_t waves_256 = (wgmma_ctas(m, n, 256) + sms - 1) / sms;
+  const int64_t waves_128 = (wgmma_ctas(m, n, 128) + sms - 1) / sms;
+  return 2 * waves_256 <= waves_128 ? 256 : 128;
 }
 // The dispatch rule's bounds (docs/design.md): above this M cuBLAS on a dequantized weight is
-// faster (28672 x 8192: M = 8192 6.50 ms against 5.56 ms), and a grid of fewer CTAs than half the
-// SMs leaves too much of the GPU idle (4096 x 14336, M = 128: 32 CTAs, 117 us against 112 us).
+// faster (28672 x 8192: M = 8192 6.50 ms against 5.56 ms), and a grid of fewer 128-row CTAs than
+// half the SMs leaves too much of the GPU idle (4096 x 14336, M = 128: 32 CTAs, 117 us against 112 us).
 constexpr int64_t kWgmmaMaxAutoM = 2048;
 const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream);
 
