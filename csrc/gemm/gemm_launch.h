@@ -38,17 +38,21 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream);
 // (one 128-byte swizzle row per k step), blocksize >= 64, N % 8 == 0 (16-byte stores of y), x
 // and the packed codes 16-byte aligned (TMA). Returns nullptr, or why it could not launch.
 constexpr int kWgmmaTileK = 64;
-// Tokens per CTA by M (the wgmma's N): 64 or 128.
-constexpr int64_t wgmma_token_tile(int64_t m) { return m <= 64 ? 64 : 128; }
+// Tokens per CTA by M (the wgmma's N): 64, 128, or 256. Above M = 128 the widest tile wins: each
+// dequantized weight fragment feeds 256 tokens, so the lookups per multiply-add are halved
+// (28672 x 8192, M = 2048: 1459 us against 2049 us for 256 rows x 128 tokens, same run).
+constexpr int64_t wgmma_token_tile(int64_t m) { return m <= 64 ? 64 : (m <= 128 ? 128 : 256); }
 constexpr int64_t wgmma_ctas(int64_t m, int64_t n, int64_t rows_per_cta = 128) {
   return ((n + rows_per_cta - 1) / rows_per_cta) * ((m + wgmma_token_tile(m) - 1) / wgmma_token_tile(m));
 }
-// Weight rows per CTA: 256 (two 64-row blocks per consumer warpgroup) halves the bytes each SM takes
-// in per multiply-add (x tile + codes per k step: 16 + 8 KB for 256 x 128 against 16 + 4 KB for
-// 128 x 128); it is taken when its grid needs no more time in waves than the 128-row grid (a
-// 256-row CTA takes about twice as long): 28672 x 8192 at M = 128 is 112 CTAs (one wave) against
-// 224 (two waves); 14336 x 4096 at M = 128 stays at 128 rows (56 CTAs would leave 76 SMs idle).
+// Weight rows per CTA: 128, or 256 (two 64-row blocks per consumer warpgroup) for token tiles of
+// 64 and 128 when that grid needs no more time in waves than the 128-row grid (a 256-row CTA
+// takes about twice as long). 256-row CTAs read each x tile for twice the rows and run in one
+// wave where 128-row ones need two: 28672 x 8192 at M = 17 / 64 112.6 / 114.3 us against
+// 154 / 142 (128 x 128) and ~134 (128 x 64) before; at M = 128 145-155 us against 157. 14336 x
+// 4096 at M <= 128 stays at 128 rows (56 CTAs of 256 rows would leave 76 SMs idle).
 constexpr int64_t wgmma_rows_per_cta(int64_t m, int64_t n, int64_t sms) {
+  if (wgmma_token_tile(m) == 256) return 128;  // 256 x 256 would need 256 accumulators per thread
   const int64_t waves_256 = (wgmma_ctas(m, n, 256) + sms - 1) / sms;
   const int64_t waves_128 = (wgmma_ctas(m, n, 128) + sms - 1) / sms;
   return 2 * waves_256 <= waves_128 ? 256 : 128;
