@@ -1,6 +1,6 @@
 """Quick look at the wgmma matmul path (one GPU call): its error against fp32 and the dequantize
 path, and graph-timed device time beside bf16 F.linear and the dequantize path, per shape and M;
---tiles adds the kernel with its CTA tile forced (LOWRANK_WGMMA_TILE).
+--variants adds the kernel under env settings (a forced CTA tile, the per-thread stage release).
 
     python scripts/wgmma_quick.py [--shapes 28672x8192,...] [--ms 17,128,2048]
 """
@@ -22,7 +22,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="28672x8192,14336x4096,4096x14336,4096x4096")
     ap.add_argument("--ms", default="17,64,128,256,512,2048,8192")
-    ap.add_argument("--tiles", default="", help="also time these forced CTA tiles, e.g. 128x128,256x128")
+    ap.add_argument("--variants", default="",
+                    help="also time the kernel under these env settings (read at each launch), comma-separated: "
+                         "LOWRANK_WGMMA_TILE=128x128,LOWRANK_WGMMA_THREAD_RELEASE=1")
     args = ap.parse_args()
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -45,15 +47,16 @@ def main():
                 t = harness.time_cuda_graph(fn, inputs) if m <= 512 else harness.time_cuda(fn, inputs, reps=30)
                 times[name] = t["median_ms"] * 1e3
             forced = []
-            for tile in filter(None, args.tiles.split(",")):
-                os.environ["LOWRANK_WGMMA_TILE"] = tile  # read at each launch (at capture for the graph)
+            for variant in filter(None, args.variants.split(",")):
+                key, value = variant.split("=")
+                os.environ[key] = value  # read at each launch (at capture for the graph)
                 try:
                     fn = lambda q: lowrank.matmul_4bit(x, q, path="wgmma")  # noqa: E731
                     inputs = [(q,) for q in qs]
                     t = harness.time_cuda_graph(fn, inputs) if m <= 512 else harness.time_cuda(fn, inputs, reps=30)
                 finally:
-                    del os.environ["LOWRANK_WGMMA_TILE"]
-                forced.append(f"{tile} {t['median_ms'] * 1e3:7.1f}")
+                    del os.environ[key]
+                forced.append(f"{variant.replace('LOWRANK_WGMMA_', '')} {t['median_ms'] * 1e3:7.1f}")
             tf = 2 * m * n * k / (times["wgmma"] * 1e-6) / 1e12
             print(f"{n:6d}x{k:<6d} M={m:<5d} bf16 {times['bf16']:8.1f}  wgmma {times['wgmma']:8.1f} "
                   f"({times['wgmma'] / times['bf16']:5.2f}x bf16, {tf:5.0f} TFLOP/s)  dequant {times['dequant']:8.1f} "

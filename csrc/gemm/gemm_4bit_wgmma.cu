@@ -91,6 +91,7 @@ struct KernelArgs {
   int blocksize_log2, nested_blocksize_log2;
   int n, k, m;
   int row_tiles, token_tiles;
+  bool thread_release;  // every consumer thread arrives on the stage's empty barrier (else lane 0 per warp)
   const void* bias;
   void* out;
 };
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(full_bar + 8 * s, 128);  // the 128 producer threads (one with the tx bytes)
-      mbar_init(empty_bar + 8 * s, 8);           // lane 0 of each of the 8 consumer warps
+      mbar_init(empty_bar + 8 * s, p.thread_release ? 256 : 8);  // the consumer threads, or lane 0 of each warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -357,8 +358,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       if (h == 0 && kt > 0) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
+        if (p.thread_release) {
+          mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
+        } else {
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
+        }
       }
     };
     uint32_t frag_a[4][4], frag_b[4][4];
@@ -517,6 +522,8 @@ const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream)
   a.m = int(p.m);
   a.bias = p.bias;
   a.out = p.out;
+  const char* release = std::getenv("LOWRANK_WGMMA_THREAD_RELEASE");  // A/B, read per launch
+  a.thread_release = release != nullptr && release[0] == '1';
   int rows = int(wgmma_rows_per_cta(p.m, p.n, p.sms));
   int tokens = int(wgmma_token_tile(p.m));
   // LOWRANK_WGMMA_TILE=<rows>x<tokens> forces a tile (A/B in one process; read per launch)
