@@ -94,12 +94,22 @@ if has experiment_lora; then  # where the low-rank term should enter the big GEM
 fi
 
 if has sanitizer; then
-  for tool in memcheck racecheck; do
-    echo "== compute-sanitizer $tool"
-    HYPOTHESIS_PROFILE=sanitizer timeout 300 compute-sanitizer --tool "$tool" --target-processes all \
-      --error-exitcode 99 python3 -m pytest tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py tests/test_lora_function.py tests/test_dora.py -q -k cuda \
-      -p no:cacheprovider > "$LOGS/sanitizer_$tool.log" 2>&1
-    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$LOGS/sanitizer_$tool.log" | tail -3
+  # memcheck over every CUDA test; racecheck over the same minus the wgmma kernel (its hazard
+  # reports alone ran past 300 s), then the wgmma kernel on a small subset twice: with its stage
+  # release as built (lane 0 of each consumer warp arrives after __syncwarp) and with every
+  # consumer thread arriving (LOWRANK_WGMMA_THREAD_RELEASE=1, 15% slower at M = 2048).
+  files="tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py tests/test_lora_function.py tests/test_dora.py"
+  wgmma_subset="reproduces and dtype1 and True"  # the identity test, bf16, nested absmax, every CTA tile
+  for run in "memcheck|memcheck|cuda|0|300" "racecheck|racecheck|cuda and not wgmma|0|240" \
+             "racecheck_wgmma_lane0|racecheck|$wgmma_subset|0|90" "racecheck_wgmma_thread|racecheck|$wgmma_subset|1|90"; do
+    IFS="|" read -r name tool select release limit <<< "$run"
+    [[ $name == racecheck_wgmma* ]] && sel_files=tests/test_matmul.py || sel_files=$files
+    echo "== compute-sanitizer $name"
+    # shellcheck disable=SC2086
+    LOWRANK_WGMMA_THREAD_RELEASE=$release HYPOTHESIS_PROFILE=sanitizer timeout "$limit" compute-sanitizer \
+      --tool "$tool" --target-processes all --error-exitcode 99 python3 -m pytest $sel_files -q -k "$select" \
+      -p no:cacheprovider > "$LOGS/sanitizer_$name.log" 2>&1
+    echo "$name rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOGS/sanitizer_$name.log" | tail -3
   done
 fi
 

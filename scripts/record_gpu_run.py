@@ -42,9 +42,10 @@ def sanitizer_summary(path):
         return None
     text = open(path, errors="replace").read()
     m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    hazards = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed", text)
     passed = re.findall(r"(\d+) passed", text)
-    return {"error_summary": [int(x) for x in m], "tests_passed": int(passed[-1]) if passed else 0,
-            "tail": text[-600:]}
+    return {"error_summary": [int(x) for x in m], "hazards": [int(x) for x in hazards],
+            "tests_passed": int(passed[-1]) if passed else 0, "tail": text[-600:]}
 
 
 def main():
@@ -61,7 +62,7 @@ def main():
     tests = pytest_summary(args.out_dir)
     if tests is not None:
         record["tests"] = {**tests, "csrc_tree": env["csrc_tree"]}
-    for tool in ("memcheck", "racecheck"):
+    for tool in ("memcheck", "racecheck", "racecheck_wgmma_lane0", "racecheck_wgmma_thread"):
         s = sanitizer_summary(os.path.join(args.out_dir, f"sanitizer_{tool}.log"))
         if s is not None:
             record.setdefault("sanitizer", {})[tool] = {**s, "csrc_tree": env["csrc_tree"]}

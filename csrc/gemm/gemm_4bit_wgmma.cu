@@ -8,14 +8,16 @@
 //   registers, so the weight, which has to pass through registers anyway to be dequantized, is A
 //   and never touches shared memory on its way to the tensor cores; x is B, from shared memory,
 //   loaded by the copy engine (TMA) in the 128-byte swizzle wgmma reads. The tokens are wgmma's N
-//   (64, 128 or 256 per CTA by M), the weight rows its M (64 per consumer warpgroup, 128 per CTA).
+//   (64, 128 or 256 per CTA by M), the weight rows its M: one or two 64-row blocks per consumer
+//   warpgroup, 128 or 256 rows per CTA (the rule is wgmma_rows_per_cta in gemm_launch.h).
 // - Numerics equal the dequantize path: each element is values[code] * absmax in fp32, rounded
 //   once to x's 16-bit type (the dequantize kernel's exact operations, so W is bit-identical to
 //   lowrank.dequantize_4bit's), then accumulated in fp32 by the tensor cores.
 // - Warp roles: warpgroup 0 produces: per 64-wide k step, one thread issues the TMA copies of the
 //   x tile and the codes tile, and each of its 128 threads decodes one weight row's absmax (loads
 //   issued 4 steps ahead) and writes that row's scaled code table (values[i] * absmax rounded to
-//   x's type, 32 bytes). Warpgroups 1 and 2 consume: dequantize their 64 rows, issue wgmma.
+//   x's type, 32 bytes); with 256-row tiles each thread does two rows. Warpgroups 1 and 2
+//   consume: dequantize their rows one 64-row block at a time, issue wgmma.
 //   Registers move to the consumers with setmaxnreg (56 / 224: 128 x 56 + 256 x 224 = 384 x 168).
 // - Lookups in registers: a consumer thread reads its two rows' tables (4 x 16 bytes) once per
 //   k step and dequantizes by byte permutes, 12 instructions per 4 elements, no shared-memory
@@ -25,12 +27,17 @@
 //   155 -> 145 us, M = 2048 1779 -> 1736 us with the tables.
 // - The fragments of step s + 1 are built while step s's wgmma group is in flight; wgmma reads
 //   its register A operand asynchronously, so the two steps' fragments are kept apart (`keep`).
-// - What bounds it now (H100, 28672 x 8192, same process): M = 2048 ran 1490 us, 1428 us with
-//   the lookups replaced by a mask, 1108 us with no wgmma at all: the tile loads alone take 3/4
-//   of the time. Per 64-wide k step a CTA reads a 32 KB x tile from L2 and 4 KB of codes, for
-//   128 x 256 x 64 MACs: ~7.5 TB/s out of L2 across the GPU. Two CTAs of a cluster sharing one x
-//   tile by TMA multicast would halve the x bytes (not done yet).
-//
+// - What bounds it (H100, 28672 x 8192). Variants compiled beside the kernel, same process:
+//   M = 2048 ran 1490 us, 1428 with the lookups replaced by a mask, 1108 with no wgmma at all.
+//   That looked like the tile loads out of L2, but two CTAs of a cluster sharing each x tile by
+//   TMA multicast (half the L2 reads of x; branch wip/cluster-multicast) gained nothing: M = 128
+//   151.5 against 154.5 us, M = 2048 1751 against 1682, same run. What each SM takes in per
+//   multiply-add does matter: 256-row CTAs read each x tile for twice the rows, and at M = 17 / 64
+//   ran 112.6 / 114.3 us against ~124 for 128 rows. ncu at M = 128 (256 x 128 tile): the ALU
+//   pipe, where the byte permutes of the lookups run at 16 lanes per clock, is the busiest
+//   (44%), issue slots 34% busy. The lookups cost 3 instructions per weight element per token
+//   tile, which is why 256-token tiles win above M = 128 (each fragment feeds 256 tokens):
+//   M = 2048 1459 us against 2049 us for 256 rows x 128 tokens.
 // Epilogue: the accumulators (+ bias in fp32) are rounded to x's type into a shared staging tile
 // per consumer ([tokens][64 rows], rows padded to 72 elements: the 2-byte stores of a warp land in
 // distinct banks) placed in the x stages once both consumers' groups are done, then stored as
