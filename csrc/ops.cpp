@@ -28,12 +28,16 @@ TORCH_LIBRARY(lowrank, m) {
   // b fp32 [K, n] -> bf16 [K, 3n] = [hi | mid | lo] with hi + mid + lo == b exactly: the float32 side
   // of an adapter product as three bf16 tensor-core operands
   m.def("split_bf16x3(Tensor b) -> Tensor");
-  // LoRA/DoRA backward: dy [M, N], h [M, r] (dy's dtype or fp32), y [M, N] or None -> (dy^T h fp32 [N, r],
-  // sum over rows of dy * y fp32 [N], or [0] without y): dB and DoRA's dm in one read of dy
-  // The LoRA/DoRA backward's dY products in one read of dY: (dy b [M, r], dy^T h [N, r], sum over
-  // rows of dy * y [N] or an empty [0] without y), float32; b and h float32. CUDA: bf16, N % 64 == 0,
-  // r <= 16 on the tensor cores (else PyTorch ops).
-  m.def("lora_dy_products(Tensor dy, Tensor b, Tensor h, Tensor? y) -> (Tensor, Tensor, Tensor)");
+  // The LoRA/DoRA backward's dY products in one read of dY, float32, b and h float32, with
+  // b_v = b * col_scale[:, None] (b without col_scale):
+  //   (dy b_v [M, r],  (dy^T h) * col_scale[:, None] * dh_scaling [N, r],
+  //    sum over rows of dy * y [N], divided by dot_divisor where it is nonzero and 0 where it is 0,
+  //    or an empty [0] without y).
+  // For DoRA col_scale = v, dh_scaling = s, dot_divisor = m: (g, dB, dm) as the backward needs them.
+  // CUDA: bf16, N % 64 == 0, r <= 16 on the tensor cores (else PyTorch ops).
+  m.def("lora_dy_products(Tensor dy, Tensor b, Tensor h, Tensor? y, Tensor? col_scale=None, float dh_scaling=1.0, Tensor? dot_divisor=None) -> (Tensor, Tensor, Tensor)");
+  // LoRA/DoRA backward on CUDA cores: dy [M, N], h [M, r] (dy's dtype or fp32), y [M, N] or None ->
+  // (dy^T h fp32 [N, r], sum over rows of dy * y fp32 [N], or [0] without y)
   m.def("lora_column_reduce(Tensor dy, Tensor h, Tensor? y) -> (Tensor, Tensor)");
   // DoRA's cross term: W0 A^T float32 [out_features, r] from the packed 4-bit W0 (absmax forms as
   // matmul_4bit) and a = lora_A float32 [r, in_features]; float32 products of the exact dequantized

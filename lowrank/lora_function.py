@@ -302,14 +302,21 @@ class LoraFunction(torch.autograd.Function):
         need_g = ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and not ctx.merged)
         g = dh = dot = None
         b32 = None
-        if need_g or want_b:
-            b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
+        m32 = magnitude.detach().float() if want_m else None
         fused = need_g and (want_b or want_m) and _dy_products_applies(dy2, h)
-        if fused:  # g, dY^T h and sum_M(dY * y) in one read of dY (and y)
-            g, dh, dot = ops.lora_dy_products(dy2, b32, h, y_saved if want_m else None)
-        elif need_g:
+        if fused:
+            # g = dY (v B), dB = s v (dY^T h) and dm = sum_M(dY * y) / m in one read of dY (and y),
+            # the partial sums and the scales in one more launch
+            g, grad_b, grad_m = ops.lora_dy_products(dy2, lora_B.float(), h, y_saved if want_m else None,
+                                                     v, s, m32)
+            grad_m = grad_m if want_m else None
+        else:
+            grad_b = grad_m = None
+        if not fused and (need_g or want_b):
+            b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
+        if not fused and need_g:
             g = _project(dy2, b32)
-        grad_x = grad_a = grad_b = grad_m = None
+        grad_x = grad_a = None
         if ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
             w = _merged(ctx.quant, lora_A, lora_B, s, v, cd)
             grad_x = torch.mm(dy2, w).view(*ctx.lead, x2.shape[1])
@@ -332,20 +339,22 @@ class LoraFunction(torch.autograd.Function):
                 dot = ops.lora_column_reduce(dy2, h.new_empty(h.shape[0], 0), y_saved)[1]
         elif not fused and (want_b or want_m):  # dY^T h and sum_M(dY * y): one read of dY (and y)
             dh, dot = ops.lora_column_reduce(dy2, h, y_saved if want_m else None)
-        if want_b:
+        if want_b and not fused:
             grad_b = dh * v[:, None] if dora else dh
-            grad_b = (grad_b * s).to(lora_B.dtype)
+            grad_b = grad_b * s
+        grad_b = grad_b.to(lora_B.dtype) if want_b else None
         if ctx.needs_input_grad[1]:  # dA = s g^T x'
             xd = x2 if keep is None else x2 * keep.to(cd) * (1.0 / (1.0 - p))
             grad_a = (_reduce_rows(xd, g).t() * s).to(lora_A.dtype)
         if want_m:
-            # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free)
-            m32 = magnitude.detach().float()
-            if not bool(ctx.magnitude_has_zero):  # (known since the forward: no stall)
-                grad_m = dot / m32
-            else:  # y = 0 where m = 0, z is lost: rebuild those columns' z
+            # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free);
+            # the fused op has divided already (0 where m = 0)
+            if not fused:
                 zero = m32 == 0
                 grad_m = torch.where(zero, torch.zeros_like(dot), dot / torch.where(zero, 1.0, m32))
+            if bool(ctx.magnitude_has_zero):  # (known since the forward: no stall)
+                # y = 0 where m = 0, z is lost: rebuild those columns' z
+                zero = m32 == 0
                 cols = zero.nonzero().flatten()
                 w_cols = _base_weight(ctx.weight, ctx.quant, torch.float32)[cols]
                 z = x2.float() @ w_cols.t() + s * (h @ lora_B.float()[cols].t())

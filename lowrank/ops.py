@@ -260,17 +260,25 @@ def _(dy, h, y):
 
 # --- lora_dy_products --------------------------------------------------------------------------
 
-def lora_dy_products(dy: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
-                     y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LoRA/DoRA backward's products of ``dy`` [M, N] in one read of it (and of ``y``):
-    (dy @ b [M, r], dy^T @ h [N, r], sum over rows of dy * y [N], or an empty [0] when y is None),
-    float32; ``b`` float32 [N, r], ``h`` float32 [M, r]. CUDA: bf16, N % 64 == 0, r <= 16 on the
-    tensor cores with b and h split into two bf16 parts (2^-16 relative); else PyTorch ops."""
-    return torch.ops.lowrank.lora_dy_products(dy, b, h, y)
+def lora_dy_products(dy: torch.Tensor, b: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None,
+                     col_scale: torch.Tensor | None = None, dh_scaling: float = 1.0,
+                     dot_divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LoRA/DoRA backward's products of ``dy`` [M, N] in one read of it (and of ``y``), float32:
+
+        g   = dy @ b_v                           [M, r]   b_v = b * col_scale[:, None] (or b)
+        dh  = (dy^T @ h) * col_scale[:, None] * dh_scaling   [N, r]
+        dot = sum over rows of dy * y            [N], divided by dot_divisor where it is nonzero
+                                                     and 0 where it is 0; an empty [0] when y is None
+
+    ``b`` float32 [N, r], ``h`` float32 [M, r], ``col_scale`` / ``dot_divisor`` float32 [N]. For
+    DoRA col_scale = v, dh_scaling = s, dot_divisor = m gives (g, dB, dm) in one op. CUDA: bf16,
+    N % 64 == 0, r <= 16 on the tensor cores with b_v and h split into two bf16 parts (2^-16
+    relative), the partial sums added by a second launch in a fixed order; else PyTorch ops."""
+    return torch.ops.lowrank.lora_dy_products(dy, b, h, y, col_scale, float(dh_scaling), dot_divisor)
 
 
 @torch.library.register_fake("lowrank::lora_dy_products")
-def _(dy, b, h, y):
+def _(dy, b, h, y, col_scale=None, dh_scaling=1.0, dot_divisor=None):
     torch._check(dy.dtype in (torch.float32, torch.float16, torch.bfloat16) and dy.dim() == 2,
                  lambda: f"dy must be a 2-D float32, float16 or bfloat16 tensor [M, N], got {dy.dtype} {tuple(dy.shape)}")
     m, n = dy.shape
@@ -280,6 +288,11 @@ def _(dy, b, h, y):
                  lambda: f"h must be float32 [M = {m}, r], got {h.dtype} {tuple(h.shape)}")
     if y is not None:
         torch._check(y.shape == dy.shape and y.dtype == dy.dtype, lambda: "y must match dy")
+    for t, name in ((col_scale, "col_scale"), (dot_divisor, "dot_divisor")):
+        if t is not None:
+            torch._check(t.dtype == torch.float32 and t.dim() == 1 and t.shape[0] == n,
+                         lambda: f"{name} must be float32 [N = {n}], got {t.dtype} {tuple(t.shape)}")
+    torch._check(dot_divisor is None or y is not None, lambda: "dot_divisor divides sum(dy * y), so it needs y")
     r = b.shape[1]
     return (dy.new_empty((m, r), dtype=torch.float32), dy.new_empty((n, r), dtype=torch.float32),
             dy.new_empty((n,) if y is not None else (0,), dtype=torch.float32))

@@ -603,39 +603,82 @@ def test_bf16_split_and_kernel_paths_agree(cuda_device, use_dora, monkeypatch):
 
 # --- lora_dy_products: g = dY B, dY^T h, sum_M(dY * y) in one read of dY -----------------------------
 
-def _check_dy_products(device, m, n, r, with_y, dtype, seed):
+def _check_dy_products(device, m, n, r, with_y, dtype, seed, scaled=False):
+    """Against float64. ``scaled``: DoRA's form, col_scale = v, dh_scaling = s, dot_divisor = m
+    with some m = 0 (those columns' dot must come back 0)."""
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(m, n, generator=g).to(dtype)
     y = torch.randn(m, n, generator=g).to(dtype) if with_y else None
     b = torch.randn(n, r, generator=g) * 0.05
     h = torch.randn(m, r, generator=g)
-    out = ops.lora_dy_products(dy.to(device), b.to(device), h.to(device), None if y is None else y.to(device))
+    col_scale = dot_divisor = None
+    dh_scaling = 1.0
+    if scaled:
+        col_scale = torch.rand(n, generator=g) + 0.5
+        dh_scaling = 0.75
+        if with_y:
+            dot_divisor = torch.randn(n, generator=g)
+            dot_divisor[::7] = 0.0
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = ops.lora_dy_products(dev(dy), dev(b), dev(h), dev(y), dev(col_scale), dh_scaling, dev(dot_divisor))
     g_out, dh, dot = (t.cpu().double() for t in out)
     assert g_out.shape == (m, r) and dh.shape == (n, r) and dot.shape == ((n,) if with_y else (0,))
     assert all(t.dtype == torch.float32 for t in out)
-    dy64, b64, h64 = dy.double(), b.double(), h.double()
+    dy64, h64 = dy.double(), h.double()
+    b64 = b.double() if col_scale is None else (b * col_scale[:, None]).double()  # b_v: a float32 product
+    cs64 = torch.ones(n, dtype=torch.float64) if col_scale is None else col_scale.double()
     # float32 sums of K terms (<= (K + 2) roundings of partial sums), and on CUDA the float32 side
-    # split into two bf16 parts (2^-16 relative each, 2^-15 in all with the accumulation's order)
+    # split into two bf16 parts (2^-16 relative each, 2^-15 in all with the accumulation's order);
+    # the scales add two roundings
     split = 2.0 ** -15
     assert ((g_out - dy64 @ b64).abs() <= (split + (n + 2) * 2.0 ** -24) * (dy64.abs() @ b64.abs())).all()
-    assert ((dh - dy64.t() @ h64).abs() <= (split + (m + 2) * 2.0 ** -24) * (dy64.abs().t() @ h64.abs())).all()
+    dh_ref = (dy64.t() @ h64) * cs64[:, None] * dh_scaling
+    dh_bound = (split + (m + 4) * 2.0 ** -24) * (dy64.abs().t() @ h64.abs()) * cs64[:, None] * dh_scaling
+    assert ((dh - dh_ref).abs() <= dh_bound).all()
     if with_y:
         y64 = y.double()
-        assert ((dot - (dy64 * y64).sum(0)).abs() <= (m + 2) * 2.0 ** -24 * (dy64 * y64).abs().sum(0)).all()
+        dot_ref, dot_bound = (dy64 * y64).sum(0), (m + 3) * 2.0 ** -24 * (dy64 * y64).abs().sum(0)
+        if dot_divisor is not None:
+            zero = dot_divisor == 0
+            d64 = torch.where(zero, 1.0, dot_divisor.double())
+            dot_ref, dot_bound = torch.where(zero, 0.0, dot_ref / d64), dot_bound / d64.abs()
+            assert (dot[zero] == 0).all()
+        assert ((dot - dot_ref).abs() <= dot_bound).all()
 
 
-@given(st.integers(1, 200), st.sampled_from([64, 100, 128, 576, 1024]), st.integers(1, 20), st.booleans(),
-       st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(0, 2**31 - 1))
-def test_dy_products_match_float64(device, m, n, r, with_y, dtype, seed):
-    _check_dy_products(device, m, n, r, with_y, dtype, seed)
+@given(st.integers(1, 200), st.sampled_from([64, 100, 128, 576, 1024, 2048]), st.integers(1, 20), st.booleans(),
+       st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.integers(0, 2**31 - 1), st.booleans())
+def test_dy_products_match_float64(device, m, n, r, with_y, dtype, seed, scaled):
+    _check_dy_products(device, m, n, r, with_y, dtype, seed, scaled)
 
 
-@pytest.mark.parametrize("m, n, r, with_y", [(1024, 256, 16, False), (1024, 768, 16, False), (1024, 2048, 16, True),
-                                          (1000, 320, 8, False), (3000, 768, 16, True), (8192, 4096, 16, False)])
-def test_dy_products_model_shapes(cuda_device, m, n, r, with_y):
+# N = 256 / 768: one / three strips (no cluster); 320, 512: clusters of 2 (320: a strip with one
+# active warp); 1024: 4; 2048, 4096: 8 (sm_90; LOWRANK_DY_CLUSTER=1 turns clusters off)
+@pytest.mark.parametrize("m, n, r, with_y, scaled", [
+    (1024, 256, 16, False, False), (1024, 768, 16, False, True), (1024, 2048, 16, True, True),
+    (1000, 320, 8, False, False), (1000, 512, 16, True, True), (3000, 1024, 16, True, False),
+    (3000, 768, 16, True, True), (8192, 4096, 16, False, True), (8192, 4096, 16, True, True)])
+@pytest.mark.parametrize("cluster_env", ["", "1"])
+def test_dy_products_model_shapes(cuda_device, monkeypatch, m, n, r, with_y, scaled, cluster_env):
     """Row chunks long enough that every warp's shared-memory ring wraps around many times (the
-    property test above stays at M <= 200: one or two blocks per CTA)."""
-    _check_dy_products(cuda_device, m, n, r, with_y, torch.bfloat16, m + n + r)
+    property test above stays at M <= 200: one or two blocks per CTA), with and without clusters."""
+    monkeypatch.setenv("LOWRANK_DY_CLUSTER", cluster_env)
+    _check_dy_products(cuda_device, m, n, r, with_y, torch.bfloat16, m + n + r, scaled)
+
+
+def test_dy_products_are_repeatable_with_and_without_clusters(cuda_device, monkeypatch):
+    """The cluster's shared-memory sums and the strip-by-strip partial sums add the same float32
+    values in different orders; both are deterministic: each is repeatable bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randn(2048, 4096, generator=g).bfloat16().to(cuda_device)
+    y = torch.randn(2048, 4096, generator=g).bfloat16().to(cuda_device)
+    b, h = torch.randn(4096, 16, generator=g).to(cuda_device), torch.randn(2048, 16, generator=g).to(cuda_device)
+    for env in ("", "1"):
+        monkeypatch.setenv("LOWRANK_DY_CLUSTER", env)
+        first = ops.lora_dy_products(dy, b, h, y)
+        again = ops.lora_dy_products(dy, b, h, y)
+        for a, c in zip(first, again):
+            assert torch.equal(a.view(torch.int32), c.view(torch.int32))
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -685,6 +728,15 @@ def test_dy_products_rejects_bad_input(device):
         ops.lora_dy_products(dy, b, h, dy[:7])
     with pytest.raises(RuntimeError, match="y must match dy"):
         ops.lora_dy_products(dy, b, h, dy.float())
+    v = torch.ones(64, device=device)
+    with pytest.raises(RuntimeError, match="col_scale must be float32 \\[N = 64\\]"):
+        ops.lora_dy_products(dy, b, h, None, v[:63])
+    with pytest.raises(RuntimeError, match="col_scale must be float32 \\[N = 64\\]"):
+        ops.lora_dy_products(dy, b, h, None, v.double())
+    with pytest.raises(RuntimeError, match="dot_divisor must be float32 \\[N = 64\\]"):
+        ops.lora_dy_products(dy, b, h, dy, None, 1.0, v[None])
+    with pytest.raises(RuntimeError, match="dot_divisor divides sum\\(dy \\* y\\), so it needs y"):
+        ops.lora_dy_products(dy, b, h, None, None, 1.0, v)
 
 
 def test_opcheck_lora_dy_products(device):
@@ -692,6 +744,8 @@ def test_opcheck_lora_dy_products(device):
     args = (dy, torch.randn(128, 16, device=device), torch.randn(40, 16, device=device), dy.clone())
     torch.library.opcheck(torch.ops.lowrank.lora_dy_products.default, args)
     torch.library.opcheck(torch.ops.lowrank.lora_dy_products.default, args[:3] + (None,))
+    scales = (torch.rand(128, device=device) + 0.5, 0.5, torch.randn(128, device=device))
+    torch.library.opcheck(torch.ops.lowrank.lora_dy_products.default, args + scales)
 
 
 def test_dy_products_applies_where_its_kernel_runs():
@@ -703,3 +757,37 @@ def test_dy_products_applies_where_its_kernel_runs():
         assert not _dy_products_applies(dy.cuda()[:, :100], h.cuda())   # out % 64 != 0
         assert not _dy_products_applies(dy.cuda(), h.cuda().repeat(1, 2))  # r = 32
         assert not _dy_products_applies(dy.cuda().half(), h.cuda())
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("train_magnitude", [True, False])
+def test_backward_through_the_fused_dy_products_matches_the_separate_products(monkeypatch, dora, train_magnitude):
+    """The backward's fused path (ops.lora_dy_products with DoRA's scales, CUDA-only by
+    _dy_products_applies) forced on CPU, where the op is PyTorch ops: every gradient equal to the
+    separate products' up to float32 rounding, and None where no gradient is wanted."""
+    import lowrank.lora_function as lf
+    torch.manual_seed(11)
+    linear = torch.nn.Linear(64, 128, bias=True)
+    layer = lowrank.nn.LoraLinear(linear, r=4, lora_alpha=8, use_dora=dora)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.1)
+        if dora:
+            layer.lora_magnitude_vector[::9] = 0.0  # m = 0 columns: dm rebuilt from z
+            layer.lora_magnitude_vector.requires_grad_(train_magnitude)
+    x = torch.randn(2, 24, 64, requires_grad=True)
+    dy = torch.randn(2, 24, 128)
+    grads = {}
+    for fused in (False, True):
+        monkeypatch.setattr(lf, "_dy_products_applies", lambda dy2, h, fused=fused: fused)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        for p in params + [x]:
+            p.grad = None
+        layer(x).backward(dy)
+        grads[fused] = {name: p.grad.clone() for name, p in list(layer.named_parameters()) + [("x", x)]
+                        if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys()
+    assert ("lora_magnitude_vector" in grads[True]) == (dora and train_magnitude)
+    for name, ref in grads[False].items():
+        # float32 sums in another order: ~1e-7 of the largest term
+        err = float((grads[True][name] - ref).abs().max())
+        assert err <= 1e-6 * float(ref.abs().max()) + 1e-30, (name, err)

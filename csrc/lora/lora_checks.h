@@ -37,9 +37,11 @@ inline std::tuple<at::Tensor, at::Tensor> column_reduce_reference(const at::Tens
   return {dh, dot};
 }
 
-// lora_dy_products: dy [M, N] 16-bit or float32, b float32 [N, r], h float32 [M, r], y like dy
+// lora_dy_products: dy [M, N] 16-bit or float32, b float32 [N, r], h float32 [M, r], y like dy,
+// col_scale and dot_divisor float32 [N] (dot_divisor only with y)
 inline void check_dy_products(const at::Tensor& dy, const at::Tensor& b, const at::Tensor& h,
-                              const std::optional<at::Tensor>& y) {
+                              const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& col_scale,
+                              const std::optional<at::Tensor>& dot_divisor) {
   constexpr const char* op = "lowrank::lora_dy_products";
   using quant::shape;
   TORCH_CHECK(quant::is_supported_float(dy.scalar_type()) && dy.dim() == 2, op,
@@ -56,15 +58,33 @@ inline void check_dy_products(const at::Tensor& dy, const at::Tensor& b, const a
                 ": y must match dy (", shape(dy), ", ", dy.scalar_type(), "), got ", shape(*y), ", ", y->scalar_type());
     quant::check_same_device(*y, dy, op, "y");
   }
+  for (const auto& [t, name] : {std::pair{&col_scale, "col_scale"}, std::pair{&dot_divisor, "dot_divisor"}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == dy.size(1), op, ": ", name,
+                " must be float32 [N = ", quant::num(dy.size(1)), "], got ", v.scalar_type(), " ", shape(v));
+    quant::check_same_device(v, dy, op, name);
+  }
+  TORCH_CHECK(!dot_divisor.has_value() || y.has_value(), op,
+              ": dot_divisor divides sum(dy * y), so it needs y; got y = None");
 }
 
-// The math in PyTorch ops (float32): (dy b, dy^T h, sum over rows of dy * y or an empty [0]).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_reference(const at::Tensor& dy, const at::Tensor& b,
-                                                                             const at::Tensor& h,
-                                                                             const std::optional<at::Tensor>& y) {
+// The math in PyTorch ops (float32): (dy b_v, (dy^T h) col_scale dh_scaling, sum over rows of
+// dy * y divided by dot_divisor where nonzero, else 0; or an empty [0]), b_v = b col_scale.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_reference(
+    const at::Tensor& dy, const at::Tensor& b, const at::Tensor& h, const std::optional<at::Tensor>& y,
+    const std::optional<at::Tensor>& col_scale, double dh_scaling, const std::optional<at::Tensor>& dot_divisor) {
   const at::Tensor dy32 = dy.to(at::kFloat);
   at::Tensor dot = y.has_value() ? (dy32 * y->to(at::kFloat)).sum(0) : at::empty({0}, dy.options().dtype(at::kFloat));
-  return {at::matmul(dy32, b), at::matmul(dy32.t(), h), dot};
+  if (dot_divisor.has_value()) {
+    const at::Tensor zero = dot_divisor->eq(0);
+    dot = at::where(zero, at::zeros_like(dot), dot / at::where(zero, at::ones_like(*dot_divisor), *dot_divisor));
+  }
+  const at::Tensor b_v = col_scale.has_value() ? b * col_scale->unsqueeze(1) : b;
+  at::Tensor dh = at::matmul(dy32.t(), h);
+  if (col_scale.has_value()) dh = dh * col_scale->unsqueeze(1);
+  if (dh_scaling != 1.0) dh = dh * static_cast<float>(dh_scaling);
+  return {at::matmul(dy32, b_v), dh, dot};
 }
 
 inline void check_lora_project(const at::Tensor& x, const at::Tensor& a) {

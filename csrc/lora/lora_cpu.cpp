@@ -18,10 +18,12 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cpu(const at::Tensor& dy, const
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_cpu(const at::Tensor& dy, const at::Tensor& b,
-                                                                const at::Tensor& h,
-                                                                const std::optional<at::Tensor>& y) {
-  check_dy_products(dy, b, h, y);
-  return dy_products_reference(dy, b, h, y);
+                                                                const at::Tensor& h, const std::optional<at::Tensor>& y,
+                                                                const std::optional<at::Tensor>& col_scale,
+                                                                double dh_scaling,
+                                                                const std::optional<at::Tensor>& dot_divisor) {
+  check_dy_products(dy, b, h, y, col_scale, dot_divisor);
+  return dy_products_reference(dy, b, h, y, col_scale, dh_scaling, dot_divisor);
 }
 
 at::Tensor split_bf16x3_cpu(const at::Tensor& b) {

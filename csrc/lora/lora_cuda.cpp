@@ -93,51 +93,69 @@ std::tuple<at::Tensor, at::Tensor> column_reduce_cuda(const at::Tensor& dy_in, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_cuda(const at::Tensor& dy_in, const at::Tensor& b_in,
                                                                  const at::Tensor& h_in,
-                                                                 const std::optional<at::Tensor>& y_in) {
-  check_dy_products(dy_in, b_in, h_in, y_in);
+                                                                 const std::optional<at::Tensor>& y_in,
+                                                                 const std::optional<at::Tensor>& col_scale_in,
+                                                                 double dh_scaling,
+                                                                 const std::optional<at::Tensor>& dot_divisor_in) {
+  check_dy_products(dy_in, b_in, h_in, y_in, col_scale_in, dot_divisor_in);
   const c10::cuda::CUDAGuard guard(dy_in.device());
   const int64_t m = dy_in.size(0), n = dy_in.size(1), r = b_in.size(1);
+  const auto reference = [&] {
+    return dy_products_reference(dy_in, b_in, h_in, y_in, col_scale_in, dh_scaling, dot_divisor_in);
+  };
   // The kernel: bf16, N % 64 == 0 (whole warps of columns), 1 <= r <= 16, 16-byte aligned rows;
   // anything else: PyTorch ops.
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
   if (dy_in.scalar_type() != at::kBFloat16 || n % 64 != 0 || r < 1 || r > kDyProductsMaxRank || m == 0) {
-    return dy_products_reference(dy_in, b_in, h_in, y_in);
+    return reference();
   }
   const at::Tensor dy = dy_in.contiguous(), b = b_in.contiguous(), h = h_in.contiguous();
   std::optional<at::Tensor> y;
   if (y_in.has_value()) y = y_in->contiguous();
-  if (!aligned(dy) || (y.has_value() && !aligned(*y))) return dy_products_reference(dy_in, b_in, h_in, y_in);
+  if (!aligned(dy) || (y.has_value() && !aligned(*y))) return reference();
   const bool with_dot = y.has_value();
-  // Row chunks: enough CTAs to fill every SM's slots once (the column strips are fixed by N).
-  const int64_t strips = (n + lora_dy_products_strip_cols(with_dot) - 1) / lora_dy_products_strip_cols(with_dot);
-  static const int ctas_dot = lora_dy_products_ctas_per_sm(true), ctas_no_dot = lora_dy_products_ctas_per_sm(false);
-  const int64_t slots = int64_t(multiprocessor_count(dy.device())) * (with_dot ? ctas_dot : ctas_no_dot);
+  // Column strips are fixed by N; a cluster of strips adds its g partial sums in shared memory
+  // (lora_dy_products_cluster); row chunks: enough CTAs to fill the co-resident slots once.
+  const int64_t strip_cols = lora_dy_products_strip_cols(with_dot);
+  const int64_t strips = (n + strip_cols - 1) / strip_cols;
+  const int cluster = lora_dy_products_cluster(strips);
+  const int64_t slots = lora_dy_products_slots(with_dot, cluster);
   const int64_t want_chunks = std::max<int64_t>(1, slots / strips);
   const int64_t chunk_rows = ((m + want_chunks - 1) / want_chunks + 15) / 16 * 16;
   const int64_t row_chunks = (m + chunk_rows - 1) / chunk_rows;
   const auto f32 = dy.options().dtype(at::kFloat);
-  at::Tensor g_part = at::empty({strips, m, r}, f32);
+  at::Tensor g_part = at::empty({strips / cluster, m, r}, f32);
   at::Tensor dh_part = at::empty({row_chunks, n, r}, f32);
   at::Tensor dot_part = at::empty({with_dot ? row_chunks : 0, n}, f32);
+  at::Tensor g = at::empty({m, r}, f32), dh = at::empty({n, r}, f32), dot = at::empty({with_dot ? n : 0}, f32);
+  std::optional<at::Tensor> col_scale, dot_divisor;
+  if (col_scale_in.has_value()) col_scale = col_scale_in->contiguous();
+  if (dot_divisor_in.has_value()) dot_divisor = dot_divisor_in->contiguous();
   LoraDyProductsParams p{};
   p.dy = dy.const_data_ptr();
   p.y = with_dot ? y->const_data_ptr() : nullptr;
   p.b = b.const_data_ptr<float>();
   p.h = h.const_data_ptr<float>();
+  p.col_scale = col_scale.has_value() ? col_scale->const_data_ptr<float>() : nullptr;
+  p.dh_scaling = static_cast<float>(dh_scaling);
+  p.dot_divisor = dot_divisor.has_value() ? dot_divisor->const_data_ptr<float>() : nullptr;
   p.m = m;
   p.n = n;
   p.r = int(r);
   p.row_chunks = int(row_chunks);
   p.chunk_rows = chunk_rows;
+  p.cluster = cluster;
   p.g_part = g_part.mutable_data_ptr<float>();
   p.dh_part = dh_part.mutable_data_ptr<float>();
   p.dot_part = with_dot ? dot_part.mutable_data_ptr<float>() : nullptr;
+  p.g = g.mutable_data_ptr<float>();
+  p.dh = dh.mutable_data_ptr<float>();
+  p.dot = with_dot ? dot.mutable_data_ptr<float>() : nullptr;
   const at::Tensor h_frag = at::empty({lora_dy_products_h_frag_bytes(m)}, dy.options().dtype(at::kByte));
   p.h_frag = static_cast<uint4*>(h_frag.mutable_data_ptr());  // the caching allocator's blocks: 512-byte aligned
   launch_lora_dy_products(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor dot = with_dot ? dot_part.sum(0) : at::empty({0}, f32);
-  return {g_part.sum(0), dh_part.sum(0), dot};
+  return {g, dh, dot};
 }
 
 at::Tensor split_bf16x3_cuda(const at::Tensor& b) {

@@ -34,30 +34,42 @@ constexpr int kColumnReduceMaxRank = 32;
 
 void launch_column_reduce(const ColumnReduceParams& p, cudaStream_t stream);
 
-// The backward's dY products in one read of dY (dy_products.cu): g = dY b [M, r], dh = dY^T h
-// [N, r], dot = sum_M(dY * y) [N] when y is given; bf16 dY and y (16-byte aligned rows, N % 64 ==
-// 0), b and h float32 row-major, r <= kDyProductsMaxRank. Partial sums, added by the caller:
-// g over column strips of lora_dy_products_strip_cols(y != nullptr), dh and dot over row chunks.
+// The backward's dY products in one read of dY (dy_products.cu): g = dY b_v [M, r] (b_v = b
+// col_scale), dh = (dY^T h) col_scale dh_scaling [N, r], dot = sum_M(dY * y) [N] (divided by
+// dot_divisor where it is nonzero, 0 where it is 0) when y is given; bf16 dY and y (16-byte
+// aligned rows, N % 64 == 0), b and h float32 row-major, r <= kDyProductsMaxRank. The kernel
+// writes partial sums (g over column strips, a cluster of `cluster` strips adding theirs in shared
+// memory first; dh and dot over row chunks) and a second launch adds them in a fixed order.
 struct LoraDyProductsParams {
-  const void* dy;        // [M, N] bf16
-  const void* y;         // [M, N] bf16 or nullptr
-  const float* b;        // [N, r]
-  const float* h;        // [M, r]
+  const void* dy;           // [M, N] bf16
+  const void* y;            // [M, N] bf16 or nullptr
+  const float* b;           // [N, r]
+  const float* h;           // [M, r]
+  const float* col_scale;   // [N] or nullptr
+  float dh_scaling;
+  const float* dot_divisor; // [N] or nullptr
   int64_t m, n;
   int r;
-  int row_chunks;        // grid.y
-  int64_t chunk_rows;    // a multiple of 16; row_chunks * chunk_rows >= M
-  float* g_part;         // [strips, M, r]
-  float* dh_part;        // [row_chunks, N, r]
-  float* dot_part;       // [row_chunks, N] or nullptr
-  uint4* h_frag;         // scratch: lora_dy_products_h_frag_bytes(M), 16-byte aligned
+  int row_chunks;           // grid.y
+  int64_t chunk_rows;       // a multiple of 16; row_chunks * chunk_rows >= M
+  int cluster;              // strips per cluster (1, 2, 4 or 8; divides the strips)
+  float* g_part;            // [strips / cluster, M, r]
+  float* dh_part;           // [row_chunks, N, r]
+  float* dot_part;          // [row_chunks, N] or nullptr
+  float* g;                 // [M, r]
+  float* dh;                // [N, r]
+  float* dot;               // [N] or nullptr
+  uint4* h_frag;            // scratch: lora_dy_products_h_frag_bytes(M), 16-byte aligned
 };
 
 constexpr int kDyProductsMaxRank = 16;
 
 int64_t lora_dy_products_strip_cols(bool dot);
 inline int64_t lora_dy_products_h_frag_bytes(int64_t m) { return (m + 15) / 16 * 32 * 2 * 16; }
-int lora_dy_products_ctas_per_sm(bool dot);
+// Strips per cluster for this many strips (8, 4 or 2 where it divides them on sm_90+, else 1;
+// LOWRANK_DY_CLUSTER=1 forces 1) and the CTAs that run at once at that cluster size.
+int lora_dy_products_cluster(int64_t strips);
+int64_t lora_dy_products_slots(bool dot, int cluster);
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream);
 
 // DoRA's cross term P = W0 A^T [N, r] in float32 straight from the packed 4-bit W0 [N, K]: each
