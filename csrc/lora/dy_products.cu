@@ -16,19 +16,19 @@
 //
 // Reductions: a CTA owns a strip of WARPS x 64 columns and a chunk of rows. dh and dot are summed
 // over the chunk's rows in registers and written once as the chunk's partial sums; g is summed over
-// the warps' columns through shared memory per 16-row block, then over a cluster of CLUSTER strips
-// through distributed shared memory (sm_90), and written as the cluster's partial sums. A second
-// launch (dy_products_finish) adds the partials in a fixed order (deterministic) and applies the
-// DoRA/LoRA scales. Why the cluster: at M = 8192, N = 14336, r = 16 the strips' g partials were
-// 56 x 8192 x 16 floats = 29 MB written and read again, ~20 us of the H100's DRAM time per
-// backward; 8 strips per cluster write 3.7 MB.
+// the warps' columns through shared memory per 16-row block and written as the strip's partial
+// sums. A second launch (dy_products_finish) adds the partials in a fixed order (deterministic) and
+// applies the LoRA/DoRA scales (it replaced three aten::sum launches and up to four small scaling
+// kernels). Tried and not kept (branch wip/dy-cluster): the g partials (56 strips x 8192 x 16
+// floats = 29 MB at M = 8192, N = 14336) summed first over clusters of 8 strips through
+// distributed shared memory, one cluster barrier per 16-row block: the H100 ran the QLoRA layer
+// 1.162x its floor against 1.140x without (the barrier's cluster-scope release in every block).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
 #include "lora/lora_launch.h"
 
@@ -165,69 +165,18 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
 
-// Cluster barrier halves and a load from another CTA's shared memory (sm_90). The arrive releases
-// this thread's shared-memory writes, the wait acquires every cluster thread's.
-__device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ float load_cluster_shared(const float* local, uint32_t rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(local));
-  uint32_t remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-#else
-  return *local;
-#endif
-}
-
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-#endif
-  return rank;
-}
-
-// Block m0's g summed over the cluster's CTAs (their g_cta, in rank order): this CTA adds the
-// rank-th 1/CLUSTER of the block's 16 x 16 values and writes them as the cluster's partial sums.
-template <int CLUSTER>
-__device__ __forceinline__ void cluster_reduce_g(const LoraDyProductsParams& p, const float (&g_cta)[16][16],
-                                                 int64_t m0) {
-  constexpr int kShare = 256 / CLUSTER;
-  if (threadIdx.x < kShare) {
-    const int i = int(cluster_rank()) * kShare + threadIdx.x, row = i >> 4, j = i & 15;
-    float sum = 0.0f;
-#pragma unroll
-    for (int q = 0; q < CLUSTER; ++q) sum += load_cluster_shared(&g_cta[row][j], q);
-    if (j < p.r && m0 + row < p.m) p.g_part[(int64_t(blockIdx.x / CLUSTER) * p.m + m0 + row) * p.r + j] = sum;
-  }
-}
-
 // Shared memory (dynamic: 98.5 KB for 8 warps, 74.5 KB for 4 with y; static shared memory stops at 48)
-template <int WARPS, bool DOT, int CLUSTER>
+template <int WARPS, bool DOT>
 struct DyProductsShared {
   uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
   float g[2][WARPS][16][16];    // the warps' g of a block, double-buffered
-  float g_cta[CLUSTER > 1 ? 2 : 1][16][CLUSTER > 1 ? 16 : 1];  // the CTA's g of a block, read by the cluster
   BlockSlot<DOT> ring[kStages<DOT>][WARPS];
 };
 
-template <int WARPS, bool DOT, int CLUSTER>
+template <int WARPS, bool DOT>
 __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsParams p) {
   extern __shared__ __align__(16) unsigned char dy_products_smem[];
-  auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT, CLUSTER>*>(dy_products_smem);
+  auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT>*>(dy_products_smem);
   auto& s_b = shared.b;
   auto& s_g = shared.g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -378,44 +327,17 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
       s_g[buf][warp][g + 8][8 * nt + 2 * t + 1] = gacc[nt][3];
     }
     __syncthreads();  // also: every reader of s_g[buf] two blocks ago is past it
-    if constexpr (CLUSTER > 1) {
-      // The previous block's CTA sums of the whole cluster (arrived one block of math ago), this
-      // CTA's share of them added in rank order; then this block's CTA sum for the cluster.
-      // g_cta[buf] is safe to overwrite: every CTA read it (two blocks ago) before its last arrive.
-      if (m0 > row_begin) {
-        cluster_wait();
-        cluster_reduce_g<CLUSTER>(p, shared.g_cta[buf ^ 1], m0 - 16);
-      }
-      for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
-        const int row = i >> 4, j = i & 15;
+    for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
+      const int row = i >> 4, j = i & 15;
+      if (j < p.r && m0 + row < p.m) {
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += s_g[buf][w][row][j];
-        shared.g_cta[buf][row][j] = sum;
-      }
-      cluster_arrive();
-    } else {
-      for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
-        const int row = i >> 4, j = i & 15;
-        if (j < p.r && m0 + row < p.m) {
-          float sum = 0.0f;
-#pragma unroll
-          for (int w = 0; w < WARPS; ++w) sum += s_g[buf][w][row][j];
-          p.g_part[(int64_t(blockIdx.x) * p.m + m0 + row) * p.r + j] = sum;
-        }
+        p.g_part[(int64_t(blockIdx.x) * p.m + m0 + row) * p.r + j] = sum;
       }
     }
   }
   copy_wait<0>();  // no copy outlives the CTA
-  if constexpr (CLUSTER > 1) {
-    if (row_begin < row_end) {  // the last block's cluster sums
-      cluster_wait();
-      cluster_reduce_g<CLUSTER>(p, shared.g_cta[buf ^ 1], row_begin + (row_end - row_begin - 1) / 16 * 16);
-    }
-    // no CTA leaves while another may still read its shared memory
-    cluster_arrive();
-    cluster_wait();
-  }
 
   if (!active) return;
   // this chunk's partial sums: dh [N, r] (rows g, g + 8 of dh^T), dot [N] (summed over the 8 g)
@@ -492,126 +414,49 @@ int64_t lora_dy_products_strip_cols(bool dot) { return int64_t(dot ? kWarpsDot :
 namespace {
 
 // The kernel with its dynamic shared memory allowed (once per device).
-template <int WARPS, bool DOT, int CLUSTER>
+template <int WARPS, bool DOT>
 auto dy_products_kernel() {
-  const auto kernel = lora_dy_products<WARPS, DOT, CLUSTER>;
+  const auto kernel = lora_dy_products<WARPS, DOT>;
   static std::atomic<uint64_t> devices_set{0};
   int device = 0;
   cudaGetDevice(&device);
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if (bit == 0 || (devices_set.load() & bit) == 0) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(sizeof(DyProductsShared<WARPS, DOT, CLUSTER>)));
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(DyProductsShared<WARPS, DOT>)));
     devices_set.fetch_or(bit);
   }
   return kernel;
 }
 
-template <int WARPS, bool DOT, int CLUSTER>
-cudaLaunchConfig_t launch_config(const LoraDyProductsParams& p, cudaStream_t stream, cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
-  cfg.blockDim = dim3(32 * WARPS);
-  cfg.dynamicSmemBytes = sizeof(DyProductsShared<WARPS, DOT, CLUSTER>);
-  cfg.stream = stream;
-  attr->id = cudaLaunchAttributeClusterDimension;
-  attr->val.clusterDim.x = CLUSTER;
-  attr->val.clusterDim.y = 1;
-  attr->val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = CLUSTER > 1 ? 1 : 0;  // no cluster attribute where clusters may not exist (sm_80)
-  return cfg;
+template <int WARPS, bool DOT>
+int ctas_per_sm() {
+  int blocks = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dy_products_kernel<WARPS, DOT>(), 32 * WARPS,
+                                                sizeof(DyProductsShared<WARPS, DOT>));
+  return blocks > 0 ? blocks : 1;
 }
 
-// CTAs that run at once: clusters that fit (cudaOccupancyMaxActiveClusters: a cluster's CTAs
-// share one GPC) times their size; cached per (y or not, cluster size).
-template <int WARPS, bool DOT, int CLUSTER>
-int64_t slots() {
-  static int64_t cached = 0;
-  if (cached == 0 && CLUSTER == 1) {
-    int per_sm = 0, device = 0, sms = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dy_products_kernel<WARPS, DOT, 1>(), 32 * WARPS,
-                                                  sizeof(DyProductsShared<WARPS, DOT, 1>));
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cached = int64_t(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
-  } else if (cached == 0) {
-    const auto kernel = dy_products_kernel<WARPS, DOT, CLUSTER>();
-    LoraDyProductsParams probe{};
-    probe.n = 64 * WARPS * CLUSTER;  // any grid: the query reads only the block, cluster and smem sizes
-    probe.row_chunks = 1;
-    cudaLaunchAttribute attr;
-    cudaLaunchConfig_t cfg = launch_config<WARPS, DOT, CLUSTER>(probe, nullptr, &attr);
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
-      cudaGetLastError();  // clear it: the count falls back to one cluster
-      clusters = 1;
-    }
-    cached = int64_t(clusters) * CLUSTER;
-  }
-  return cached;
-}
-
-template <int WARPS, bool DOT, int CLUSTER>
+template <int WARPS, bool DOT>
 void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
   const int64_t frag_threads = (p.m + 15) / 16 * 32;
   h_fragments<<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p.h, p.m, p.r, p.h_frag);
-  const auto kernel = dy_products_kernel<WARPS, DOT, CLUSTER>();
-  cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = launch_config<WARPS, DOT, CLUSTER>(p, stream, &attr);
-  cudaLaunchKernelEx(&cfg, kernel, p);
-  const int64_t strips = int64_t(cfg.gridDim.x);
+  const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
+  const auto kernel = dy_products_kernel<WARPS, DOT>();
+  kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT>), stream>>>(p);
   const int64_t total = p.m * p.r + p.n * p.r + (p.dot != nullptr ? p.n : 0);
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 65535);
-  dy_products_finish<<<unsigned(blocks), 256, 0, stream>>>(p, int(strips / CLUSTER));
-}
-
-template <bool DOT>
-void launch_clustered(const LoraDyProductsParams& p, cudaStream_t stream) {
-  constexpr int kWarps = DOT ? kWarpsDot : kWarpsNoDot;
-  switch (p.cluster) {
-    case 8: launch<kWarps, DOT, 8>(p, stream); break;
-    case 4: launch<kWarps, DOT, 4>(p, stream); break;
-    case 2: launch<kWarps, DOT, 2>(p, stream); break;
-    default: launch<kWarps, DOT, 1>(p, stream); break;
-  }
-}
-
-template <bool DOT>
-int64_t slots_clustered(int cluster) {
-  constexpr int kWarps = DOT ? kWarpsDot : kWarpsNoDot;
-  switch (cluster) {
-    case 8: return slots<kWarps, DOT, 8>();
-    case 4: return slots<kWarps, DOT, 4>();
-    case 2: return slots<kWarps, DOT, 2>();
-    default: return slots<kWarps, DOT, 1>();
-  }
+  dy_products_finish<<<unsigned(blocks), 256, 0, stream>>>(p, int(grid.x));
 }
 
 }  // namespace
 
-int lora_dy_products_cluster(int64_t strips) {
-  static int major = -1;
-  if (major < 0) {
-    int device = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  }
-  const char* env = std::getenv("LOWRANK_DY_CLUSTER");
-  if (major < 9 || (env != nullptr && env[0] == '1' && env[1] == '\0')) return 1;
-  for (int c : {8, 4, 2}) {
-    if (strips % c == 0) return c;
-  }
-  return 1;
-}
-
-int64_t lora_dy_products_slots(bool dot, int cluster) {
-  return dot ? slots_clustered<true>(cluster) : slots_clustered<false>(cluster);
+int lora_dy_products_ctas_per_sm(bool dot) {
+  return dot ? ctas_per_sm<kWarpsDot, true>() : ctas_per_sm<kWarpsNoDot, false>();
 }
 
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream) {
-  if (p.y != nullptr) launch_clustered<true>(p, stream);
-  else launch_clustered<false>(p, stream);
+  if (p.y != nullptr) launch<kWarpsDot, true>(p, stream);
+  else launch<kWarpsNoDot, false>(p, stream);
 }
 
 }  // namespace lowrank::lora

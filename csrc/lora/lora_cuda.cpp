@@ -114,17 +114,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_cuda(const at::Tensor
   if (y_in.has_value()) y = y_in->contiguous();
   if (!aligned(dy) || (y.has_value() && !aligned(*y))) return reference();
   const bool with_dot = y.has_value();
-  // Column strips are fixed by N; a cluster of strips adds its g partial sums in shared memory
-  // (lora_dy_products_cluster); row chunks: enough CTAs to fill the co-resident slots once.
-  const int64_t strip_cols = lora_dy_products_strip_cols(with_dot);
-  const int64_t strips = (n + strip_cols - 1) / strip_cols;
-  const int cluster = lora_dy_products_cluster(strips);
-  const int64_t slots = lora_dy_products_slots(with_dot, cluster);
+  // Row chunks: enough CTAs to fill every SM's slots once (the column strips are fixed by N).
+  const int64_t strips = (n + lora_dy_products_strip_cols(with_dot) - 1) / lora_dy_products_strip_cols(with_dot);
+  static const int ctas_dot = lora_dy_products_ctas_per_sm(true), ctas_no_dot = lora_dy_products_ctas_per_sm(false);
+  const int64_t slots = int64_t(multiprocessor_count(dy.device())) * (with_dot ? ctas_dot : ctas_no_dot);
   const int64_t want_chunks = std::max<int64_t>(1, slots / strips);
   const int64_t chunk_rows = ((m + want_chunks - 1) / want_chunks + 15) / 16 * 16;
   const int64_t row_chunks = (m + chunk_rows - 1) / chunk_rows;
   const auto f32 = dy.options().dtype(at::kFloat);
-  at::Tensor g_part = at::empty({strips / cluster, m, r}, f32);
+  at::Tensor g_part = at::empty({strips, m, r}, f32);
   at::Tensor dh_part = at::empty({row_chunks, n, r}, f32);
   at::Tensor dot_part = at::empty({with_dot ? row_chunks : 0, n}, f32);
   at::Tensor g = at::empty({m, r}, f32), dh = at::empty({n, r}, f32), dot = at::empty({with_dot ? n : 0}, f32);
@@ -144,7 +142,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dy_products_cuda(const at::Tensor
   p.r = int(r);
   p.row_chunks = int(row_chunks);
   p.chunk_rows = chunk_rows;
-  p.cluster = cluster;
   p.g_part = g_part.mutable_data_ptr<float>();
   p.dh_part = dh_part.mutable_data_ptr<float>();
   p.dot_part = with_dot ? dot_part.mutable_data_ptr<float>() : nullptr;

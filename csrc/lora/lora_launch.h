@@ -38,8 +38,8 @@ void launch_column_reduce(const ColumnReduceParams& p, cudaStream_t stream);
 // col_scale), dh = (dY^T h) col_scale dh_scaling [N, r], dot = sum_M(dY * y) [N] (divided by
 // dot_divisor where it is nonzero, 0 where it is 0) when y is given; bf16 dY and y (16-byte
 // aligned rows, N % 64 == 0), b and h float32 row-major, r <= kDyProductsMaxRank. The kernel
-// writes partial sums (g over column strips, a cluster of `cluster` strips adding theirs in shared
-// memory first; dh and dot over row chunks) and a second launch adds them in a fixed order.
+// writes partial sums (g over column strips of lora_dy_products_strip_cols(y != nullptr), dh and
+// dot over row chunks) and a second launch adds them in a fixed order and applies the scales.
 struct LoraDyProductsParams {
   const void* dy;           // [M, N] bf16
   const void* y;            // [M, N] bf16 or nullptr
@@ -52,8 +52,7 @@ struct LoraDyProductsParams {
   int r;
   int row_chunks;           // grid.y
   int64_t chunk_rows;       // a multiple of 16; row_chunks * chunk_rows >= M
-  int cluster;              // strips per cluster (1, 2, 4 or 8; divides the strips)
-  float* g_part;            // [strips / cluster, M, r]
+  float* g_part;            // [strips, M, r]
   float* dh_part;           // [row_chunks, N, r]
   float* dot_part;          // [row_chunks, N] or nullptr
   float* g;                 // [M, r]
@@ -66,10 +65,7 @@ constexpr int kDyProductsMaxRank = 16;
 
 int64_t lora_dy_products_strip_cols(bool dot);
 inline int64_t lora_dy_products_h_frag_bytes(int64_t m) { return (m + 15) / 16 * 32 * 2 * 16; }
-// Strips per cluster for this many strips (8, 4 or 2 where it divides them on sm_90+, else 1;
-// LOWRANK_DY_CLUSTER=1 forces 1) and the CTAs that run at once at that cluster size.
-int lora_dy_products_cluster(int64_t strips);
-int64_t lora_dy_products_slots(bool dot, int cluster);
+int lora_dy_products_ctas_per_sm(bool dot);
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream);
 
 // DoRA's cross term P = W0 A^T [N, r] in float32 straight from the packed 4-bit W0 [N, K]: each
