@@ -349,11 +349,12 @@ class LoraFunction(torch.autograd.Function):
         if want_m:
             # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free);
             # the fused op has divided already (0 where m = 0)
-            if not fused:
-                zero = m32 == 0
-                grad_m = torch.where(zero, torch.zeros_like(dot), dot / torch.where(zero, 1.0, m32))
-            if bool(ctx.magnitude_has_zero):  # (known since the forward: no stall)
-                # y = 0 where m = 0, z is lost: rebuild those columns' z
+            has_zero = bool(ctx.magnitude_has_zero)  # (known since the forward: no stall)
+            if not fused and not has_zero:
+                grad_m = dot / m32
+            elif not fused:
+                grad_m = torch.where(m32 == 0, torch.zeros_like(dot), dot / torch.where(m32 == 0, 1.0, m32))
+            if has_zero:  # y = 0 where m = 0, z is lost: rebuild those columns' z
                 zero = m32 == 0
                 cols = zero.nonzero().flatten()
                 w_cols = _base_weight(ctx.weight, ctx.quant, torch.float32)[cols]
