@@ -54,7 +54,7 @@ TORCH_LIBRARY(lowrank, m) {
   // tensor): a = lora_A float32 [r, in], b = lora_B float32 [out, r] -> (n float32 [out], flagged
   // bool [out]: rows whose error bound unit (t / n + 1) exceeds rtol, t = |s| sum_j |b_j| ||a_j||).
   // CUDA: r <= 16, in_features % 64 == 0 (tensor cores); CPU: float64.
-  m.def("dora_row_norm_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a, Tensor b, float scaling, float unit, float rtol) -> (Tensor, Tensor)");
+  m.def("dora_row_norm_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a, Tensor b, float scaling, float unit, float rtol, Tensor? magnitude=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("dora_norm(Tensor w2, Tensor p, Tensor a, Tensor b, float scaling, float unit_cross, float unit_fp64, float rtol) -> (Tensor, Tensor)");
   m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor? bias, str path) -> Tensor");
 }

@@ -329,6 +329,14 @@ def _row_norm_applies(weight, lora_A: torch.Tensor, lora_B: torch.Tensor) -> boo
             in_features % 64 == 0 and weight.blocksize >= 16)
 
 
+def _row_norm_op(q: QuantizedTensor, lora_A, lora_B, scaling: float, rtol: float, magnitude=None):
+    out_features, in_features = q.shape
+    return ops.dora_row_norm_4bit(q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
+                                  q.nested_offset, q.quant_map, q.blocksize, q.nested_blocksize, out_features,
+                                  in_features, lora_A.detach().float(), lora_B.detach().float(), scaling,
+                                  U_ROW_NORM, rtol, magnitude)
+
+
 @torch.no_grad()
 def dora_weight_norm_flagged(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                              base_sq_norm: torch.Tensor | None = None, rtol: float = RTOL,
@@ -341,11 +349,7 @@ def dora_weight_norm_flagged(weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
     out_features, in_features = _shape(weight)
     r = lora_A.shape[0] if lora_A.dim() == 2 else 0
     if _row_norm_applies(weight, lora_A, lora_B):
-        q = weight
-        return ops.dora_row_norm_4bit(q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
-                                      q.nested_offset, q.quant_map, q.blocksize, q.nested_blocksize, out_features,
-                                      in_features, lora_A.detach().float(), lora_B.detach().float(), scaling,
-                                      U_ROW_NORM, rtol)
+        return _row_norm_op(weight, lora_A, lora_B, scaling, rtol)[:2]
     if (lora_A.dim() == 2 and lora_B.dim() == 2 and lora_A.shape[1] == in_features and
             lora_B.shape == (out_features, r) and (weight.device.type != "cuda" or r <= 64)):
         # the per-row steps of expanded_row_sq_norm in one op (ops.dora_norm: the same float64
@@ -371,3 +375,24 @@ def fix_flagged_rows(n: torch.Tensor, flagged: torch.Tensor, weight, lora_A: tor
     n = n.clone()
     n[rows] = exact_row_norm(weight, lora_A, lora_B, scaling, rows.cpu(), chunk_bytes).float()
     return n
+
+
+@torch.no_grad()
+def dora_row_scale(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, magnitude: torch.Tensor,
+                   base_sq_norm: torch.Tensor | None = None, rtol: float = RTOL, chunk_bytes: int | None = None,
+                   cross_unit_roundoff: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a DoRA forward needs before its GEMM, with no host synchronisation: (n, flagged, v,
+    status). n and flagged as ``dora_weight_norm_flagged``; v = m / n float32 [out] (m = ``magnitude``
+    detached, in float32); status int32 [1] on n's device: bit ``ops.ROW_NORM_STATUS_FLAGGED`` set when
+    some row is flagged, bit ``ops.ROW_NORM_STATUS_ZERO_MAGNITUDE`` when some m is 0. The direct norm
+    (ops.dora_row_norm_4bit) computes v and status in its finishing launch (on the H100 the flags'
+    any(), m / n and m == 0's test were five more launches, ~11 us); elsewhere they are PyTorch ops."""
+    m = magnitude.detach().float()
+    if _row_norm_applies(weight, lora_A, lora_B):
+        return _row_norm_op(weight, lora_A, lora_B, scaling, rtol, m)
+    n, flagged = dora_weight_norm_flagged(weight, lora_A, lora_B, scaling, base_sq_norm, rtol, chunk_bytes,
+                                          cross_unit_roundoff)
+    status = (flagged.any().int() * ops.ROW_NORM_STATUS_FLAGGED +
+              (m == 0).any().int() * ops.ROW_NORM_STATUS_ZERO_MAGNITUDE).reshape(1)
+    return n, flagged, m / n, status

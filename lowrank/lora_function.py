@@ -210,17 +210,19 @@ def _grad_input_operands(dy2, v, weight, quant, cd):
 
 
 class _AsyncFlag:
-    """A device bool read on the host later without draining the stream: copied to pinned memory
-    when made and read after the long work queued since (the GEMMs), so the host waits for the
-    flag's own kernel, not for the queue. (A plain bool() at the point of use stalled the GPU while
-    the host queued the next kernels: the QDoRA layer step measured 6.6 ms against 5.0 ms of
-    kernel time on the H100.)"""
+    """A device scalar (a bool, or an int of flag bits) read on the host later without draining the
+    stream: copied to pinned memory when made and read after the long work queued since (the
+    GEMMs), so the host waits for the flag's own kernel, not for the queue. (A plain bool() at the
+    point of use stalled the GPU while the host queued the next kernels: the QDoRA layer step
+    measured 6.6 ms against 5.0 ms of kernel time on the H100.) bool() is value != 0; ``bits(mask)``
+    is one question about an int of flags."""
 
     def __init__(self, flag: torch.Tensor):
         self._event = None
+        flag = flag.reshape(())
         if flag.is_cuda:
             stream = torch.cuda.current_stream(flag.device)  # the copy's stream, whatever the current device
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host = torch.empty((), dtype=flag.dtype, pin_memory=True)
             with torch.cuda.stream(stream):
                 self._host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event()
@@ -228,15 +230,32 @@ class _AsyncFlag:
         else:
             self._host = flag
 
-    def __bool__(self) -> bool:
+    def value(self) -> int:
         if self._event is not None:
             self._event.synchronize()
-        return bool(self._host)
+        return int(self._host)
+
+    def __bool__(self) -> bool:
+        return self.value() != 0
+
+    def bits(self, mask: int) -> "_FlagBits":
+        return _FlagBits(self, mask)
+
+
+class _FlagBits:
+    """Whether any of ``mask``'s bits is set in an _AsyncFlag's value (read when asked)."""
+
+    def __init__(self, flag: _AsyncFlag, mask: int):
+        self._flag, self._mask = flag, mask
+
+    def __bool__(self) -> bool:
+        return bool(self._flag.value() & self._mask)
 
 
 class LoraFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, magnitude, weight_norm, weight, quant, bias, scaling, dropout_p, seed):
+    def forward(ctx, x, lora_A, lora_B, magnitude, weight_norm, weight, quant, bias, scaling, dropout_p, seed,
+                row_scale, magnitude_has_zero):
         cd = x.dtype  # the compute dtype (the caller casts x)
         n_out, k_in = lora_B.shape[0], lora_A.shape[1]
         lead = x.shape[:-1]
@@ -250,7 +269,9 @@ class LoraFunction(torch.autograd.Function):
         # rounded to bf16 and folded into W would put one relative error on a whole column of y,
         # and dm = sum_M(dY y) / m adds that error coherently over M (the H100 run's dm error at 3x
         # PEFT's, 4-bit base); v applied in float32 to each element before its one rounding does not.
-        v = magnitude.detach().float() / weight_norm if dora else None
+        if dora and row_scale is None:
+            row_scale = magnitude.detach().float() / weight_norm
+        v = row_scale if dora else None
         merged = _merge_applies(x2, quant, lora_A, dropout_p)
         if merged:
             # one GEMM against W' = v (W0 + s B A): the low-rank term and DoRA's v are in the weight
@@ -284,7 +305,9 @@ class LoraFunction(torch.autograd.Function):
         ctx.weight, ctx.quant, ctx.scaling, ctx.dropout_p, ctx.seed = weight, quant, scaling, dropout_p, seed
         ctx.lead, ctx.cd, ctx.merged = lead, cd, merged
         # m == 0 loses z in y = v z (dm needs it): known now, read in backward without a stall
-        ctx.magnitude_has_zero = _AsyncFlag((magnitude.detach() == 0).any()) if dora else None
+        if dora and magnitude_has_zero is None:
+            magnitude_has_zero = _AsyncFlag((magnitude.detach() == 0).any())
+        ctx.magnitude_has_zero = magnitude_has_zero if dora else None
         if dora and bias_c is not None:
             y = y + bias_c  # a new tensor: the saved y stays bias-free
         return y.view(*lead, n_out)
@@ -361,22 +384,32 @@ class LoraFunction(torch.autograd.Function):
                 z = x2.float() @ w_cols.t() + s * (h @ lora_B.float()[cols].t())
                 grad_m[cols] = (dy2.float()[:, cols] * z).sum(0) / weight_norm[cols]
             grad_m = grad_m.to(magnitude.dtype)
-        return grad_x, grad_a, grad_b, grad_m, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, grad_m, None, None, None, None, None, None, None, None, None
 
 
 def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
                  weight: torch.Tensor | None = None, quant: QuantizedTensor | None = None,
                  bias: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int | None = None,
-                 magnitude: torch.Tensor | None = None, weight_norm: torch.Tensor | None = None) -> torch.Tensor:
+                 magnitude: torch.Tensor | None = None, weight_norm: torch.Tensor | None = None,
+                 row_scale: torch.Tensor | None = None, magnitude_has_zero=None) -> torch.Tensor:
     """y = base(x) + s * dropout(x) A^T B^T (LoRA), or DoRA's y = (m / n) (x W^T + s x A^T B^T) + bias
     with ``magnitude`` m and the detached row norm ``weight_norm`` n. Exactly one of ``weight``
     ([out, in], x's dtype) or ``quant`` (4-bit). x is in the compute dtype; the output too.
-    ``seed`` draws the dropout mask (from torch's global generator when None)."""
+    ``seed`` draws the dropout mask (from torch's global generator when None).
+    DoRA, when the caller has them already (lowrank.dora.dora_row_scale): ``row_scale`` = m / n
+    (float32 [out], detached, exactly magnitude.float() / weight_norm) and ``magnitude_has_zero``
+    (anything whose bool() says whether some m is 0, read in backward only)."""
     if (weight is None) == (quant is None):
         raise ValueError("lora_forward: give exactly one of weight and quant")
+    if row_scale is not None and (magnitude is None or row_scale.dtype != torch.float32 or
+                                  row_scale.shape != (lora_B.shape[0],) or row_scale.requires_grad):
+        raise ValueError(f"lora_forward: row_scale must be DoRA's detached float32 m / n [{lora_B.shape[0]}] and "
+                         f"comes with magnitude, got {row_scale.dtype} {list(row_scale.shape)}"
+                         f"{' requiring grad' if row_scale.requires_grad else ''}"
+                         f"{' without magnitude' if magnitude is None else ''}")
     if magnitude is not None and dropout_p > 0:
         raise ValueError("lora_forward: DoRA with dropout takes the unfused path (LoraLinear does this)")
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
     return LoraFunction.apply(x, lora_A, lora_B, magnitude, weight_norm, weight, quant, bias, float(scaling),
-                              float(dropout_p), seed or 0)
+                              float(dropout_p), seed or 0, row_scale, magnitude_has_zero)

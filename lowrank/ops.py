@@ -369,26 +369,39 @@ def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nes
 def dora_row_norm_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
                        nested_qmap: torch.Tensor | None, offset: torch.Tensor | None, values: torch.Tensor,
                        blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
-                       a: torch.Tensor, b: torch.Tensor, scaling: float, unit: float,
-                       rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       a: torch.Tensor, b: torch.Tensor, scaling: float, unit: float, rtol: float,
+                       magnitude: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DoRA's row norm n = ||W0 + s B A|| per output row straight from the packed 4-bit W0 (absmax
     forms as matmul_4bit), no [out, in] tensor: ``a`` = lora_A float32 [r, in_features], ``b`` =
-    lora_B float32 [out_features, r]. Returns (n float32 [out], flagged bool [out]): flagged rows are
-    those where unit (t / n + 1) > rtol, t = |s| sum_j |b_j| ||a_j|| (``unit`` is the relative error
-    of the CUDA kernel's low-rank product, lowrank.dora.U_ROW_NORM). CUDA: the tensor-core kernel,
-    r <= 16, in_features % 64 == 0, blocksize >= 16; CPU: float64."""
+    lora_B float32 [out_features, r]. Returns (n float32 [out], flagged bool [out], v, status):
+    flagged rows are those where unit (t / n + 1) > rtol, t = |s| sum_j |b_j| ||a_j|| (``unit`` is the
+    relative error of the CUDA kernel's low-rank product, lowrank.dora.U_ROW_NORM); v = magnitude / n
+    float32 [out] (DoRA's row scale, one IEEE division as in PyTorch) when ``magnitude`` (float32
+    [out]) is given, else empty; status int32 [1]: bit 0 (1) set when some row is flagged, bit 1 (2)
+    when some magnitude is 0. CUDA: the tensor-core kernel, r <= 16, in_features % 64 == 0,
+    blocksize >= 16; CPU: float64."""
     return torch.ops.lowrank.dora_row_norm_4bit(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
                                                 nested_blocksize, out_features, in_features, a, b, float(scaling),
-                                                float(unit), float(rtol))
+                                                float(unit), float(rtol), magnitude)
+
+
+ROW_NORM_STATUS_FLAGGED = 1          # dora_row_norm_4bit's status bits
+ROW_NORM_STATUS_ZERO_MAGNITUDE = 2
 
 
 @torch.library.register_fake("lowrank::dora_row_norm_4bit")
 def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
-      in_features, a, b, scaling, unit, rtol):
+      in_features, a, b, scaling, unit, rtol, magnitude=None):
     _check_packed_weight_and_a(packed, values, blocksize, out_features, in_features, a)
     _check_lora_b(b, out_features, a)
     torch._check(unit >= 0 and rtol > 0, lambda: f"unit must be >= 0 and rtol > 0, got unit {unit} and rtol {rtol}")
-    return a.new_empty((out_features,)), a.new_empty((out_features,), dtype=torch.bool)
+    if magnitude is not None:
+        torch._check(magnitude.dtype == torch.float32 and magnitude.dim() == 1 and magnitude.shape[0] == out_features,
+                     lambda: f"magnitude must be float32 [out_features = {out_features}], got {magnitude.dtype} "
+                             f"{list(magnitude.shape)}")
+    return (a.new_empty((out_features,)), a.new_empty((out_features,), dtype=torch.bool),
+            a.new_empty((out_features if magnitude is not None else 0,)), a.new_empty((1,), dtype=torch.int32))
 
 
 # --- dora_norm ---------------------------------------------------------------------------------

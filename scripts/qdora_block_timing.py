@@ -41,6 +41,12 @@ class _FreeFlag:
     def __bool__(self):
         return False
 
+    def value(self):
+        return 0
+
+    def bits(self, mask):
+        return self
+
 
 def block(step, reps):
     for _ in range(3):

@@ -438,10 +438,17 @@ def test_opcheck_dora_norm(device):
 
 # -- the direct norm from the packed weight (ops.dora_row_norm_4bit) --------------------------------
 
-def _row_norm(q, A, B, s, unit=dora.U_ROW_NORM, rtol=dora.RTOL):
+def _row_norm_op(q, A, B, s, unit=dora.U_ROW_NORM, rtol=dora.RTOL, magnitude=None):
     return ops.dora_row_norm_4bit(q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
                                   q.nested_offset, q.quant_map, q.blocksize, q.nested_blocksize, q.shape[0], q.shape[1],
-                                  A, B, s, unit, rtol)
+                                  A, B, s, unit, rtol, magnitude)
+
+
+def _row_norm(q, A, B, s, unit=dora.U_ROW_NORM, rtol=dora.RTOL):
+    n, flagged, v, status = _row_norm_op(q, A, B, s, unit, rtol)
+    assert v.numel() == 0 and status.dtype == torch.int32 and status.shape == (1,)
+    assert int(status) == (ops.ROW_NORM_STATUS_FLAGGED if bool(flagged.any()) else 0)
+    return n, flagged
 
 
 @given(st.sampled_from(["nf4", "nf4-dq", "fp4", "fp4-dq"]), st.integers(1, 300), st.sampled_from([64, 128, 256, 512]),
@@ -463,6 +470,15 @@ def test_row_norm_op_matches_direct(device, kind, out_features, in_features, r, 
     assert bool((_rel_err(n, ref) <= allowed).all())
     edge = ((rel - dora.RTOL).abs() > 1e-3 * dora.RTOL)  # rows not on the flag's edge
     assert torch.equal(flagged[edge], (rel > dora.RTOL)[edge])
+    # with DoRA's magnitude: the same n and flags, v = m / n as PyTorch divides, the status bits
+    m = (torch.rand(out_features, generator=g) + 0.5).to(device)
+    m[torch.randint(0, out_features, (seed % 3,), generator=g).to(device)] = 0.0  # some zeros, or none
+    n_m, flagged_m, v, status = _row_norm_op(base, A, B, s, magnitude=m)
+    assert torch.equal(n_m, n) and torch.equal(flagged_m, flagged)
+    assert v.dtype == torch.float32 and torch.equal(v, m / n)
+    want = (ops.ROW_NORM_STATUS_FLAGGED if bool(flagged.any()) else 0) | \
+        (ops.ROW_NORM_STATUS_ZERO_MAGNITUDE if bool((m == 0).any()) else 0)
+    assert status.shape == (1,) and int(status) == want
 
 
 def test_row_norm_flags_cancelling_rows_and_the_fallback_fixes_them(device, monkeypatch):
@@ -505,6 +521,13 @@ def test_row_norm_op_rejects_bad_input(device):
         _row_norm(q, A, B, 1.0, unit=-1.0)
     with pytest.raises(RuntimeError, match="unit must be >= 0 and rtol > 0"):
         _row_norm(q, A, B, 1.0, rtol=0.0)
+    m = torch.ones(8, device=device)
+    with pytest.raises(RuntimeError, match="magnitude must be float32 \\[out_features = 8\\], got Double"):
+        _row_norm_op(q, A, B, 1.0, magnitude=m.double())
+    with pytest.raises(RuntimeError, match="magnitude must be float32 \\[out_features = 8\\], got Float \\[7\\]"):
+        _row_norm_op(q, A, B, 1.0, magnitude=m[:7])
+    with pytest.raises(RuntimeError, match="magnitude must be float32 \\[out_features = 8\\], got Float \\[8, 1\\]"):
+        _row_norm_op(q, A, B, 1.0, magnitude=m[:, None])
 
 
 def test_row_norm_cuda_limits(cuda_device):
@@ -522,3 +545,77 @@ def test_opcheck_dora_row_norm(device):
             q.blocksize, q.nested_blocksize, 24, 128, torch.randn(16, 128, device=device),
             torch.randn(24, 16, device=device), 0.5, dora.U_ROW_NORM, dora.RTOL)
     torch.library.opcheck(torch.ops.lowrank.dora_row_norm_4bit.default, args)
+    torch.library.opcheck(torch.ops.lowrank.dora_row_norm_4bit.default, args + (torch.rand(24, device=device),))
+
+
+@pytest.mark.parametrize("row_norm", [False, True])
+def test_dora_row_scale(device, monkeypatch, row_norm):
+    """dora_row_scale's (n, flagged, v, status) on both paths: the direct norm's op (its finishing
+    launch computes v and status) and the expansion with PyTorch ops; flagged rows and a zero
+    magnitude set their status bits."""
+    monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
+    torch.manual_seed(0)
+    w = (torch.randn(96, 256) * 0.02).to(device)
+    base, w0 = _base(w, "nf4-dq")
+    A, B, s = _cancelling_adapter(w0.cpu())
+    A, B = A.to(device), B.to(device)
+    if not row_norm:
+        monkeypatch.setenv("LOWRANK_ROW_NORM", "0")
+    assert dora._row_norm_applies(base, A, B) == row_norm
+    m = torch.rand(96, device=device) + 0.5
+    for cancel, zero in [(True, False), (True, True), (False, True), (False, False)]:
+        b = B if cancel else B * 1e-3
+        mm = m.clone()
+        if zero:
+            mm[5] = 0.0
+        n, flagged = dora.dora_weight_norm_flagged(base, A, b, s)
+        n2, flagged2, v, status = dora.dora_row_scale(base, A, b, s, mm)
+        assert torch.equal(n2, n) and torch.equal(flagged2, flagged)
+        assert bool(flagged.any()) == cancel
+        assert torch.equal(v, mm / n)
+        assert status.dtype == torch.int32 and status.shape == (1,) and status.device == n.device
+        assert int(status) == (ops.ROW_NORM_STATUS_FLAGGED * cancel) | (ops.ROW_NORM_STATUS_ZERO_MAGNITUDE * zero)
+
+
+def test_lora_layer_over_row_norm_status(device, monkeypatch):
+    """LoraLinear's DoRA forward over the direct norm's status word: a cancelling adapter re-runs
+    the forward with the exact n, a zero magnitude still gets its gradient (the backward reads the
+    word's other bit); both against the layer's reference path."""
+    monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
+    torch.manual_seed(3)
+    linear = nn.Linear(256, 96, bias=True).to(device)
+    layer = LoraLinear(Linear4bit.from_linear(linear), r=8, lora_alpha=16, use_dora=True)
+    w0 = layer.base_weight_fp32().double()
+    A, B, s = _cancelling_adapter(w0.cpu(), r=8, s=layer.scaling)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(A)
+        layer.lora_B.weight.copy_(B)
+        layer.lora_magnitude_vector[7] = 0.0
+    assert dora._row_norm_applies(layer.base_layer.quant, layer.lora_A.weight, layer.lora_B.weight)
+    x = torch.randn(6, 256, device=device)
+    dy = torch.randn(6, 96, device=device)
+    grads = []
+    for forward in (layer.forward, layer.forward_reference):
+        for p in layer.parameters():
+            p.grad = None
+        y = forward(x)
+        y.backward(dy)
+        grads.append((y.detach(), [p.grad.clone() for p in (layer.lora_A.weight, layer.lora_B.weight,
+                                                            layer.lora_magnitude_vector)]))
+    (y, g), (y_ref, g_ref) = grads
+    # the output is the one with the exact n (the forward re-ran)
+    from lowrank.lora_function import lora_forward
+    with torch.no_grad():
+        y_fixed = lora_forward(x, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                               quant=layer.base_layer.quant, bias=layer.base_layer.bias,
+                               magnitude=layer.lora_magnitude_vector, weight_norm=layer.dora_weight_norm())
+    assert torch.equal(y, y_fixed)
+    # against the reference away from the cancelling columns (there y = v z with z ~1e-6 of its
+    # terms: float32 keeps ~10% of it, in either order of the sums) and for dA, dB everywhere
+    keep = torch.ones(96, dtype=torch.bool, device=device)
+    keep[CANCEL_ROWS] = False
+    torch.testing.assert_close(y[:, keep], y_ref[:, keep], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g[0], g_ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g[1], g_ref[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g[2][keep], g_ref[2][keep], rtol=1e-4, atol=1e-5)
+    assert g[2][7] != 0

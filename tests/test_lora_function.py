@@ -568,6 +568,27 @@ def test_async_flag(device):
     from lowrank.lora_function import _AsyncFlag
     assert bool(_AsyncFlag(torch.tensor([0.0, 1.0], device=device).eq(0).any()))
     assert not bool(_AsyncFlag(torch.tensor([2.0, 1.0], device=device).eq(0).any()))
+    word = _AsyncFlag(torch.tensor([2], dtype=torch.int32, device=device))
+    assert word.value() == 2 and bool(word) and bool(word.bits(2)) and bool(word.bits(3)) and not bool(word.bits(1))
+    assert not bool(_AsyncFlag(torch.tensor([0], dtype=torch.int32, device=device)))
+
+
+def test_lora_forward_rejects_a_bad_row_scale():
+    w, q, _, x, a, b, _, mag = _problem(3, 4, 64, 16, 4, True, False, "cpu")
+    norm = torch.ones(16)
+    with pytest.raises(ValueError, match="row_scale must be DoRA's detached float32 m / n \\[16\\].*float64"):
+        lora_forward(x, a, b, 1.0, weight=w, magnitude=mag, weight_norm=norm, row_scale=norm.double())
+    with pytest.raises(ValueError, match="row_scale must be DoRA's detached float32 m / n \\[16\\].*\\[15\\]"):
+        lora_forward(x, a, b, 1.0, weight=w, magnitude=mag, weight_norm=norm, row_scale=norm[:15])
+    with pytest.raises(ValueError, match="requiring grad"):
+        lora_forward(x, a, b, 1.0, weight=w, magnitude=mag, weight_norm=norm, row_scale=norm.requires_grad_())
+    with pytest.raises(ValueError, match="without magnitude"):
+        lora_forward(x, a, b, 1.0, weight=w, row_scale=torch.ones(16))
+    # given, it is what the forward uses: the same output as computing m / n there
+    m = mag.detach().abs() + 0.5
+    n = torch.rand(16) + 0.5
+    torch.testing.assert_close(lora_forward(x, a, b, 1.0, weight=w, magnitude=m, weight_norm=n, row_scale=m / n),
+                               lora_forward(x, a, b, 1.0, weight=w, magnitude=m, weight_norm=n), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

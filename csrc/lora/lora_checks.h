@@ -135,13 +135,20 @@ inline void check_lora_merge(const gemm::Weight4bit& w, const at::Tensor& a, con
   TORCH_CHECK(quant::is_supported_float(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
 }
 
-// dora_row_norm_4bit: the 4-bit weight and adapter; unit >= 0 and rtol > 0
+// dora_row_norm_4bit: the 4-bit weight and adapter; unit >= 0 and rtol > 0; magnitude float32 [out]
 inline void check_dora_row_norm(const gemm::Weight4bit& w, const at::Tensor& a, const at::Tensor& b, double unit,
-                                double rtol) {
+                                double rtol, const std::optional<at::Tensor>& magnitude) {
   constexpr const char* op = "lowrank::dora_row_norm_4bit";
   check_weight_and_adapter(w, a, b, op);
   TORCH_CHECK(unit >= 0.0 && rtol > 0.0, op, ": unit must be >= 0 and rtol > 0, got unit ", quant::real_num(unit),
               " and rtol ", quant::real_num(rtol));
+  if (magnitude.has_value()) {
+    TORCH_CHECK(magnitude->scalar_type() == at::kFloat && magnitude->dim() == 1 &&
+                    magnitude->size(0) == w.out_features,
+                op, ": magnitude must be float32 [out_features = ", quant::num(w.out_features), "], got ",
+                magnitude->scalar_type(), " ", quant::shape(*magnitude));
+    quant::check_same_device(*magnitude, w.packed, op, "magnitude");
+  }
 }
 
 // dora_norm: w2 float64 [N], p float32 [N, r], a float32 [r, K], b float32 [N, r]

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "lora/lora_checks.h"
+#include "lora/row_norm_status.h"
 
 namespace lowrank::lora {
 namespace {
@@ -168,14 +169,14 @@ at::Tensor lora_merge_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 // n_o = ||W0_o + s B_o A|| with every term and sum in float64 (W0 as dequantize_4bit's float32
 // values), one row at a time; flagged by the CUDA kernel's bound (the caller's unit), so the CPU op
 // flags the same rows for the same unit.
-std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_row_norm_4bit_cpu(
     const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
     const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset, const at::Tensor& values,
     int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features, const at::Tensor& a_in,
-    const at::Tensor& b_in, double scaling, double unit, double rtol) {
+    const at::Tensor& b_in, double scaling, double unit, double rtol, const std::optional<at::Tensor>& magnitude) {
   const gemm::Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
                            out_features, in_features};
-  check_dora_row_norm(w, a_in, b_in, unit, rtol);
+  check_dora_row_norm(w, a_in, b_in, unit, rtol, magnitude);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t r = a.size(0), k_in = in_features;
   at::Tensor norm = at::empty({out_features}, a.options());
@@ -207,7 +208,11 @@ std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cpu(
       fv[o] = unit * (t + n) > rtol * n;
     }
   });
-  return {norm, flagged};
+  // DoRA's v = m / n in float32 (as m / n in PyTorch) and the status word of DoraRowNormParams
+  at::Tensor row_scale = magnitude.has_value() ? magnitude->div(norm) : at::empty({0}, a.options());
+  int status = flagged.any().item<bool>() ? kRowNormStatusFlagged : 0;
+  if (magnitude.has_value() && magnitude->eq(0).any().item<bool>()) status |= kRowNormStatusZeroMagnitude;
+  return {norm, flagged, row_scale, at::full({1}, status, a.options().dtype(at::kInt))};
 }
 
 // dora_norm.cu's loop, row by row (the Gram matrix from the same float64 matmul).

@@ -264,14 +264,14 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 
 static_assert(kMergeMmaMaxRank == 16, "the error message below names the limit");
 
-std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
     const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
     const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset, const at::Tensor& values,
     int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features, const at::Tensor& a_in,
-    const at::Tensor& b_in, double scaling, double unit, double rtol) {
+    const at::Tensor& b_in, double scaling, double unit, double rtol, const std::optional<at::Tensor>& magnitude_in) {
   const gemm::Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
                            out_features, in_features};
-  check_dora_row_norm(w, a_in, b_in, unit, rtol);
+  check_dora_row_norm(w, a_in, b_in, unit, rtol, magnitude_in);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();  // 16-byte loads
@@ -292,15 +292,22 @@ std::tuple<at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
   at::Tensor partial = at::empty({dora_row_norm_partial_size(out_features, in_features)}, a.options());
   at::Tensor norm = at::empty({out_features}, a.options());
   at::Tensor flagged = at::empty({out_features}, a.options().dtype(at::kBool));
+  const std::optional<at::Tensor> magnitude =
+      magnitude_in.has_value() ? std::optional<at::Tensor>(magnitude_in->contiguous()) : std::nullopt;
+  at::Tensor row_scale = at::empty({magnitude.has_value() ? out_features : 0}, a.options());
+  at::Tensor status = at::empty({1}, a.options().dtype(at::kInt));
   DoraRowNormParams q{};
   q.merge = p;
   q.unit = unit;
   q.rtol = rtol;
   q.norm = norm.mutable_data_ptr<float>();
   q.flagged = flagged.mutable_data_ptr<bool>();
+  q.magnitude = magnitude.has_value() ? magnitude->const_data_ptr<float>() : nullptr;
+  q.row_scale = row_scale.mutable_data_ptr<float>();
+  q.status = status.mutable_data_ptr<int>();
   launch_dora_row_norm(q, partial.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {norm, flagged};
+  return {norm, flagged, row_scale, status};
 }
 
 std::tuple<at::Tensor, at::Tensor> dora_norm_cuda(const at::Tensor& w2_in, const at::Tensor& p_in,

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "lora/row_norm_status.h"
 #include "quant/quant_launch.h"  // FloatKind
 
 namespace lowrank::lora {
@@ -125,11 +126,17 @@ void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t strea
 // (dora_row_norm_partial_size floats: [K / 64, N], then [K / 64, 16] of A's squares), then added
 // in float64), and the rows whose bound unit (t_o / n_o + 1) exceeds rtol (t_o = |s| sum_j |B_oj|
 // ||A_j||). merge.row_scale must be null and lora_merge_4bit_mma_takes true of merge (any out_kind).
+// With a magnitude m (DoRA's), also DoRA's row scale v = m / n (float32, rounded once, as m / n in
+// PyTorch). status: bit 0 set when a row is flagged, bit 1 when some m_o == 0 (the caller's two
+// questions in one word, read back with one copy).
 struct DoraRowNormParams {
   LoraMerge4bitParams merge;
   double unit, rtol;
-  float* norm;           // [N]
-  bool* flagged;         // [N]
+  float* norm;              // [N]
+  bool* flagged;            // [N]
+  const float* magnitude;   // [N] or nullptr
+  float* row_scale;         // [N] when magnitude is given
+  int* status;              // [1]
 };
 
 int64_t dora_row_norm_partial_size(int64_t n, int64_t k);

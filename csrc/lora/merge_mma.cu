@@ -167,7 +167,8 @@ struct TileLoads {
 // sum_k A_jk^2 (row_scale must be null).
 template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS, bool A_SMEM>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(LoraMerge4bitParams p, const uint4* frag,
-                                                                 float* norm_partial, int64_t rows_per_cta) {
+                                                                 float* norm_partial, int* status,
+                                                                 int64_t rows_per_cta) {
   __shared__ float s_values[16];
   __shared__ float s_qmap[NESTED ? 256 : 1];
   __shared__ __align__(16) float s_a[16][kStrip + 4];  // A's strip, rows past r zero (row pad: fewer bank conflicts)
@@ -199,6 +200,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   if (first < row_end) cur.load(p, frag, first, col0 + 8 * t, block_shift, nested_shift, g, lane);
   __syncthreads();  // the tables and A's strip
   if constexpr (NORM) {  // ||A_j||^2 over the strip, once per strip, for the finish's error bound
+    // the finish or's its answers into status (it runs after this kernel, in stream order)
+    if (status != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *status = 0;
     if (blockIdx.y == 0 && threadIdx.x < 16) {
       float sum = 0.0f;
       for (int c = 0; c < kStrip; ++c) sum = __fmaf_rn(s_a[threadIdx.x][c], s_a[threadIdx.x][c], sum);
@@ -357,40 +360,74 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
 }
 
 // n_o = sqrt(sum over strips of the partial sums) in float64, and the rows whose error bound
-// unit (t_o / n_o + 1) exceeds rtol, t_o = |s| sum_j |B_oj| ||A_j||.
+// unit (t_o / n_o + 1) exceeds rtol, t_o = |s| sum_j |B_oj| ||A_j||; with a magnitude, v_o = m_o / n_o
+// and the status word (see DoraRowNormParams).
 // (||A_j|| from the strips' float sums of 64 squares, added in float64: ~2^-18 relative, inside
 // the bound's margin. As at::linalg_vector_norm it took 9.6 us and two launches on the H100.)
-__global__ void dora_row_norm_finish(DoraRowNormParams q, const float* partial, int strips) {
+// A CTA of 8 warps takes 32 rows: warp w adds strips w, w + 8, ... of row 32 b + lane (a warp's
+// loads are 32 consecutive floats of one strip), and warp 0 adds the 8 warps' sums in warp order.
+// (One thread per row adding all 64 strips: 7.0 us on the H100 at 14336 x 4096, 56 CTAs for 132
+// SMs, each thread's loads a chain of 4 L2 round trips. The flags' any() and m / n were three more
+// launches and m == 0's test two, ~11 us.)
+constexpr int kFinishWarps = 8;
+constexpr int kFinishRows = 32;
+constexpr int kFinishANormParts = 32 * kFinishWarps / 16;
+
+__global__ void __launch_bounds__(32 * kFinishWarps) dora_row_norm_finish(DoraRowNormParams q, const float* partial,
+                                                                         int strips) {
+  __shared__ double s_rows[kFinishWarps][kFinishRows];
+  __shared__ double s_a_parts[kFinishANormParts][16];
   __shared__ double s_a_norm[16];
-  // Strips added in chunks of 16 loads issued together, each chunk summed in a fixed order: one
-  // thread per row summing K / 64 = 64 strips one load at a time put 64 L2 round trips in a row
-  // (9.9 us on the H100 at 14336 x 4096; 10.2 us with 4 loads in flight).
-  const auto sum_strips = [strips](const float* base, int64_t stride) {
-    double total = 0.0;
-    int s = 0;
-    for (; s + 16 <= strips; s += 16) {
-      float v[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) v[i] = base[int64_t(s + i) * stride];
-      double chunk = 0.0;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) chunk += double(v[i]);
-      total += chunk;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n = q.merge.n;
+  {  // ||A_j||^2: thread (part, j) adds strips part, part + kFinishANormParts, ...
+    const int j = threadIdx.x & 15, part = threadIdx.x >> 4;
+    const float* a_sq = partial + int64_t(strips) * n + j;
+    double sum = 0.0;
+#pragma unroll 4
+    for (int s = part; s < strips; s += kFinishANormParts) sum += double(a_sq[16 * s]);
+    s_a_parts[part][j] = sum;
+  }
+  const int64_t o = int64_t(blockIdx.x) * kFinishRows + lane;
+  {
+    double sum = 0.0;
+    if (o < n) {
+#pragma unroll 8
+      for (int s = warp; s < strips; s += kFinishWarps) sum += double(partial[int64_t(s) * n + o]);
     }
-    for (; s < strips; ++s) total += double(base[int64_t(s) * stride]);
-    return total;
-  };
-  if (threadIdx.x < 16) s_a_norm[threadIdx.x] = sqrt(sum_strips(partial + int64_t(strips) * q.merge.n + threadIdx.x, 16));
+    s_rows[warp][lane] = sum;
+  }
   __syncthreads();
-  const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (o >= q.merge.n) return;
-  const double n2 = sum_strips(partial + o, q.merge.n);
-  double t = 0.0;
-  for (int j = 0; j < q.merge.r; ++j) t += fabs(double(q.merge.b[o * q.merge.r + j])) * s_a_norm[j];
-  t *= fabs(double(q.merge.scaling));
-  const double n = sqrt(n2);
-  q.norm[o] = float(n);
-  q.flagged[o] = q.unit * (t + n) > q.rtol * n;
+  if (warp != 0) return;
+  if (lane < 16) {
+    double sum = 0.0;
+    for (int part = 0; part < kFinishANormParts; ++part) sum += s_a_parts[part][lane];
+    s_a_norm[lane] = sqrt(sum);
+  }
+  __syncwarp();
+  bool flag = false, zero = false;
+  if (o < n) {
+    double n2 = 0.0;
+#pragma unroll
+    for (int w = 0; w < kFinishWarps; ++w) n2 += s_rows[w][lane];
+    double t = 0.0;
+    for (int j = 0; j < q.merge.r; ++j) t += fabs(double(q.merge.b[o * q.merge.r + j])) * s_a_norm[j];
+    t *= fabs(double(q.merge.scaling));
+    const double norm = sqrt(n2);
+    const float norm_f = float(norm);
+    q.norm[o] = norm_f;
+    flag = q.unit * (t + norm) > q.rtol * norm;
+    q.flagged[o] = flag;
+    if (q.magnitude != nullptr) {
+      const float m = q.magnitude[o];
+      q.row_scale[o] = __fdiv_rn(m, norm_f);  // as m / n in PyTorch: one IEEE division
+      zero = m == 0.0f;
+    }
+  }
+  const bool any_flag = __any_sync(0xffffffffu, flag), any_zero = __any_sync(0xffffffffu, zero);
+  if (lane == 0 && q.status != nullptr && (any_flag || any_zero)) {
+    atomicOr(q.status, (any_flag ? kRowNormStatusFlagged : 0) | (any_zero ? kRowNormStatusZeroMagnitude : 0));
+  }
 }
 
 // Rows per CTA: one wave of CTAs (every SM's slots filled once, the column strips fixed by K), so a
@@ -409,7 +446,7 @@ int64_t rows_per_cta_for(int ctas_per_sm, const LoraMerge4bitParams& p) {
 }
 
 template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
-void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
+void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, int* status, cudaStream_t stream) {
   constexpr bool kASmem = !NORM;  // see launch_shaped
   const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, MIN_BLOCKS, kASmem>;
   static const int ctas_per_sm = [kernel] {  // one per instantiation (its registers decide)
@@ -422,7 +459,7 @@ void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
   lora_b_fragments<SPLIT><<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p, frag);
   const int64_t rows = rows_per_cta_for(ctas_per_sm, p);
   const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + rows - 1) / rows));
-  kernel<<<grid, kThreads, 0, stream>>>(p, frag, norm_partial, rows);
+  kernel<<<grid, kThreads, 0, stream>>>(p, frag, norm_partial, status, rows);
 }
 
 // CTAs per SM the register cap allows: the merge 5 (96 registers, a word spilled; ncu 81 us at 14336 x 4096 against
@@ -433,10 +470,10 @@ void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, cudaStream
 // 3-way split 4 (127 registers, A's fragments in registers: 65 us; at 5 CTAs with them in shared
 // memory 81 us, L1/TEX 91% busy).
 template <typename T, int SPLIT, bool NORM>
-void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, cudaStream_t stream) {
+void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, int* status, cudaStream_t stream) {
   constexpr int kMinBlocks = NORM ? 4 : 6;
-  if (p.absmax == nullptr) launch_kernel<T, true, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
-  else launch_kernel<T, false, SPLIT, NORM, kMinBlocks>(p, norm_partial, stream);
+  if (p.absmax == nullptr) launch_kernel<T, true, SPLIT, NORM, kMinBlocks>(p, norm_partial, status, stream);
+  else launch_kernel<T, false, SPLIT, NORM, kMinBlocks>(p, norm_partial, status, stream);
 }
 
 }  // namespace
@@ -451,16 +488,15 @@ bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p) {
 int64_t lora_merge_4bit_mma_fragment_bytes(int64_t n) { return (n + 15) / 16 * 32 * 3 * 16; }
 
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream) {
-  if (p.out_kind == FloatKind::kBFloat16) launch_shaped<__nv_bfloat16, 2, false>(p, nullptr, stream);
-  else launch_shaped<__half, 2, false>(p, nullptr, stream);
+  if (p.out_kind == FloatKind::kBFloat16) launch_shaped<__nv_bfloat16, 2, false>(p, nullptr, nullptr, stream);
+  else launch_shaped<__half, 2, false>(p, nullptr, nullptr, stream);
 }
 
 int64_t dora_row_norm_partial_size(int64_t n, int64_t k) { return k / kStrip * (n + 16); }
 
 void launch_dora_row_norm(const DoraRowNormParams& q, float* partial, cudaStream_t stream) {
-  launch_shaped<float, 3, true>(q.merge, partial, stream);
-  const int threads = 256;
-  dora_row_norm_finish<<<unsigned((q.merge.n + threads - 1) / threads), threads, 0, stream>>>(
+  launch_shaped<float, 3, true>(q.merge, partial, q.status, stream);
+  dora_row_norm_finish<<<unsigned((q.merge.n + kFinishRows - 1) / kFinishRows), 32 * kFinishWarps, 0, stream>>>(
       q, partial, int(q.merge.k / kStrip));
 }
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import dora as _dora
+from .. import ops
 from ..lora_function import _AsyncFlag, lora_forward
 from ..matmul import matmul_4bit
 from ..quantized import quantize_4bit
@@ -154,16 +155,19 @@ class LoraLinear(nn.Module):
         kw.update(bias=base.bias, dropout_p=self.lora_dropout.p if dropout_active else 0.0)
         if not self.use_dora:
             return lora_forward(*args, **kw).to(x.dtype)
-        # DoRA: the expansion's n, and its cancellation flags looked at only once the layer's GEMMs
-        # are queued (a flagged row, rare, re-runs the forward with the exact n): no GPU stall.
+        # DoRA: n, v = m / n and the status word (cancellation flags, m == 0), one copy to the host
+        # read only once the layer's GEMMs are queued (a flagged row, rare, re-runs the forward with
+        # the exact n): no GPU stall.
         weight = self._base_weight()
-        n, flagged = _dora.dora_weight_norm_flagged(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                                    base_sq_norm=self.base_row_sq_norm())
-        any_flagged = _AsyncFlag(flagged.any())
-        y = lora_forward(*args, magnitude=self.lora_magnitude_vector, weight_norm=n, **kw)
-        if bool(any_flagged):
+        m = self.lora_magnitude_vector
+        n, flagged, v, status = _dora.dora_row_scale(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, m,
+                                                     base_sq_norm=self.base_row_sq_norm())
+        status = _AsyncFlag(status)
+        has_zero = status.bits(ops.ROW_NORM_STATUS_ZERO_MAGNITUDE)
+        y = lora_forward(*args, magnitude=m, weight_norm=n, row_scale=v, magnitude_has_zero=has_zero, **kw)
+        if status.bits(ops.ROW_NORM_STATUS_FLAGGED):
             n = _dora.fix_flagged_rows(n, flagged, weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
-            y = lora_forward(*args, magnitude=self.lora_magnitude_vector, weight_norm=n, **kw)
+            y = lora_forward(*args, magnitude=m, weight_norm=n, magnitude_has_zero=has_zero, **kw)
         return y.to(x.dtype)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
