@@ -28,6 +28,9 @@ TORCH_LIBRARY(lowrank, m) {
   // b fp32 [K, n] -> bf16 [K, 3n] = [hi | mid | lo] with hi + mid + lo == b exactly: the float32 side
   // of an adapter product as three bf16 tensor-core operands
   m.def("split_bf16x3(Tensor b) -> Tensor");
+  // parts fp32 [M, 3n] (a 16-bit operand times split_bf16x3's [hi | mid | lo]) -> scale * ((hi part +
+  // mid part) + lo part) fp32 [M, n], or its transpose [n, M] (contiguous): the float32 product
+  m.def("split_bf16x3_sum(Tensor parts, float scale=1.0, bool transpose=False) -> Tensor");
   // The LoRA/DoRA backward's dY products in one read of dY, float32, b and h float32, with
   // b_v = b * col_scale[:, None] (b without col_scale):
   //   (dy b_v [M, r],  (dy^T h) * col_scale[:, None] * dh_scaling [N, r],

@@ -93,16 +93,17 @@ def _split_mm_enabled(t: torch.Tensor) -> bool:
 _SPLIT_MM = None
 
 
-def _mm_f32(a16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
+def _mm_f32(a16: torch.Tensor, b32: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
     """a16 [M, K] (bf16) @ b32 [K, n] (float32) -> float32 [M, n], to float32 accuracy on the tensor
     cores: b32 = hi + mid + lo exactly (three bf16 parts of 8 significant bits each hold float32's
     24), each product of bf16 values is exact in the float32 accumulator, so one cuBLAS GEMM against
     [hi | mid | lo] and the sum of its three column blocks is the float32 product. Why: the adapter
     products are memory-bound reads of x or dY with a 16-wide other side; on the H100 the CUDA-core
     kernels took 246 us for dY B and 438 us for dY^T h at M = 8192, N = 14336 where one read of dY
-    is 78 us (cuBLAS at 3 x 16 columns reads it once too)."""
+    is 78 us (cuBLAS at 3 x 16 columns reads it once too). The three column blocks are added (and
+    times ``scale``, transposed with ``transpose``) by ops.split_bf16x3_sum in one launch."""
     out = torch.mm(a16, ops.split_bf16x3(b32), out_dtype=torch.float32)
-    return out.view(out.shape[0], 3, b32.shape[1]).sum(1)
+    return ops.split_bf16x3_sum(out, scale, transpose)
 
 
 def _project(x16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
@@ -120,11 +121,14 @@ def _dy_products_applies(dy2: torch.Tensor, h: torch.Tensor) -> bool:
             and os.environ.get("LOWRANK_DY_FUSED", "1") != "0")
 
 
-def _reduce_rows(a16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
-    """a16 [M, N]^T @ b32 [M, r] in float32 [N, r]: dY^T h (dB), x'^T g (dA)."""
+def _reduce_rows(a16: torch.Tensor, b32: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+    """scale * a16 [M, N]^T @ b32 [M, r] in float32 [N, r], or its transpose [r, N] (contiguous):
+    dY^T h (dB), s (x'^T g)^T (dA)."""
     if _split_mm_enabled(a16):
-        return _mm_f32(a16.t(), b32)
-    return ops.lora_column_reduce(a16, b32, None)[0]
+        return _mm_f32(a16.t(), b32, scale, transpose)
+    out = ops.lora_column_reduce(a16, b32, None)[0]
+    out = out * scale if scale != 1.0 else out
+    return out.t().contiguous() if transpose else out
 
 
 def _dequantized(quant: QuantizedTensor, dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -368,7 +372,7 @@ class LoraFunction(torch.autograd.Function):
         grad_b = grad_b.to(lora_B.dtype) if want_b else None
         if ctx.needs_input_grad[1]:  # dA = s g^T x'
             xd = x2 if keep is None else x2 * keep.to(cd) * (1.0 / (1.0 - p))
-            grad_a = (_reduce_rows(xd, g).t() * s).to(lora_A.dtype)
+            grad_a = _reduce_rows(xd, g, scale=s, transpose=True).to(lora_A.dtype)
         if want_m:
             # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free);
             # the fused op has divided already (0 where m = 0)

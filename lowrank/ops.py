@@ -460,3 +460,18 @@ def _(b):
     torch._check(b.dim() == 2 and b.dtype == torch.float32,
                  lambda: f"b must be a 2-D float32 tensor, got {b.dtype} {tuple(b.shape)}")
     return b.new_empty((b.shape[0], 3 * b.shape[1]), dtype=torch.bfloat16)
+
+
+def split_bf16x3_sum(parts: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+    """The other end of a split product: ``parts`` float32 [M, 3n] = a @ split_bf16x3(b) ->
+    scale * ((hi part + mid part) + lo part), float32 [M, n], or its transpose [n, M] (contiguous)
+    with ``transpose``. One launch on CUDA (what was a reduction, a multiply and a copy)."""
+    return torch.ops.lowrank.split_bf16x3_sum(parts, float(scale), bool(transpose))
+
+
+@torch.library.register_fake("lowrank::split_bf16x3_sum")
+def _(parts, scale=1.0, transpose=False):
+    torch._check(parts.dim() == 2 and parts.dtype == torch.float32 and parts.shape[1] % 3 == 0,
+                 lambda: f"parts must be a 2-D float32 tensor [M, 3 n], got {parts.dtype} {tuple(parts.shape)}")
+    m, n = parts.shape[0], parts.shape[1] // 3
+    return parts.new_empty((n, m) if transpose else (m, n))

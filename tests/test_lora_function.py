@@ -512,6 +512,46 @@ def test_split_bf16x3_opcheck(device):
     torch.library.opcheck(torch.ops.lowrank.split_bf16x3.default, (torch.randn(5, 3, device=device),))
 
 
+@given(st.integers(1, 70), st.integers(1, 20), st.sampled_from([1.0, 0.5, -3.0]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_split_bf16x3_sum(m, n, scale, transpose, seed):
+    """scale * ((hi + mid) + lo part) in float32, [M, n] or its transpose, contiguous; the CUDA kernel
+    equals the CPU ops bit for bit, strided input included; a split product comes back as float32."""
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.randn(m, 3 * n, generator=g) * torch.exp2(torch.randint(-30, 30, (m, 3 * n), generator=g).float())
+    hi, mid, lo = parts.chunk(3, dim=1)
+    want = ((hi + mid) + lo) * scale
+    want = want.t() if transpose else want
+    for device in DEVICES:
+        for src in (parts, parts.t().contiguous().t()):
+            out = ops.split_bf16x3_sum(src.to(device), scale, transpose)
+            assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == want.shape
+            assert torch.equal(out.cpu(), want)
+    # the round trip: a16 @ split(b) summed is the float32-exact product of bf16 a and float32 b
+    a = torch.randn(m, 24, generator=g).bfloat16()
+    b = torch.randn(24, n, generator=g)
+    prod = ops.split_bf16x3_sum(a.double().float() @ ops.split_bf16x3(b).float(), 1.0, transpose)
+    exact = a.double() @ b.double()
+    bound = 2.0 ** -20 * (a.double().abs() @ b.double().abs())  # float32 sums of exact products
+    exact, bound = (exact.t(), bound.t()) if transpose else (exact, bound)
+    assert bool(((prod.double() - exact).abs() <= bound).all())
+
+
+def test_split_bf16x3_sum_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="parts must be a 2-D float32 tensor \\[M, 3 n\\], got Float \\[4, 4\\]"):
+        ops.split_bf16x3_sum(torch.zeros(4, 4))
+    with pytest.raises(RuntimeError, match="parts must be a 2-D float32 tensor \\[M, 3 n\\], got Double"):
+        ops.split_bf16x3_sum(torch.zeros(4, 6, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="parts must be a 2-D float32 tensor \\[M, 3 n\\], got Float \\[6\\]"):
+        ops.split_bf16x3_sum(torch.zeros(6))
+
+
+def test_split_bf16x3_sum_opcheck(device):
+    for transpose in (False, True):
+        torch.library.opcheck(torch.ops.lowrank.split_bf16x3_sum.default,
+                              (torch.randn(5, 6, device=device), 0.5, transpose))
+
+
 def test_mm_f32_matches_float64(cuda_device):
     from lowrank.lora_function import _mm_f32, _split_mm_enabled
     torch.manual_seed(0)

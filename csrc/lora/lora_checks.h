@@ -177,6 +177,19 @@ inline void check_split_bf16x3(const at::Tensor& b) {
               b.scalar_type(), " ", quant::shape(b));
 }
 
+inline void check_split_bf16x3_sum(const at::Tensor& parts) {
+  TORCH_CHECK(parts.dim() == 2 && parts.scalar_type() == at::kFloat && parts.size(1) % 3 == 0,
+              "lowrank::split_bf16x3_sum: parts must be a 2-D float32 tensor [M, 3 n], got ", parts.scalar_type(), " ",
+              quant::shape(parts));
+}
+
+// The math in PyTorch ops (the CPU backend): scale * ((hi part + mid part) + lo part), or its transpose.
+inline at::Tensor split_bf16x3_sum_reference(const at::Tensor& parts, double scale, bool transpose) {
+  const int64_t n = parts.size(1) / 3;
+  at::Tensor out = (parts.narrow(1, 0, n) + parts.narrow(1, n, n) + parts.narrow(1, 2 * n, n)).mul_(scale);
+  return transpose ? out.t().contiguous() : out;
+}
+
 // The math in PyTorch ops (the CPU backend): hi = bf16(b), mid = bf16(b - hi), lo = bf16(b - hi - mid).
 inline at::Tensor split_bf16x3_reference(const at::Tensor& b) {
   const at::Tensor hi = b.to(at::kBFloat16);

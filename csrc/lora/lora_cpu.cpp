@@ -32,6 +32,11 @@ at::Tensor split_bf16x3_cpu(const at::Tensor& b) {
   return split_bf16x3_reference(b);
 }
 
+at::Tensor split_bf16x3_sum_cpu(const at::Tensor& parts, double scale, bool transpose) {
+  check_split_bf16x3_sum(parts);
+  return split_bf16x3_sum_reference(parts.contiguous(), scale, transpose);
+}
+
 at::Tensor lora_project_cpu(const at::Tensor& x, const at::Tensor& a) {
   check_lora_project(x, a);
   return at::matmul(x.to(at::kFloat), a.t());
@@ -270,5 +275,6 @@ TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cpu);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cpu);
   m.impl("split_bf16x3", &lowrank::lora::split_bf16x3_cpu);
+  m.impl("split_bf16x3_sum", &lowrank::lora::split_bf16x3_sum_cpu);
   m.impl("lora_project", &lowrank::lora::lora_project_cpu);
 }

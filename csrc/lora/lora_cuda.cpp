@@ -172,6 +172,25 @@ at::Tensor split_bf16x3_cuda(const at::Tensor& b) {
   return out;
 }
 
+at::Tensor split_bf16x3_sum_cuda(const at::Tensor& parts_in, double scale, bool transpose) {
+  check_split_bf16x3_sum(parts_in);
+  const c10::cuda::CUDAGuard guard(parts_in.device());
+  const at::Tensor parts = parts_in.contiguous();
+  const int64_t rows = parts.size(0), cols = parts.size(1) / 3;
+  at::Tensor out = transpose ? at::empty({cols, rows}, parts.options()) : at::empty({rows, cols}, parts.options());
+  if (out.numel() == 0) return out;
+  SplitSumParams p{};
+  p.parts = parts.const_data_ptr<float>();
+  p.rows = rows;
+  p.cols = cols;
+  p.scale = static_cast<float>(scale);
+  p.transpose = transpose;
+  p.out = out.mutable_data_ptr<float>();
+  launch_split_bf16x3_sum(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 at::Tensor lora_project_cuda(const at::Tensor& x_in, const at::Tensor& a_in) {
   check_lora_project(x_in, a_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -351,5 +370,6 @@ TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cuda);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cuda);
   m.impl("split_bf16x3", &lowrank::lora::split_bf16x3_cuda);
+  m.impl("split_bf16x3_sum", &lowrank::lora::split_bf16x3_sum_cuda);
   m.impl("lora_project", &lowrank::lora::lora_project_cuda);
 }

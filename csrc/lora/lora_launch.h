@@ -169,4 +169,17 @@ struct SplitParams {
 
 void launch_split_bf16x3(const SplitParams& p, cudaStream_t stream);
 
+// The other end of a split product: parts float32 [rows, 3 cols] (a 16-bit operand times
+// [hi | mid | lo]) -> out = scale * ((hi part + mid part) + lo part), float32 [rows, cols], or its
+// transpose [cols, rows] (row-major either way).
+struct SplitSumParams {
+  const float* parts;
+  int64_t rows, cols;
+  float scale;
+  bool transpose;
+  float* out;
+};
+
+void launch_split_bf16x3_sum(const SplitSumParams& p, cudaStream_t stream);
+
 }  // namespace lowrank::lora
