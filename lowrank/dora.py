@@ -91,6 +91,7 @@ U_ROW_NORM = 2.0 ** -19
 # pass over the packed weight on the tensor cores; ncu 86 us at 14336 x 4096 r = 16 on the H100
 # against 218 us for dora_cross_4bit + dora_norm). Tests set ROW_NORM_ON_CPU to take the op on CPU.
 ROW_NORM_MAX_RANK = 16
+ROW_NORM_MAX_ELEMENTS = 2**31  # its kernel's index math is 32-bit
 ROW_NORM_ON_CPU = False
 
 
@@ -316,7 +317,7 @@ def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling
 def _row_norm_applies(weight, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
     """Whether ``dora_weight_norm_flagged`` takes the direct norm (ops.dora_row_norm_4bit): a 2-D
     4-bit weight on CUDA (or ROW_NORM_ON_CPU), r <= ROW_NORM_MAX_RANK, in_features % 64 == 0,
-    blocksize >= 16. LOWRANK_ROW_NORM=0 turns it off (the expansion then)."""
+    blocksize >= 16, fewer than 2^31 weights. LOWRANK_ROW_NORM=0 turns it off (the expansion then)."""
     if not isinstance(weight, QuantizedTensor) or len(weight.shape) != 2:
         return False
     if weight.device.type != "cuda" and not ROW_NORM_ON_CPU:
@@ -326,7 +327,7 @@ def _row_norm_applies(weight, lora_A: torch.Tensor, lora_B: torch.Tensor) -> boo
     out_features, in_features = weight.shape
     return (lora_A.dim() == 2 and lora_B.dim() == 2 and lora_A.shape[1] == in_features and
             lora_B.shape == (out_features, lora_A.shape[0]) and 1 <= lora_A.shape[0] <= ROW_NORM_MAX_RANK and
-            in_features % 64 == 0 and weight.blocksize >= 16)
+            in_features % 64 == 0 and weight.blocksize >= 16 and out_features * in_features < ROW_NORM_MAX_ELEMENTS)
 
 
 def _row_norm_op(q: QuantizedTensor, lora_A, lora_B, scaling: float, rtol: float, magnitude=None):

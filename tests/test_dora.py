@@ -503,6 +503,10 @@ def test_row_norm_applies_only_where_its_kernel_runs(monkeypatch):
     assert dora._row_norm_applies(q, A, B)
     assert not dora._row_norm_applies(q, torch.randn(17, 128), torch.randn(8, 17))  # r > 16
     assert not dora._row_norm_applies(lowrank.quantize_4bit(torch.randn(8, 96)), A[:, :96], B)  # in % 64
+    monkeypatch.setattr(dora, "ROW_NORM_MAX_ELEMENTS", 8 * 128)  # the kernel's 32-bit index limit, scaled down
+    assert not dora._row_norm_applies(q, A, B)
+    monkeypatch.setattr(dora, "ROW_NORM_MAX_ELEMENTS", 8 * 128 + 1)
+    assert dora._row_norm_applies(q, A, B)
     assert not dora._row_norm_applies(torch.randn(8, 128), A, B)  # a float weight
     monkeypatch.setenv("LOWRANK_ROW_NORM", "0")
     assert not dora._row_norm_applies(q, A, B)

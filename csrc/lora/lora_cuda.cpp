@@ -305,9 +305,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_row_norm_4bit_cu
   const at::Tensor fragments = at::empty({lora_merge_4bit_mma_fragment_bytes(out_features)}, a.options().dtype(at::kByte));
   p.fragments = fragments.mutable_data_ptr();
   TORCH_CHECK(lora_merge_4bit_mma_takes(p),
-              "lowrank::dora_row_norm_4bit: the CUDA kernel needs r <= 16, in_features % 64 == 0, blocksize >= 16 "
-              "and packed 4-byte aligned, got r ", quant::num(a.size(0)), ", in_features ", quant::num(in_features),
-              ", blocksize ", quant::num(blocksize), " (lowrank.dora uses the expansion there)");
+              "lowrank::dora_row_norm_4bit: the CUDA kernel needs r <= 16, in_features % 64 == 0, blocksize >= 16, "
+              "out_features * in_features < 2^31 and packed 4-byte aligned, got r ", quant::num(a.size(0)),
+              ", in_features ", quant::num(in_features), ", blocksize ", quant::num(blocksize), ", out_features ",
+              quant::num(out_features), " (lowrank.dora uses the expansion there)");
   at::Tensor partial = at::empty({dora_row_norm_partial_size(out_features, in_features)}, a.options());
   at::Tensor norm = at::empty({out_features}, a.options());
   at::Tensor flagged = at::empty({out_features}, a.options().dtype(at::kBool));

@@ -113,10 +113,11 @@ constexpr int kLoraMergeMaxRank = 32;
 void launch_lora_merge_4bit(const LoraMerge4bitParams& p, cudaStream_t stream);
 
 // The tensor-core variant (merge_mma.cu): 16-bit outputs, r <= kMergeMmaMaxRank, K % 64 == 0,
-// blocksize >= 16, packed 4-byte aligned; the rank-r product from split-bf16 mma (error ~2^-15 of
+// blocksize >= 16, packed 4-byte aligned, N K < 2^31; the rank-r product from split-bf16 mma (error ~2^-15 of
 // sum |s v B| |A|, not bit-identical to the CPU op). launch_lora_merge_4bit takes it where it
 // applies unless LOWRANK_MERGE_MMA=0.
 constexpr int kMergeMmaMaxRank = 16;
+constexpr int64_t kMergeMmaMaxElements = (int64_t(1) << 31) - 1;  // N K: its index math is int
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p);
 int64_t lora_merge_4bit_mma_fragment_bytes(int64_t n);  // the (s v) B fragments, any split up to 3
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream);

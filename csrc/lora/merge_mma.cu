@@ -129,15 +129,19 @@ struct TileLoads {
   float v[2];                    // row_scale, or 1
   uint4 bfrag[SPLIT];            // the tile's (s v) B fragments, see lora_b_fragments
 
-  __device__ __forceinline__ void load(const LoraMerge4bitParams& p, const uint4* frag, int64_t r0, int64_t col,
+  // 32-bit index math (N K < 2^31, lora_merge_4bit_mma_takes): with int64 offsets, clamps and
+  // shifts this load took ~60 of the ~400 instructions of a tile (SASS of the norm, H100 build)
+  __device__ __forceinline__ void load(const LoraMerge4bitParams& p, const uint4* frag, int r0, int col,
                                        int block_shift, int nested_shift, int g, int lane) {
+    const int last_row = int(p.n) - 1, k = int(p.k);
+    const uint32_t* code_words = reinterpret_cast<const uint32_t*>(p.packed);  // 4-byte aligned
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      int64_t o = r0 + g + 8 * rr;
-      o = o < p.n ? o : p.n - 1;
-      const int64_t flat = o * p.k + col;  // a multiple of 8
-      codes[rr].x = *reinterpret_cast<const uint32_t*>(p.packed + flat / 2);
-      codes[rr].y = *reinterpret_cast<const uint32_t*>(p.packed + flat / 2 + 16);
+      const int o = min(r0 + g + 8 * rr, last_row);
+      const int flat = o * k + col;  // a multiple of 8: its 8 codes are one word
+      const uint32_t* word = code_words + (flat >> 3);
+      codes[rr].x = word[0];
+      codes[rr].y = word[4];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         if (half == 1 && p.blocksize >= 64) {  // the strip is inside one block
@@ -145,7 +149,7 @@ struct TileLoads {
           absmax_code[rr][1] = absmax_code[rr][0];
           continue;
         }
-        const int64_t block = (flat + 32 * half) >> block_shift;
+        const int block = (flat + 32 * half) >> block_shift;
         if constexpr (NESTED) {
           absmax_code[rr][half] = p.absmax_codes[block];
           absmax_or_nested[rr][half] = p.nested_absmax[block >> nested_shift];
@@ -177,9 +181,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   __shared__ __align__(16) uint32_t s_afrag[A_SMEM ? 8 : 1][32][kFragWords];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t col0 = int64_t(blockIdx.x) * kStrip;
-  const int64_t row_cta = int64_t(blockIdx.y) * rows_per_cta;
-  const int64_t row_end = row_cta + rows_per_cta < p.n ? row_cta + rows_per_cta : p.n;
+  // int indices: N K < 2^31 (lora_merge_4bit_mma_takes)
+  const int col0 = int(blockIdx.x) * kStrip;
+  const int row_cta = int(blockIdx.y) * int(rows_per_cta);
+  const int row_end = int(row_cta + rows_per_cta < p.n ? row_cta + rows_per_cta : p.n);
   const int block_shift = 31 - __clz(p.blocksize);
   const int nested_shift = NESTED ? 31 - __clz(p.nested_blocksize) : 0;
 
@@ -195,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
   }
-  const int64_t first = row_cta + 16 * warp;
+  const int first = row_cta + 16 * warp;
   TileLoads<NESTED, SPLIT> cur;
   if (first < row_end) cur.load(p, frag, first, col0 + 8 * t, block_shift, nested_shift, g, lane);
   __syncthreads();  // the tables and A's strip
@@ -251,9 +256,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   T* out = static_cast<T*>(p.out);
 
 #pragma unroll 1
-  for (int64_t r0 = first; r0 < row_end; r0 += kRowsPerRound) {
+  for (int r0 = first; r0 < row_end; r0 += kRowsPerRound) {
     TileLoads<NESTED, SPLIT> next;
-    const int64_t r_next = r0 + kRowsPerRound;
+    const int r_next = r0 + kRowsPerRound;
     if (r_next < row_end) next.load(p, frag, r_next, col0 + 8 * t, block_shift, nested_shift, g, lane);
 
     float scale[2][2];
@@ -348,11 +353,11 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
     if constexpr (NORM) {
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        const int64_t o = r0 + g + 8 * rr;
+        const int o = r0 + g + 8 * rr;
         float total = sq[rr];
         total += __shfl_xor_sync(0xffffffffu, total, 1);
         total += __shfl_xor_sync(0xffffffffu, total, 2);
-        if (t == 0 && o < p.n) norm_partial[int64_t(blockIdx.x) * p.n + o] = total;
+        if (t == 0 && o < p.n) norm_partial[int(blockIdx.x) * int(p.n) + o] = total;
       }
     }
     cur = next;
@@ -480,6 +485,7 @@ void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, int* statu
 
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p) {
   return p.r <= kMergeMmaMaxRank && p.k % kStrip == 0 && p.blocksize >= 16 &&
+         p.n * p.k <= kMergeMmaMaxElements &&  // int index math
          reinterpret_cast<uintptr_t>(p.packed) % 4 == 0 &&  // 4-byte code loads
          reinterpret_cast<uintptr_t>(p.a) % 16 == 0 && p.fragments != nullptr &&
          reinterpret_cast<uintptr_t>(p.fragments) % 16 == 0;
