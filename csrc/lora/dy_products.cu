@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "lora/lora_launch.h"
 
@@ -166,17 +167,17 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int w) {
 }
 
 // Shared memory (dynamic: 98.5 KB for 8 warps, 74.5 KB for 4 with y; static shared memory stops at 48)
-template <int WARPS, bool DOT>
+template <int WARPS, bool DOT, int STAGES>
 struct DyProductsShared {
   uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
   float g[2][WARPS][16][16];    // the warps' g of a block, double-buffered
-  BlockSlot<DOT> ring[kStages<DOT>][WARPS];
+  BlockSlot<DOT> ring[STAGES][WARPS];
 };
 
-template <int WARPS, bool DOT>
+template <int WARPS, bool DOT, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsParams p) {
   extern __shared__ __align__(16) unsigned char dy_products_smem[];
-  auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT>*>(dy_products_smem);
+  auto& shared = *reinterpret_cast<DyProductsShared<WARPS, DOT, STAGES>*>(dy_products_smem);
   auto& s_b = shared.b;
   auto& s_g = shared.g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -193,7 +194,7 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   const __nv_bfloat16* dy_lane = static_cast<const __nv_bfloat16*>(p.dy) + lane_off;
   const __nv_bfloat16* y_lane = DOT ? static_cast<const __nv_bfloat16*>(p.y) + lane_off : nullptr;
 #pragma unroll
-  for (int st = 0; st < kStages<DOT> - 1; ++st) {
+  for (int st = 0; st < STAGES - 1; ++st) {
     issue_block<DOT>(p, ring[st][warp], row_begin + 16 * st, row_end, dy_lane + st * block_step,
                      DOT ? y_lane + st * block_step : nullptr, active, g, lane);
   }
@@ -245,19 +246,19 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   uint4 h_cur[2] = {p.h_frag[((row_begin >> 4) * 32 + lane) * 2], p.h_frag[((row_begin >> 4) * 32 + lane) * 2 + 1]};
   __syncthreads();  // s_b
   // the lane's pointers for the block kStages - 1 ahead of the one being read
-  const __nv_bfloat16* dy_ahead = dy_lane + (kStages<DOT> - 1) * block_step;
-  const __nv_bfloat16* y_ahead = DOT ? y_lane + (kStages<DOT> - 1) * block_step : nullptr;
+  const __nv_bfloat16* dy_ahead = dy_lane + (STAGES - 1) * block_step;
+  const __nv_bfloat16* y_ahead = DOT ? y_lane + (STAGES - 1) * block_step : nullptr;
 
   int buf = 0, stage = 0;
 #pragma unroll 1
   for (int64_t m0 = row_begin; m0 < row_end; m0 += 16, buf ^= 1) {
-    copy_wait<kStages<DOT> - 2>();  // this block's group is done (kStages - 2 later ones may be pending)
+    copy_wait<STAGES - 2>();  // this block's group is done (kStages - 2 later ones may be pending)
     BlockRegs<DOT> cur;
     read_block<DOT>(ring[stage][warp], lane, cur);
     // refill the slot read one block ago (this lane's own reads of it are done: their values fed
     // the previous block's math)
-    const int refill = stage == 0 ? kStages<DOT> - 1 : stage - 1;
-    issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (kStages<DOT> - 1), row_end, dy_ahead, y_ahead, active, g, lane);
+    const int refill = stage == 0 ? STAGES - 1 : stage - 1;
+    issue_block<DOT>(p, ring[refill][warp], m0 + 16 * (STAGES - 1), row_end, dy_ahead, y_ahead, active, g, lane);
     // this block's h^T fragments; the next block's loaded now, stored before the block's barrier
     const uint4 h_hi = h_cur[0], h_lo = h_cur[1];
     if (m0 + 16 < row_end) {
@@ -267,7 +268,7 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     }
     dy_ahead += block_step;
     if constexpr (DOT) y_ahead += block_step;
-    stage = stage == kStages<DOT> - 1 ? 0 : stage + 1;
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
 
     // g = dY B_v over the warp's 64 columns: A = dY as loaded
     // (hi and lo parts in separate accumulators: four chains of 4 dependent mma instead of two of 8)
@@ -404,45 +405,58 @@ __global__ void dy_products_finish(LoraDyProductsParams p, int g_planes) {
 
 // 4 warps (256-column strips) and 3 CTAs per SM with or without y (8 warps for LoRA halved the g
 // partials, but 32 KB of B_v fragments per CTA left room for too few blocks in flight).
+// LOWRANK_DY_WIDE=1 (an experiment): with y, 8 warps and 4 stages (one CTA per SM, 176 KB), half
+// the g partials.
 constexpr int kWarpsNoDot = 4;
 constexpr int kWarpsDot = 4;
 
+bool wide_dot() {
+  static const bool wide = [] {
+    const char* v = std::getenv("LOWRANK_DY_WIDE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return wide;
+}
+
 }  // namespace
 
-int64_t lora_dy_products_strip_cols(bool dot) { return int64_t(dot ? kWarpsDot : kWarpsNoDot) * kWarpCols; }
+int64_t lora_dy_products_strip_cols(bool dot) {
+  return int64_t(dot ? (wide_dot() ? 8 : kWarpsDot) : kWarpsNoDot) * kWarpCols;
+}
 
 namespace {
 
 // The kernel with its dynamic shared memory allowed (once per device).
-template <int WARPS, bool DOT>
+template <int WARPS, bool DOT, int STAGES>
 auto dy_products_kernel() {
-  const auto kernel = lora_dy_products<WARPS, DOT>;
+  const auto kernel = lora_dy_products<WARPS, DOT, STAGES>;
   static std::atomic<uint64_t> devices_set{0};
   int device = 0;
   cudaGetDevice(&device);
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if (bit == 0 || (devices_set.load() & bit) == 0) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(DyProductsShared<WARPS, DOT>)));
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(sizeof(DyProductsShared<WARPS, DOT, STAGES>)));
     devices_set.fetch_or(bit);
   }
   return kernel;
 }
 
-template <int WARPS, bool DOT>
+template <int WARPS, bool DOT, int STAGES>
 int ctas_per_sm() {
   int blocks = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dy_products_kernel<WARPS, DOT>(), 32 * WARPS,
-                                                sizeof(DyProductsShared<WARPS, DOT>));
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dy_products_kernel<WARPS, DOT, STAGES>(), 32 * WARPS,
+                                                sizeof(DyProductsShared<WARPS, DOT, STAGES>));
   return blocks > 0 ? blocks : 1;
 }
 
-template <int WARPS, bool DOT>
+template <int WARPS, bool DOT, int STAGES>
 void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
   const int64_t frag_threads = (p.m + 15) / 16 * 32;
   h_fragments<<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p.h, p.m, p.r, p.h_frag);
   const dim3 grid(unsigned((p.n + WARPS * kWarpCols - 1) / (WARPS * kWarpCols)), unsigned(p.row_chunks));
-  const auto kernel = dy_products_kernel<WARPS, DOT>();
-  kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT>), stream>>>(p);
+  const auto kernel = dy_products_kernel<WARPS, DOT, STAGES>();
+  kernel<<<grid, 32 * WARPS, sizeof(DyProductsShared<WARPS, DOT, STAGES>), stream>>>(p);
   const int64_t total = p.m * p.r + p.n * p.r + (p.dot != nullptr ? p.n : 0);
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 65535);
   dy_products_finish<<<unsigned(blocks), 256, 0, stream>>>(p, int(grid.x));
@@ -451,12 +465,14 @@ void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
 }  // namespace
 
 int lora_dy_products_ctas_per_sm(bool dot) {
-  return dot ? ctas_per_sm<kWarpsDot, true>() : ctas_per_sm<kWarpsNoDot, false>();
+  if (dot) return wide_dot() ? ctas_per_sm<8, true, 4>() : ctas_per_sm<kWarpsDot, true, kStages<true>>();
+  return ctas_per_sm<kWarpsNoDot, false, kStages<false>>();
 }
 
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream) {
-  if (p.y != nullptr) launch<kWarpsDot, true>(p, stream);
-  else launch<kWarpsNoDot, false>(p, stream);
+  if (p.y != nullptr && wide_dot()) launch<8, true, 4>(p, stream);
+  else if (p.y != nullptr) launch<kWarpsDot, true, kStages<true>>(p, stream);
+  else launch<kWarpsNoDot, false, kStages<false>>(p, stream);
 }
 
 }  // namespace lowrank::lora
