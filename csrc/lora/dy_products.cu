@@ -29,7 +29,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
 #include "lora/lora_launch.h"
 
@@ -68,9 +67,10 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t bits) {
 // Blocks in flight per warp: a ring of kStages 16-row blocks in shared memory filled by cp.async,
 // kStages - 1 blocks ahead of the math. ncu on the H100 at M = 8192, N = 14336, r = 16 (LoRA / with
 // y): one block ahead in registers 137 us / -, a 3-stage ring with 8 warps 132 us (DRAM 57%) / 4
-// warps 182 us (DRAM 82%), 5 stages with 4 warps 124 us (DRAM 63%).
+// warps 182 us (DRAM 82%), 5 stages with 4 warps 124 us (DRAM 63%). With y now 4 stages of 8 warps
+// (see kWarpsDot).
 template <bool DOT>
-constexpr int kStages = DOT ? 3 : 5;
+constexpr int kStages = DOT ? 4 : 5;
 
 // One 16-row block of a warp's 64 columns as a lane holds it: [row group (g, g + 8)][32-column
 // half], 8 bf16 each.
@@ -166,7 +166,8 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
 
-// Shared memory (dynamic: 98.5 KB for 8 warps, 74.5 KB for 4 with y; static shared memory stops at 48)
+// Shared memory (dynamic: 176 KB for 8 warps and 4 stages with y, 64 KB for LoRA's 4 warps and 5
+// stages; static shared memory stops at 48)
 template <int WARPS, bool DOT, int STAGES>
 struct DyProductsShared {
   uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
@@ -403,26 +404,18 @@ __global__ void dy_products_finish(LoraDyProductsParams p, int g_planes) {
   }
 }
 
-// 4 warps (256-column strips) and 3 CTAs per SM with or without y (8 warps for LoRA halved the g
-// partials, but 32 KB of B_v fragments per CTA left room for too few blocks in flight).
-// LOWRANK_DY_WIDE=1 (an experiment): with y, 8 warps and 4 stages (one CTA per SM, 176 KB), half
-// the g partials.
+// LoRA: 4 warps (256-column strips), 3 CTAs per SM (8 warps halved the g partials, but 32 KB of
+// B_v fragments per CTA left room for too few blocks in flight: 132 us against 124). With y: 8
+// warps (512-column strips) and 4 stages, one CTA per SM (176 KB of shared memory): half the g
+// partials (14.7 MB instead of 29.4 at N = 14336, M = 8192) for the same blocks in flight per SM;
+// torch.profiler on the H100, two runs each: the kernel 190.8 / 185.5 us and its finish 8.6 / 8.2
+// against 194.5 / 193.4 and 14.0 / 14.2 with 4 warps and 3 stages (3 CTAs per SM).
 constexpr int kWarpsNoDot = 4;
-constexpr int kWarpsDot = 4;
-
-bool wide_dot() {
-  static const bool wide = [] {
-    const char* v = std::getenv("LOWRANK_DY_WIDE");
-    return v != nullptr && v[0] == '1';
-  }();
-  return wide;
-}
+constexpr int kWarpsDot = 8;
 
 }  // namespace
 
-int64_t lora_dy_products_strip_cols(bool dot) {
-  return int64_t(dot ? (wide_dot() ? 8 : kWarpsDot) : kWarpsNoDot) * kWarpCols;
-}
+int64_t lora_dy_products_strip_cols(bool dot) { return int64_t(dot ? kWarpsDot : kWarpsNoDot) * kWarpCols; }
 
 namespace {
 
@@ -465,13 +458,11 @@ void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
 }  // namespace
 
 int lora_dy_products_ctas_per_sm(bool dot) {
-  if (dot) return wide_dot() ? ctas_per_sm<8, true, 4>() : ctas_per_sm<kWarpsDot, true, kStages<true>>();
-  return ctas_per_sm<kWarpsNoDot, false, kStages<false>>();
+  return dot ? ctas_per_sm<kWarpsDot, true, kStages<true>>() : ctas_per_sm<kWarpsNoDot, false, kStages<false>>();
 }
 
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream) {
-  if (p.y != nullptr && wide_dot()) launch<8, true, 4>(p, stream);
-  else if (p.y != nullptr) launch<kWarpsDot, true, kStages<true>>(p, stream);
+  if (p.y != nullptr) launch<kWarpsDot, true, kStages<true>>(p, stream);
   else launch<kWarpsNoDot, false, kStages<false>>(p, stream);
 }
 
