@@ -11,7 +11,10 @@ allocated before it (inputs, weights, dY), in MB. Rows:
   peft-lora / peft-dora            PEFT over nn.Linear (bf16)
   peft-bnb-qlora / peft-bnb-qdora  PEFT over bitsandbytes' Linear4bit
 Targets (H100): QLoRA 14336x4096 <= 2.75 ms (floor 2.49, peft+bnb 6.01) and <= 420 MB (peft 1410);
-QDoRA <= 3.0 ms (peft+bnb 11.09) and <= 450 MB (peft 3112).
+QDoRA <= 3.0 ms (peft+bnb 11.09) and <= 450 MB (peft 3112). Judged twice: by the block median
+("meets_target") and by the paired ratio to the floor (``paired_ratios``: floor, QLoRA and QDoRA
+calls interleaved round by round) times the 2.49 ms floor the targets were set against
+("meets_target_paired"): the GPU's clock steps within a block of calls.
 
 Model step (--model): 4 Llama-3-8B-shaped decoder layers (hidden 4096, MLP 14336, 32 heads, 8 KV
 heads, vocab 32000), batch 4 x 2048, adapters r = 16 on all 7 projections, forward + backward of
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -43,6 +47,11 @@ M = 8192
 R, ALPHA = 16, 32
 TARGETS = {("lowrank-qlora", (14336, 4096)): {"ms": 2.75, "mb": 420},
            ("lowrank-qdora", (14336, 4096)): {"ms": 3.0, "mb": 450}}
+# The floor the targets were set against (../shared/anchors/H100_PEERS.md): 2.75 ms = 1.104x it,
+# 3.0 ms = 1.205x. The H100's clock steps by ~15% under sustained GEMMs, within one block of calls
+# too, so the targets are also judged by the paired ratio (``paired_ratios``) times this floor.
+ANCHOR_FLOOR_MS = 2.49
+PAIRED = ("bf16-frozen", "lowrank-qlora", "lowrank-qdora")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -138,6 +147,54 @@ def fwd_bwd_peak_mb(layer, x, dy):
     layer(x).backward(dy)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _quantiles(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=10)
+    return {"p10": q[0], "median": statistics.median(values), "p90": q[-1]}
+
+
+def paired_ratios(rounds: int) -> dict:
+    """The target rows timed call by call against a floor call of the same round (14336 x 4096): each
+    round runs the floor, QLoRA and QDoRA once each, the order rotating, each call timed with CUDA
+    events; per implementation the quantiles of its calls' ms and of each call's ratio to the floor
+    call of its round. A clock step then moves the floor and the layer together. (Block timing
+    measured the floor 2.39 -> 2.76 ms within 30 calls; QLoRA's block median 1.13x in one run and
+    1.20x in the next with the same kernels.)"""
+    layers, x, dy = bench_layers_ours(PAIRED)
+
+    def step(layer):
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        layer(x).backward(dy)
+
+    for layer in layers.values():  # warm-up
+        for _ in range(3):
+            step(layer)
+    torch.cuda.synchronize()
+    events = []
+    for r in range(rounds):
+        order = PAIRED[r % 3:] + PAIRED[:r % 3]
+        row = {}
+        for name in order:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(layers[name])
+            end.record()
+            row[name] = (start, end)
+        events.append(row)
+    torch.cuda.synchronize()
+    times = {name: [row[name][0].elapsed_time(row[name][1]) for row in events] for name in PAIRED}
+    result = {"rounds": rounds}
+    for name in PAIRED:
+        result[name] = {"ms": _quantiles(times[name])}
+        if name != "bf16-frozen":
+            result[name]["ratio"] = _quantiles([a / b for a, b in zip(times[name], times["bf16-frozen"])])
+    del layers, x, dy
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
 
 
 def bench_layers(args, peft, bnb):
@@ -253,6 +310,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--model-reps", type=int, default=5)
     ap.add_argument("--no-model", action="store_true", help="layer benchmark only")
+    ap.add_argument("--paired-rounds", type=int, default=60)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_lora.py needs a CUDA device")
@@ -260,7 +318,19 @@ def main():
     env = harness.environment()
     print(f"{env['gpu']}  torch {env['torch']}")
     payload = {"benchmark": "lora", "env": env, "targets": {f"{k[0]} {k[1][0]}x{k[1][1]}": v for k, v in TARGETS.items()},
-               "rows": bench_layers(args, peft, bnb)}
+               "anchor_floor_ms": ANCHOR_FLOOR_MS, "rows": bench_layers(args, peft, bnb)}
+    if args.paired_rounds > 0:
+        paired = payload["paired"] = paired_ratios(args.paired_rounds)
+        for row in payload["rows"]:
+            if "target" in row and row["impl"] in paired:
+                ratio = paired[row["impl"]]["ratio"]["median"]
+                row["paired_ratio"] = ratio
+                row["meets_target_paired"] = ratio * ANCHOR_FLOOR_MS <= row["target"]["ms"] and \
+                    row["peak_mb_above_inputs"] <= row["target"]["mb"]
+                print(f"paired {row['impl']:14s} {ratio:.3f}x the floor (p10 {paired[row['impl']]['ratio']['p10']:.3f}, "
+                      f"p90 {paired[row['impl']]['ratio']['p90']:.3f}, {args.paired_rounds} rounds) = "
+                      f"{ratio * ANCHOR_FLOOR_MS:.3f} ms at the anchor's {ANCHOR_FLOOR_MS} ms floor: target "
+                      f"{'met' if row['meets_target_paired'] else 'MISSED'} ({row['target']['ms']} ms)")
     harness.write_json(args.out, payload)  # the layer rows survive a failure in the model step
     transformers = None if args.no_model else try_import("transformers")
     if transformers is not None:

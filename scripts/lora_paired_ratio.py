@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -19,49 +18,20 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import bench_lora  # noqa: E402
 
-NAMES = ("bf16-frozen", "lowrank-qlora", "lowrank-qdora")
-
-
-def quantiles(v):
-    q = statistics.quantiles(v, n=10)
-    return f"p10 {q[0]:.3f}  median {statistics.median(v):.3f}  p90 {q[-1]:.3f}"
-
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args()
-    layers, x, dy = bench_lora.bench_layers_ours(NAMES)
-
-    def step(layer):
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        layer(x).backward(dy)
-
-    for layer in layers.values():  # warm-up
-        for _ in range(3):
-            step(layer)
-    torch.cuda.synchronize()
-    events = []
-    for r in range(args.rounds):
-        order = NAMES[r % 3:] + NAMES[:r % 3]
-        row = {}
-        for name in order:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(layers[name])
-            end.record()
-            row[name] = (start, end)
-        events.append(row)
-    torch.cuda.synchronize()
-    times = {name: [row[name][0].elapsed_time(row[name][1]) for row in events] for name in NAMES}
+    result = bench_lora.paired_ratios(args.rounds)
     print(torch.cuda.get_device_name(), f"{args.rounds} rounds")
-    for name in NAMES:
-        print(f"{name:14s} ms     {quantiles(times[name])}")
-    for name in NAMES[1:]:
-        ratios = [a / b for a, b in zip(times[name], times["bf16-frozen"])]
-        print(f"{name:14s} / floor {quantiles(ratios)}")
+
+    def line(q):
+        return f"p10 {q['p10']:.3f}  median {q['median']:.3f}  p90 {q['p90']:.3f}"
+    for name in bench_lora.PAIRED:
+        print(f"{name:14s} ms     {line(result[name]['ms'])}")
+    for name in bench_lora.PAIRED[1:]:
+        print(f"{name:14s} / floor {line(result[name]['ratio'])}")
 
 
 if __name__ == "__main__":
