@@ -481,13 +481,19 @@ def test_row_norm_op_matches_direct(device, kind, out_features, in_features, r, 
     assert status.shape == (1,) and int(status) == want
 
 
-def test_row_norm_flags_cancelling_rows_and_the_fallback_fixes_them(device, monkeypatch):
-    monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
+def _row_norm_cancelling_problem(device):
+    """A 96 x 256 NF4 weight (in % 64 == 0: the direct norm applies) and a cancelling adapter:
+    (base, W0 float64, A, B, s) on ``device``."""
     torch.manual_seed(0)
     w = (torch.randn(96, 256) * 0.02).to(device)
     base, w0 = _base(w, "nf4-dq")
     A, B, s = _cancelling_adapter(w0.cpu())
-    A, B = A.to(device), B.to(device)
+    return base, w0, A.to(device), B.to(device), s
+
+
+def test_row_norm_flags_cancelling_rows_and_the_fallback_fixes_them(device, monkeypatch):
+    monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
+    base, w0, A, B, s = _row_norm_cancelling_problem(device)
     assert dora._row_norm_applies(base, A, B)
     _, flagged = dora.dora_weight_norm_flagged(base, A, B, s)
     assert flagged.nonzero().reshape(-1).tolist() == CANCEL_ROWS
@@ -558,11 +564,7 @@ def test_dora_row_scale(device, monkeypatch, row_norm):
     launch computes v and status) and the expansion with PyTorch ops; flagged rows and a zero
     magnitude set their status bits."""
     monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
-    torch.manual_seed(0)
-    w = (torch.randn(96, 256) * 0.02).to(device)
-    base, w0 = _base(w, "nf4-dq")
-    A, B, s = _cancelling_adapter(w0.cpu())
-    A, B = A.to(device), B.to(device)
+    base, w0, A, B, s = _row_norm_cancelling_problem(device)
     if not row_norm:
         monkeypatch.setenv("LOWRANK_ROW_NORM", "0")
     assert dora._row_norm_applies(base, A, B) == row_norm
