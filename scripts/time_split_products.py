@@ -5,26 +5,19 @@ its transpose [48, M], and dA's x^T [hi|mid|lo](g) as [K, 48] (cuBLAS picks spli
 
     PYTHONPATH=$PWD python3 scripts/time_split_products.py
 """
-import statistics
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import harness  # noqa: E402
 
 M, K, R = 8192, 4096, 16
 
 
-def median_us(fn, reps=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        times.append((s, e))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in times)
+def median_us(fn):
+    return harness.time_cuda(fn, [()], warmup=5, reps=50)["median_ms"] * 1e3
 
 
 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -135,15 +135,22 @@ def test_cancellation_falls_back_to_exact_rows(device, kind):
     assert (bound > 2 * dora.RTOL * n2).nonzero().reshape(-1).tolist() == CANCEL_ROWS
 
 
-def test_cancellation_in_lora_layer(device):
-    torch.manual_seed(1)
-    linear = nn.Linear(200, 96).to(device)
+def _cancelling_dora_layer(device, in_features: int, seed: int):
+    """A QDoRA LoraLinear (96 outputs, r = 8) whose adapter cancels W0 on CANCEL_ROWS: (layer, W0
+    float64, s)."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, 96).to(device)
     layer = LoraLinear(Linear4bit.from_linear(linear), r=8, lora_alpha=16, use_dora=True)
     w0 = layer.base_weight_fp32().double()
     A, B, s = _cancelling_adapter(w0.cpu(), r=8, s=layer.scaling)
     with torch.no_grad():
         layer.lora_A.weight.copy_(A)
         layer.lora_B.weight.copy_(B)
+    return layer, w0, s
+
+
+def test_cancellation_in_lora_layer(device):
+    layer, w0, s = _cancelling_dora_layer(device, 200, seed=1)
     ref = _direct(w0, layer.lora_A.weight, layer.lora_B.weight, s)
     n_fixed = layer.dora_weight_norm()
     assert float(_rel_err(n_fixed, ref).max()) <= 1e-6
@@ -588,14 +595,8 @@ def test_lora_layer_over_row_norm_status(device, monkeypatch):
     the forward with the exact n, a zero magnitude still gets its gradient (the backward reads the
     word's other bit); both against the layer's reference path."""
     monkeypatch.setattr(dora, "ROW_NORM_ON_CPU", True)
-    torch.manual_seed(3)
-    linear = nn.Linear(256, 96, bias=True).to(device)
-    layer = LoraLinear(Linear4bit.from_linear(linear), r=8, lora_alpha=16, use_dora=True)
-    w0 = layer.base_weight_fp32().double()
-    A, B, s = _cancelling_adapter(w0.cpu(), r=8, s=layer.scaling)
+    layer, _, _ = _cancelling_dora_layer(device, 256, seed=3)
     with torch.no_grad():
-        layer.lora_A.weight.copy_(A)
-        layer.lora_B.weight.copy_(B)
         layer.lora_magnitude_vector[7] = 0.0
     assert dora._row_norm_applies(layer.base_layer.quant, layer.lora_A.weight, layer.lora_B.weight)
     x = torch.randn(6, 256, device=device)
