@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_lora  # noqa: E402
 import trace_gaps  # noqa: E402
+from qdora_block_timing import _FreeFlag  # noqa: E402
 
 import lowrank.lora_function as lora_function  # noqa: E402
 import lowrank.nn.lora as nn_lora  # noqa: E402
@@ -36,22 +37,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         env[key] = value
     return name, env
-
-
-class _FreeFlag:
-    """A flag read that never waits and says False (diagnostic: what the host's reads cost)."""
-
-    def __init__(self, flag):
-        pass
-
-    def __bool__(self):
-        return False
-
-    def value(self):
-        return 0
-
-    def bits(self, mask):
-        return self
 
 
 _FLAG_CLASS = (nn_lora._AsyncFlag, lora_function._AsyncFlag)
