@@ -19,7 +19,9 @@ HEADER = """\
 // those of mma.m16n8k16 for its warp's 16 rows: a[0] = (row g, k 2t..2t+1), a[1] = (g + 8, same),
 // a[2] = (g, 2t+8..2t+9), a[3] = (g + 8, same); d[4 j .. 4 j + 3] = (g, 8 j + 2t), (g, 8 j + 2t + 1),
 // (g + 8, 8 j + 2t), (g + 8, 8 j + 2t + 1) with g = lane / 4, t = lane % 4. B is K-major (x's rows
-// contiguous in k): imm-trans-b = 0. sm_90a only: the caller guards the use.
+// contiguous in k): imm-trans-b = 0. accumulate = 0 writes D = A B (the old D ignored): a tile's
+// first product needs no zeroed accumulators, so no plain instruction ever writes registers that a
+// wgmma in flight may still write (nvcc then injects waits). sm_90a only: the caller guards the use.
 #pragma once
 #include <cstdint>
 
@@ -29,7 +31,8 @@ HEADER = """\
 namespace lowrank::gemm {
 
 template <int N, typename T>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b);
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                         uint32_t accumulate);
 """
 
 
@@ -38,18 +41,21 @@ def wrapper(n: int, ctype: str, ptx_type: str) -> str:
     d_list = ", ".join(f"%{i}" for i in range(regs))
     a_list = ", ".join(f"%{regs + i}" for i in range(4))
     desc = f"%{regs + 4}"
+    acc = f"%{regs + 5}"
     outs = ",\n        ".join(", ".join(f'"+f"(d[{i}])' for i in range(j, min(j + 8, regs)))
                                for j in range(0, regs, 8))
     return f"""
 template <>
-__device__ __forceinline__ void wgmma_rs<{n}, {ctype}>(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t desc_b) {{
+__device__ __forceinline__ void wgmma_rs<{n}, {ctype}>(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t desc_b,
+                                                      uint32_t accumulate) {{
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
+      "{{\\n .reg .pred p;\\n setp.ne.b32 p, {acc}, 0;\\n"
       "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type} "
       "{{{d_list}}}, "
-      "{{{a_list}}}, {desc}, 1, 1, 1, 0;\\n"
+      "{{{a_list}}}, {desc}, p, 1, 1, 0;\\n}}\\n"
       : {outs}
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 #endif
 }}
 """

@@ -141,38 +141,54 @@ WGMMA_TILES = ["128x64", "128x128", "128x256", "256x64", "256x128"]  # rows x to
 
 
 @contextlib.contextmanager
-def _wgmma_tile(tile):
-    """Force the wgmma kernel's CTA tile (LOWRANK_WGMMA_TILE, read at each launch); None = its own
-    choice. An env variable rather than monkeypatch: hypothesis tests cannot take that fixture."""
-    before = os.environ.get("LOWRANK_WGMMA_TILE")
-    if tile is not None:
-        os.environ["LOWRANK_WGMMA_TILE"] = tile
+def _env(name, value):
+    """Set one of the wgmma kernel's switches (read at each launch); None leaves it unset. An env
+    variable rather than monkeypatch: hypothesis tests cannot take that fixture."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("LOWRANK_WGMMA_TILE", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["LOWRANK_WGMMA_TILE"] = before
+            os.environ[name] = before
+
+
+def _wgmma_tile(tile):
+    """Force the wgmma kernel's CTA tile (LOWRANK_WGMMA_TILE); None = its own choice."""
+    return _env("LOWRANK_WGMMA_TILE", tile)
+
+
+def _stream_k(ctas):
+    """LOWRANK_WGMMA_STREAM_K: None = the kernel's rule (a grid of fewer tiles than SMs is cut by
+    k), "0" = one CTA per tile, "<n>" = cut into n CTAs."""
+    return _env("LOWRANK_WGMMA_STREAM_K", ctas)
 
 
 @given(m=st.sampled_from([1, 17, 63, 64, 65, 100, 128, 129, 255, 256, 257, 300, 600]),
        n=st.sampled_from([8, 120, 128, 136, 264, 520, 1040]), k=st.sampled_from([64, 128, 192, 512, 1024, 4096]),
        quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from([64, 128, 256]),
        double_quant=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
-       tile=st.sampled_from([None] + WGMMA_TILES), seed=st.integers(0, 2**31 - 1))
+       tile=st.sampled_from([None] + WGMMA_TILES), stream_k=st.sampled_from([None, "0"]),
+       seed=st.integers(0, 2**31 - 1))
 @needs_hopper
 def test_cuda_wgmma_kernel_matches_reference(m, n, k, quant_type, blocksize, double_quant, dtype, with_bias, tile,
-                                             seed):
+                                             stream_k, seed):
     """Every CTA tile (128 or 256 weight rows x 64, 128 or 256 tokens), partial token and
-    weight-row tiles, pipelines shorter and longer than the stage ring, both absmax forms."""
+    weight-row tiles, pipelines shorter and longer than the stage ring, both absmax forms; these
+    grids have fewer tiles than SMs, so by the rule they are cut by k (stream-K), and "0" runs
+    them one CTA per tile."""
     if k % blocksize:
         blocksize = 64
     q = _quantized(n, k, quant_type, blocksize, double_quant, "cuda", seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=g).to("cuda", dtype)
     bias = torch.randn(n, generator=g).to("cuda", dtype) if with_bias else None
-    with _wgmma_tile(tile):
+    with _wgmma_tile(tile), _stream_k(stream_k):
         y = lowrank.matmul_4bit(x, q, bias, path="wgmma")
         assert y.shape == (m, n) and y.dtype == dtype
         _assert_within_rule(y, x, q, bias)
@@ -195,6 +211,40 @@ def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype
     with _wgmma_tile(tile):
         y = lowrank.matmul_4bit(x, q, path="wgmma")
     assert torch.equal(y, q.dequantize(dtype)[:, :m].t())
+
+
+@pytest.mark.parametrize("extra", [1, 3, 5, 15, "all"])
+@pytest.mark.parametrize("m", [40, 100, 300])
+@needs_hopper
+def test_cuda_wgmma_stream_k_cuts_match_one_cta_per_tile(m, extra):
+    """Tiles x 16 k steps cut among a few more CTAs than tiles up to one CTA per k step (392 rows:
+    2 tiles of 256 rows at M <= 128, 4 x 2 of 128 rows x 256 tokens at M = 300), so that ranges
+    start and end inside tiles and on their edges and a tile gathers the partial sums of up to 15
+    other CTAs: within the error rule, deterministic, and exact where the sums are (x = rows of
+    the identity)."""
+    k = 1024
+    q = _quantized(392, k, "nf4", 64, True, "cuda", 23)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    tiles = 2 if m <= 128 else 8
+    ctas = str(16 * tiles if extra == "all" else tiles + extra)
+    with _stream_k(ctas):
+        y = lowrank.matmul_4bit(x, q, path="wgmma")
+        assert torch.equal(y, lowrank.matmul_4bit(x, q, path="wgmma"))
+        eye = torch.eye(m, k, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(lowrank.matmul_4bit(eye, q, path="wgmma"), q.dequantize(torch.bfloat16)[:, :m].t())
+    _assert_within_rule(y, x, q, None)
+    with _stream_k("0"):
+        one_per_tile = lowrank.matmul_4bit(x, q, path="wgmma")
+    torch.testing.assert_close(y, one_per_tile, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("value", ["1", "2", "100000", "-3"])
+@needs_hopper
+def test_cuda_wgmma_stream_k_override_says_what_it_takes(value):
+    q = _quantized(392, 1024, "nf4", 64, True, "cuda", 24)  # 2 tiles x 16 k steps at M = 100
+    x = torch.randn(100, 1024, device="cuda", dtype=torch.bfloat16)
+    with _stream_k(value), pytest.raises(RuntimeError, match="LOWRANK_WGMMA_STREAM_K must be 0"):
+        lowrank.matmul_4bit(x, q, path="wgmma")
 
 
 @needs_hopper
@@ -265,17 +315,22 @@ def test_cuda_wgmma_path_refuses_other_gpus():
 
 @needs_hopper
 def test_cuda_auto_takes_the_wgmma_kernel_by_the_rule():
-    """docs/design.md's rule: wgmma for 16 < M <= 2048 when its grid fills half the SMs, else
-    dequantize + cuBLAS (the same bits as the forced path in each case)."""
+    """docs/design.md's rule: wgmma for 16 < M <= 2048 when its grid (cut by k when there are
+    fewer tiles than SMs) fills half the SMs, else dequantize + cuBLAS (the same bits as the
+    forced path in each case)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = 128 * sms  # one row tile per SM: any M up to 2048 fills the GPU
     q = _quantized(n, 256, "nf4", 64, True, "cuda", 7)
     for m, expected in ((17, "wgmma"), (300, "wgmma"), (2048, "wgmma"), (2049, "dequantize"), (16, "skinny")):
         x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(lowrank.matmul_4bit(x, q), lowrank.matmul_4bit(x, q, path=expected)), (m, expected)
-    small = _quantized(1024, 256, "nf4", 64, True, "cuda", 8)  # 8 row tiles: too few CTAs
+    small = _quantized(1024, 256, "nf4", 64, True, "cuda", 8)  # 4 tiles x 4 k steps: too little to cut
     x = torch.randn(100, 256, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(lowrank.matmul_4bit(x, small), lowrank.matmul_4bit(x, small, path="dequantize"))
+    long_k = _quantized(4096, 16384, "nf4", 64, True, "cuda", 9)  # 16 tiles x 256 k steps: cut among 128 CTAs
+    x = torch.randn(100, 16384, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(lowrank.matmul_4bit(x, long_k), lowrank.matmul_4bit(x, long_k, path="wgmma"))
+    assert not torch.equal(lowrank.matmul_4bit(x, long_k), lowrank.matmul_4bit(x, long_k, path="dequantize"))
 
 
 @needs_hopper

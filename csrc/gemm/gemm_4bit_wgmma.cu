@@ -98,6 +98,11 @@ struct KernelArgs {
   int blocksize_log2, nested_blocksize_log2;
   int n, k, m;
   int row_tiles, token_tiles;
+  // The work: tiles x k steps = iters, cut into `ctas` contiguous ranges (stream-K when ctas > tiles,
+  // else one whole tile per CTA); partials [ctas][ROWS * BT] fp32 and flags [ctas] for the cut tiles.
+  int ctas, iters;
+  float* partials;
+  unsigned* flags;
   bool thread_release;  // every consumer thread arrives on the stage's empty barrier (else lane 0 per warp)
   const void* bias;
   void* out;
@@ -193,6 +198,67 @@ __device__ __forceinline__ void build_table(const float (&values)[16], float abs
   pair_a = __byte_perm(lo_bytes, hi_bytes, 0x4051);
   pair_b = __byte_perm(lo_bytes, hi_bytes, 0x6273);
 }
+
+// Where one CTA's work lies. The grid walks tiles x k steps as one sequence of `iters`
+// iterations, cut into `ctas` contiguous ranges of base or base + 1 (stream-K when there are
+// fewer tiles than SMs: 28672 x 8192 at M = 128 is 112 tiles of 256 rows, which left 20 of 132
+// SMs idle for the whole kernel). A range shorter than a tile ends in the middle of one, so
+// with ctas > tiles a CTA has at most two segments: the end of one tile (k from the middle to
+// the end) and the start of the next (k from 0 to the middle). The CTA holding a tile's k = 0
+// reaches it last in its range and finishes the tile: it adds the fp32 partial sums that the
+// other CTAs of that tile wrote, in CTA order (deterministic), then stores y.
+struct WorkRange {
+  int base, rem;
+  __device__ __forceinline__ int first(int cta) const { return cta * base + min(cta, rem); }
+  __device__ __forceinline__ int count(int cta) const { return base + (cta < rem ? 1 : 0); }
+  __device__ __forceinline__ int cta_of(int g) const {
+    const int split = rem * (base + 1);
+    return g < split ? g / (base + 1) : rem + (g - split) / base;
+  }
+};
+
+// A position in the sequence: tile, k step and the tile's first weight row and token.
+struct Cursor {
+  int tile, kt, row0, token0;
+};
+// Raster: groups of kTokenGroup token tiles; inside a group the token tile varies fastest, so
+// the CTAs resident together share weight row tiles (codes read from DRAM once per group).
+template <int ROWS, int BT>
+__device__ __forceinline__ void tile_origin(const KernelArgs& p, Cursor& c) {
+  if (c.tile >= p.row_tiles * p.token_tiles) return;  // past the last tile: never used
+  const int group_ctas = kTokenGroup * p.row_tiles;
+  const int group = c.tile / group_ctas;
+  const int first_token_tile = group * kTokenGroup;
+  const int group_size = min(kTokenGroup, p.token_tiles - first_token_tile);
+  const int in_group = c.tile - group * group_ctas;
+  c.row0 = (in_group / group_size) * ROWS;
+  c.token0 = (first_token_tile + in_group % group_size) * BT;
+}
+template <int ROWS, int BT>
+__device__ __forceinline__ Cursor cursor_at(const KernelArgs& p, int g, int k_tiles) {
+  Cursor c{g / k_tiles, g % k_tiles, 0, 0};
+  tile_origin<ROWS, BT>(p, c);
+  return c;
+}
+template <int ROWS, int BT>
+__device__ __forceinline__ void advance(Cursor& c, const KernelArgs& p, int k_tiles) {
+  if (++c.kt == k_tiles) {
+    c.kt = 0;
+    ++c.tile;
+    tile_origin<ROWS, BT>(p, c);
+  }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void flag_release(unsigned* flag) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(flag), "r"(1u) : "memory");
+}
+__device__ __forceinline__ unsigned flag_acquire(const unsigned* flag) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(flag) : "memory");
+  return v;
+}
+#endif
 
 template <typename T, int ROWS, int BT, bool NESTED>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -356,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence();
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4));
+      for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4), 1u);
       wgmma_commit();
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
@@ -447,6 +513,323 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// The same GEMM over a grid cut by k (stream-K), for grids of fewer tiles than half the SMs, which
+// the kernel above would leave mostly idle (4096 x 14336 at M = 128: 16 tiles of 256 rows x 224
+// k steps). Kept apart from the kernel above: written as one kernel, the segment loop made ptxas
+// keep the stage index in vector registers (an R2UR per wgmma descriptor, 374 against 334
+// instructions per two k steps) and 28672 x 8192 at M = 2048 ran 1899 against 1664 us.
+template <typename T, int ROWS, int BT, bool NESTED>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_4bit_wgmma_stream_k_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
+                           const KernelArgs p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = Tile<ROWS, BT>;
+  constexpr int S = Cfg::kStages;
+  constexpr int B = Cfg::kBlocks;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ float s_qmap[256];
+  __shared__ float4 s_values[4];
+  // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
+  // addresses (ld.shared, not generic loads)
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const uint32_t smem_base = smem_addr(smem);
+  const uint32_t full_bar = smem_base + Cfg::kBarOff;  // + 8 s
+  const uint32_t empty_bar = full_bar + 8 * S;
+
+  const int k_tiles = p.k / kTileK;
+  const WorkRange range{p.iters / p.ctas, p.iters % p.ctas};
+  const int g0 = range.first(blockIdx.x);
+  const int n_iter = range.count(blockIdx.x);  // iteration i of this CTA is g0 + i; stage i % S
+
+  if (NESTED)
+    for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
+  if (threadIdx.x < 16) reinterpret_cast<float*>(s_values)[threadIdx.x] = p.values[threadIdx.x];
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full_bar + 8 * s, 128);  // the 128 producer threads (one with the tx bytes)
+      mbar_init(empty_bar + 8 * s, p.thread_release ? 256 : 8);  // the consumer threads, or lane 0 of each warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // ---- producer: per k step, the TMA copies (thread 0) and each row's scaled code table ----
+    // Thread r builds the tables of rows r and (with 256-row tiles) r + 128.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
+    const int r = threadIdx.x;
+    const float offset = NESTED ? *p.offset : 0.0f;
+    // absmax of (row r + 128 b, the k step at `at`), in two halves: the loads (issued
+    // kAbsmaxLookahead iterations ahead) and the decode at use.
+    auto load = [&](const Cursor& at, bool valid, int b, uint32_t& code, float& scale) {
+      code = 0;
+      scale = 0.0f;
+      const int row = at.row0 + r + 128 * b;
+      if (valid && row < p.n) {
+        const int64_t block = (int64_t(row) * p.k + int64_t(at.kt) * kTileK) >> p.blocksize_log2;
+        if (NESTED) {
+          code = __ldg(p.absmax_codes + block);
+          scale = __ldg(p.nested_absmax + (block >> p.nested_blocksize_log2));
+        } else {
+          scale = __ldg(p.absmax + block);
+        }
+      }
+    };
+    static_assert(kAbsmaxLookahead == 4, "the load queue below holds 4 steps");
+    uint32_t c[B][4];
+    float f[B][4];
+    Cursor ahead = cursor_at<ROWS, BT>(p, g0, k_tiles);  // the absmax loads' position
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) load(ahead, i < n_iter, b, c[b][i], f[b][i]);
+      advance<ROWS, BT>(ahead, p, k_tiles);
+    }
+    Cursor at = cursor_at<ROWS, BT>(p, g0, k_tiles);  // the copies' position
+    for (int i = 0; i < n_iter; ++i) {
+      const int s = i % S;
+      float values[16];  // from shared memory per step: 16 registers fewer held across the loop
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4 v = s_values[q];
+        values[4 * q] = v.x, values[4 * q + 1] = v.y, values[4 * q + 2] = v.z, values[4 * q + 3] = v.w;
+      }
+      uint4 lo[B], hi[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c[b][0]], f[b][0]), offset) : f[b][0];
+        build_table<T>(values, absmax, lo[b], hi[b]);
+      }
+      mbar_wait(empty_bar + 8 * s, ((i / S) & 1) ^ 1);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        uint4* table = reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes +
+                                                (r + 128 * b) * kTableRowBytes);
+        table[0] = lo[b];
+        table[1] = hi[b];
+      }
+      if (r == 0) {
+        mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
+        tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, &x_map, at.kt * kTileK, at.token0, full_bar + 8 * s);
+        tma_load_2d(smem_base + Cfg::kCodeOff + s * Cfg::kCodeBytes, &code_map, at.kt * kCodeRowBytes, at.row0,
+                    full_bar + 8 * s);
+      } else {
+        mbar_arrive(full_bar + 8 * s);
+      }
+      advance<ROWS, BT>(at, p, k_tiles);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        c[b][0] = c[b][1], f[b][0] = f[b][1];
+        c[b][1] = c[b][2], f[b][1] = f[b][2];
+        c[b][2] = c[b][3], f[b][2] = f[b][3];
+        load(ahead, i + kAbsmaxLookahead < n_iter, b, c[b][3], f[b][3]);
+      }
+      advance<ROWS, BT>(ahead, p, k_tiles);
+    }
+  } else {
+    // ---- consumers: warpgroup cw owns the 64-row blocks cw * B + h, h < B ----
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
+    const int cw = warpgroup - 1;
+    const int tid = threadIdx.x - 128 * warpgroup;
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int r_in_block = 16 * warp + g;  // this thread's rows within each 64-row block: + 0 and + 8
+    // byte t of two words into the low 16 bits: the two code bytes of one fragment row per k16 step
+    const uint32_t gather = uint32_t(t) | (uint32_t(t + 4) << 4);
+    const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
+
+    // Written only by wgmma (see store_tile): a segment's first product overwrites them
+    // (accumulate = 0).
+    float acc[B][BT / 2];
+#pragma unroll
+    for (int h = 0; h < B; ++h)
+#pragma unroll
+      for (int i = 0; i < BT / 2; ++i) acc[h][i] = 0.0f;
+
+    // One wgmma group = one k step (iteration i) of one 64-row block h: dequantize into `cur`
+    // while the previous group (reading `prev`) is in flight, issue this group, wait for the
+    // previous one; the first group of an iteration gives the previous iteration's stage back
+    // (every group of it is done). wgmma reads its A registers asynchronously, after the issuing
+    // instruction, and the compiler does not know that: it reused the registers of an in-flight
+    // group's fragments for the next group's (wrong sums on the H100 whenever K > 64). `keep`
+    // makes `prev` live until its group is known to be done, so the two groups' fragments sit in
+    // different registers.
+    auto group = [&](int i, int h, bool first, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
+      const int s = i % S;
+      if (h == 0) mbar_wait(full_bar + 8 * s, (i / S) & 1);
+      const int r_lo = 64 * (cw * B + h) + r_in_block;
+      const int r_hi = r_lo + 8;
+      const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
+      const uint8_t* tables = smem + Cfg::kTableOff + s * Cfg::kTableBytes;
+      const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
+      const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
+      const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
+      const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
+      const uint4 tlo_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes);
+      const uint4 thi_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes + 16);
+      const uint4 tlo_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes);
+      const uint4 thi_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes + 16);
+      const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
+      const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
+      // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
+        lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
+      }
+#pragma unroll
+      for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+      wgmma_fence();
+      const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4), first && j == 0 ? 0u : 1u);
+      wgmma_commit();
+#pragma unroll
+      for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+      wgmma_wait<1>();  // the previous group is done: its fragments (and, for h == 0, its stage) are free
+      keep(prev);
+#pragma unroll
+      for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+      if (h == 0 && i > 0) {
+        if (p.thread_release) {
+          mbar_arrive(empty_bar + 8 * ((i - 1) % S));
+        } else {
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty_bar + 8 * ((i - 1) % S));
+        }
+      }
+    };
+
+    // A CTA's partial sums of a cut tile, in its slot: float4 v of 64-row block `block` of thread
+    // tid at [(block * BT / 8 + v) * 128 + tid], so that a warp's stores are 512 contiguous bytes
+    // and the finishing CTA's thread with the same index reads back the same fragment elements.
+    auto slot = [&](int cta) {
+      return reinterpret_cast<float4*>(p.partials) + int64_t(cta) * (ROWS * BT / 4);
+    };
+    // The epilogue of a finished tile: + bias, round, stage [token][row] per 64-row block in the x
+    // stages, 16-byte stores. Only at the CTA's last segment: the producer has nothing more to
+    // copy into the stages, and both consumers' groups are done before either overwrites them.
+    // The partial sums of CTAs first..last (none when first > last) are added here, read from
+    // the workspace rather than added into acc: an ordinary instruction writing wgmma's
+    // accumulator registers anywhere in the kernel makes ptxas serialize every wgmma (C7515).
+    auto store_tile = [&](const Cursor& at, int first, int last) {
+      for (int cta = first; cta <= last; ++cta)
+        while (flag_acquire(p.flags + cta) == 0u) {
+        }
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+#pragma unroll
+      for (int h = 0; h < B; ++h) {
+        const int block = cw * B + h;
+        T* stage = reinterpret_cast<T*>(smem + Cfg::kXOff + block * Cfg::kOutBytes);
+        const int row_lo = at.row0 + 64 * block + r_in_block, row_hi = row_lo + 8;
+        float bias_lo = 0.0f, bias_hi = 0.0f;
+        if (p.bias != nullptr) {
+          const T* bias = static_cast<const T*>(p.bias);
+          if (row_lo < p.n) bias_lo = to_float(bias[row_lo]);
+          if (row_hi < p.n) bias_hi = to_float(bias[row_hi]);
+        }
+#pragma unroll
+        for (int j = 0; j < BT / 8; ++j) {
+          float4 others = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // the other CTAs' sums, in CTA order
+          for (int cta = first; cta <= last; ++cta) {
+            const float4 v = __ldcg(slot(cta) + ((cw * B + h) * (BT / 8) + j) * 128 + tid);
+            others.x += v.x, others.y += v.y, others.z += v.z, others.w += v.w;
+          }
+          const int tok = 8 * j + 2 * t;
+          stage[tok * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j] + others.x + bias_lo);
+          stage[(tok + 1) * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j + 1] + others.y + bias_lo);
+          stage[tok * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 2] + others.z + bias_hi);
+          stage[(tok + 1) * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 3] + others.w + bias_hi);
+        }
+      }
+      asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
+      T* out = static_cast<T*>(p.out);
+      for (int idx = tid; idx < B * BT * 8; idx += 128) {
+        const int block = cw * B + idx / (BT * 8);
+        const int tk = (idx / 8) % BT, c = idx % 8;
+        const T* stage = reinterpret_cast<const T*>(smem + Cfg::kXOff + block * Cfg::kOutBytes);
+        const int token = at.token0 + tk;
+        const int row = at.row0 + 64 * block + 8 * c;
+        if (token < p.m && row < p.n) {
+          const uint4 v = *reinterpret_cast<const uint4*>(stage + tk * kOutPitch + 8 * c);
+          *reinterpret_cast<uint4*>(out + int64_t(token) * p.n + row) = v;
+        }
+      }
+    };
+    auto store_partial = [&] {
+      float4* dst = slot(blockIdx.x);
+#pragma unroll
+      for (int h = 0; h < B; ++h)
+#pragma unroll
+        for (int v = 0; v < BT / 8; ++v)
+          __stcg(dst + ((cw * B + h) * (BT / 8) + v) * 128 + tid,
+                 make_float4(acc[h][4 * v], acc[h][4 * v + 1], acc[h][4 * v + 2], acc[h][4 * v + 3]));
+      __threadfence();
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      if (threadIdx.x == 128) flag_release(p.flags + blockIdx.x);
+    };
+    uint32_t frag_a[4][4], frag_b[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) frag_b[j][i] = 0u;
+    // groups alternate between the two fragment buffers
+    // Segments: runs of iterations within one tile. A segment that ends before the CTA's last
+    // iteration is its first one, which began in the middle of a tile (ranges are at most a tile
+    // long): partial sums for the CTA that finishes that tile. The wait between segments sits
+    // outside the loop over k steps: a conditional wait inside it made ptxas serialize every
+    // wgmma (C7515), 2172 against 1664 us at 28672 x 8192, M = 2048.
+    int i = 0;
+    for (int kt = g0 % k_tiles;; kt = 0) {
+      const int begin = i, end = min(n_iter, i + (k_tiles - kt));
+      if constexpr (B == 2) {
+        for (; i < end; ++i) {
+          group(i, 0, i == begin, frag_a, frag_b);
+          group(i, 1, i == begin, frag_b, frag_a);
+        }
+      } else {
+        // two k steps per trip, one buffer each, as straight-line code (a branch between the
+        // buffers cost 22% at 28672 x 8192, M = 2048); after the wait below both are free again
+        for (; i + 1 < end; i += 2) {
+          group(i, 0, i == begin, frag_a, frag_b);
+          group(i + 1, 0, false, frag_b, frag_a);
+        }
+        if (i < end) {
+          group(i, 0, i == begin, frag_a, frag_b);
+          ++i;
+        }
+      }
+      wgmma_wait<0>();
+      keep(frag_a);
+      keep(frag_b);
+      if (i == n_iter) break;
+      store_partial();
+    }
+#pragma unroll
+    for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+    // The last segment: [kt0, kt_end] of one tile.
+    const Cursor last = cursor_at<ROWS, BT>(p, g0 + n_iter - 1, k_tiles);
+    const int kt0 = max(0, g0 - last.tile * k_tiles);
+    if (kt0 > 0) {
+      store_partial();  // the tile's k = 0 lies in an earlier CTA's range, which finishes it
+    } else {
+      // this CTA finishes the tile: add the partial sums of the later CTAs that hold the rest of
+      // its k steps, in CTA order, then store
+      const int tile_g0 = last.tile * k_tiles;
+      if (last.kt < k_tiles - 1)
+        store_tile(last, range.cta_of(tile_g0 + last.kt + 1), range.cta_of(tile_g0 + k_tiles - 1));
+      else
+        store_tile(last, 0, -1);
+    }
+  }
+#else
+  __trap();  // built for a target without wgmma: the launcher refuses before getting here
+#endif
+}
+
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
   static std::once_flag once;
@@ -485,17 +868,22 @@ const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStr
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return "cuTensorMapEncodeTiled rejected the codes' tensor map";
 
-  auto kernel = gemm_4bit_wgmma_kernel<T, ROWS, BT, NESTED>;
+  const bool stream_k = args.ctas > args.iters / (p.k / kTileK);  // more CTAs than tiles
+  auto kernel = stream_k ? gemm_4bit_wgmma_stream_k_kernel<T, ROWS, BT, NESTED> : gemm_4bit_wgmma_kernel<T, ROWS, BT, NESTED>;
   static std::once_flag attr_once;
   static cudaError_t attr_error = cudaSuccess;
   std::call_once(attr_once, [&] {
-    attr_error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kAlloc);
+    attr_error = cudaFuncSetAttribute(gemm_4bit_wgmma_kernel<T, ROWS, BT, NESTED>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kAlloc);
+    if (attr_error == cudaSuccess)
+      attr_error = cudaFuncSetAttribute(gemm_4bit_wgmma_stream_k_kernel<T, ROWS, BT, NESTED>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kAlloc);
   });
   if (attr_error != cudaSuccess) return "cudaFuncSetAttribute refused the kernel's shared memory";
   KernelArgs a = args;
   a.row_tiles = int((p.n + ROWS - 1) / ROWS);
   a.token_tiles = int((p.m + BT - 1) / BT);
-  kernel<<<a.row_tiles * a.token_tiles, kThreads, Cfg::kAlloc, stream>>>(x_map, code_map, a);
+  kernel<<<a.ctas, kThreads, Cfg::kAlloc, stream>>>(x_map, code_map, a);
   return nullptr;
 }
 
@@ -514,7 +902,65 @@ int log2_exact(int v) { return __builtin_ctz(unsigned(v)); }
 
 }  // namespace
 
-const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream) {
+WgmmaPlan plan_gemm_4bit_wgmma(const Gemm4bitParams& p) {
+  WgmmaPlan plan;
+  plan.rows = int(wgmma_rows_per_cta(p.m, p.n, p.sms));
+  plan.tokens = int(wgmma_token_tile(p.m));
+  bool forced_tile = false;
+  // LOWRANK_WGMMA_TILE=<rows>x<tokens> forces a tile (A/B in one process; read per launch)
+  if (const char* env = std::getenv("LOWRANK_WGMMA_TILE"); env != nullptr && env[0] != '\0') {
+    char* end = nullptr;
+    plan.rows = int(std::strtol(env, &end, 10));
+    plan.tokens = (end != nullptr && *end == 'x') ? int(std::strtol(end + 1, nullptr, 10)) : 0;
+    forced_tile = true;
+    const bool known = (plan.rows == 128 && (plan.tokens == 64 || plan.tokens == 128 || plan.tokens == 256)) ||
+                       (plan.rows == 256 && (plan.tokens == 64 || plan.tokens == 128));
+    if (!known) {
+      plan.error = "LOWRANK_WGMMA_TILE must be one of 128x64, 128x128, 128x256, 256x64, 256x128 (rows x tokens)";
+      return plan;
+    }
+  }
+  const int64_t k_tiles = p.k / kWgmmaTileK;
+  auto tiles_of = [&] { return ((p.n + plan.rows - 1) / plan.rows) * ((p.m + plan.tokens - 1) / plan.tokens); };
+  int64_t tiles = tiles_of();
+  // A grid of fewer tiles than half the SMs is cut by k (stream-K), with 256-row tiles where the
+  // token tile allows (each x tile then feeds twice the rows).
+  const bool short_grid = 2 * tiles < p.sms;
+  if (short_grid && !forced_tile && plan.tokens <= 128) {
+    plan.rows = 256;
+    tiles = tiles_of();
+  }
+  const int64_t iters = tiles * k_tiles;
+  int64_t ctas = short_grid ? wgmma_stream_k_ctas(tiles, k_tiles, p.sms) : tiles;
+  // LOWRANK_WGMMA_STREAM_K=0 turns the cut off, =<n> cuts into n CTAs (tests, A/B; read per launch)
+  if (const char* env = std::getenv("LOWRANK_WGMMA_STREAM_K"); env != nullptr && env[0] != '\0') {
+    const int64_t forced = std::strtoll(env, nullptr, 10);
+    if (forced == 0) {
+      ctas = tiles;
+    } else if (forced > tiles && forced <= iters && tiles < p.sms) {
+      // fewer tiles than SMs: fewer finishing CTAs than SMs, so one resident CTA at least never
+      // waits, and the grid cannot stall on CTAs that have no SM yet
+      ctas = forced;
+    } else {
+      plan.error = "LOWRANK_WGMMA_STREAM_K must be 0 (off) or a CTA count above the tile count and at most "
+                   "tiles x k steps, for a grid of fewer tiles than SMs";
+      return plan;
+    }
+  }
+  if (iters >= (int64_t(1) << 31)) {
+    plan.error = "it takes fewer than 2^31 tiles x k steps";
+    return plan;
+  }
+  plan.tiles = int(tiles);
+  plan.iters = int(iters);
+  plan.ctas = int(ctas);
+  if (ctas > tiles) plan.workspace_bytes = ctas * (int64_t(plan.rows) * plan.tokens * 4 + 4);
+  return plan;
+}
+
+const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, const WgmmaPlan& plan, void* workspace,
+                                   cudaStream_t stream) {
+  if (plan.error != nullptr) return plan.error;
   KernelArgs a{};
   a.values = p.values;
   a.absmax = p.absmax;
@@ -529,22 +975,25 @@ const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream)
   a.m = int(p.m);
   a.bias = p.bias;
   a.out = p.out;
+  a.ctas = plan.ctas;
+  a.iters = plan.iters;
+  if (plan.workspace_bytes > 0) {
+    if (workspace == nullptr) return "the stream-K grid needs a workspace";
+    a.partials = static_cast<float*>(workspace);
+    a.flags = reinterpret_cast<unsigned*>(static_cast<uint8_t*>(workspace) +
+                                          int64_t(plan.ctas) * plan.rows * plan.tokens * 4);
+    // the flags start at 0 at every call: a CTA sets its flag once its partial sums are written
+    if (cudaMemsetAsync(a.flags, 0, size_t(plan.ctas) * 4, stream) != cudaSuccess)
+      return "cudaMemsetAsync of the stream-K flags failed";
+  }
   const char* release = std::getenv("LOWRANK_WGMMA_THREAD_RELEASE");  // A/B, read per launch
   a.thread_release = release != nullptr && release[0] == '1';
-  int rows = int(wgmma_rows_per_cta(p.m, p.n, p.sms));
-  int tokens = int(wgmma_token_tile(p.m));
-  // LOWRANK_WGMMA_TILE=<rows>x<tokens> forces a tile (A/B in one process; read per launch)
-  if (const char* env = std::getenv("LOWRANK_WGMMA_TILE"); env != nullptr && env[0] != '\0') {
-    char* end = nullptr;
-    rows = int(std::strtol(env, &end, 10));
-    tokens = (end != nullptr && *end == 'x') ? int(std::strtol(end + 1, nullptr, 10)) : 0;
-  }
   const bool nested = p.absmax_codes != nullptr;
   if (p.kind == FloatKind::kBFloat16)
-    return nested ? launch_typed<__nv_bfloat16, true>(p, a, rows, tokens, stream)
-                  : launch_typed<__nv_bfloat16, false>(p, a, rows, tokens, stream);
-  return nested ? launch_typed<__half, true>(p, a, rows, tokens, stream)
-                : launch_typed<__half, false>(p, a, rows, tokens, stream);
+    return nested ? launch_typed<__nv_bfloat16, true>(p, a, plan.rows, plan.tokens, stream)
+                  : launch_typed<__nv_bfloat16, false>(p, a, plan.rows, plan.tokens, stream);
+  return nested ? launch_typed<__half, true>(p, a, plan.rows, plan.tokens, stream)
+                : launch_typed<__half, false>(p, a, plan.rows, plan.tokens, stream);
 }
 
 }  // namespace lowrank::gemm

@@ -78,13 +78,23 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
                                                                                             : "not asked for";
   TORCH_CHECK(chosen != MatmulPath::kWgmma || wgmma_no == nullptr,
               "lowrank::matmul_4bit: path 'wgmma' cannot take this call: ", wgmma_no);
+  Gemm4bitParams p{};
+  p.kind = x.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
+  p.m = m;
+  set_packed_weight(p, w);
+  p.sms = device_facts(x.device().index()).sms;
+  WgmmaPlan plan;
+  if (wgmma_no == nullptr && m > 0) {
+    plan = plan_gemm_4bit_wgmma(p);
+    TORCH_CHECK(plan.error == nullptr, "lowrank::matmul_4bit: ", plan.error);
+  }
   if (chosen == MatmulPath::kAuto) {
     // The rule (docs/design.md): skinny for M <= 16; the wgmma GEMM for 16 < M <= 2048 when its
-    // grid fills at least half the SMs; otherwise dequantize + cuBLAS.
-    const int sms = device_facts(x.device().index()).sms;
+    // grid (cut by k when there are fewer tiles than SMs) fills at least half the SMs; otherwise
+    // dequantize + cuBLAS.
     if (skinny_no == nullptr)
       chosen = MatmulPath::kSkinny;
-    else if (wgmma_no == nullptr && m <= kWgmmaMaxAutoM && 2 * wgmma_ctas(m, out_features) >= sms)
+    else if (wgmma_no == nullptr && m <= kWgmmaMaxAutoM && 2 * plan.ctas >= p.sms)
       chosen = MatmulPath::kWgmma;
     else
       chosen = MatmulPath::kDequantize;
@@ -100,18 +110,17 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   std::optional<at::Tensor> bias_c;
   if (bias.has_value()) bias_c = bias->contiguous();
 
-  Gemm4bitParams p{};
   p.x = x2.const_data_ptr();
-  p.kind = x.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
-  p.m = m;
-  set_packed_weight(p, w);
   p.bias = bias_c.has_value() ? bias_c->const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
-  p.sms = device_facts(x.device().index()).sms;
   if (chosen == MatmulPath::kSkinny) {
     launch_gemm_4bit_skinny(p, c10::cuda::getCurrentCUDAStream());
   } else {
-    const char* error = launch_gemm_4bit_wgmma(p, c10::cuda::getCurrentCUDAStream());
+    // a stream-K grid's partial sums and flags: from the caching allocator, per call
+    at::Tensor workspace;
+    if (plan.workspace_bytes > 0) workspace = at::empty({plan.workspace_bytes}, x.options().dtype(at::kByte));
+    const char* error = launch_gemm_4bit_wgmma(
+        p, plan, plan.workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(error == nullptr, "lowrank::matmul_4bit: the wgmma kernel could not launch: ", error);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -57,10 +57,33 @@ constexpr int64_t wgmma_rows_per_cta(int64_t m, int64_t n, int64_t sms) {
   const int64_t waves_128 = (wgmma_ctas(m, n, 128) + sms - 1) / sms;
   return 2 * waves_256 <= waves_128 ? 256 : 128;
 }
-// The dispatch rule's bounds (docs/design.md): above this M cuBLAS on a dequantized weight is
-// faster (28672 x 8192: M = 8192 6.50 ms against 5.56 ms), and a grid of fewer 128-row CTAs than
-// half the SMs leaves too much of the GPU idle (4096 x 14336, M = 128: 32 CTAs, 117 us against 112 us).
+// The dispatch rule's bound (docs/design.md): above this M cuBLAS on a dequantized weight is
+// faster (28672 x 8192: M = 8192 6.50 ms against 5.56 ms).
 constexpr int64_t kWgmmaMaxAutoM = 2048;
-const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, cudaStream_t stream);
+// CTAs of a short wgmma grid (fewer tiles than half the SMs): up to one per SM with the tiles x
+// k steps cut evenly among them (stream-K; gemm_4bit_wgmma.cu), each CTA at least
+// kWgmmaMinStepsPerCta k steps; when that leaves no more CTAs than tiles, one per tile. With
+// fewer steps a CTA mostly fills and drains its pipeline and gathers partial sums: 4096 x 4096
+// at M = 17-256 (7.75-15.5 steps per CTA) took 33-46 us against the dequantize path's 25-33,
+// where 4096 x 14336 (27-54 steps) took 50-88 us against 104-118 (H100, graph-timed).
+constexpr int64_t kWgmmaMinStepsPerCta = 32;
+constexpr int64_t wgmma_stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t sms) {
+  if (tiles >= sms) return tiles;
+  const int64_t by_steps = tiles * k_tiles / kWgmmaMinStepsPerCta;
+  const int64_t ctas = by_steps < sms ? by_steps : sms;
+  return ctas > tiles ? ctas : tiles;
+}
+// How a call runs: the CTA tile, the grid, and the workspace a stream-K grid needs (fp32 partial
+// sums and a flag per CTA); error says why it cannot (a bad LOWRANK_WGMMA_* setting).
+struct WgmmaPlan {
+  int rows = 0, tokens = 0;  // per CTA tile
+  int tiles = 0, iters = 0, ctas = 0;
+  int64_t workspace_bytes = 0;  // 0 without stream-K
+  const char* error = nullptr;
+};
+WgmmaPlan plan_gemm_4bit_wgmma(const Gemm4bitParams& p);
+// workspace: plan.workspace_bytes of device memory, or nullptr when that is 0.
+const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, const WgmmaPlan& plan, void* workspace,
+                                   cudaStream_t stream);
 
 }  // namespace lowrank::gemm
