@@ -14,7 +14,11 @@ on 28672x8192; M >= 2048 forward and forward+backward <= 1.03x bf16.
 
 Times: forward passes at M <= 128 are device time per call from a captured CUDA graph ("timing":
 "graph"; the eager time, host overhead included, is beside it as eager_us); larger M, where the
-device time dwarfs the host's, and forward+backward passes are eager. GB/s counts the bytes a perfect kernel moves (4-bit codes + absmax codes + x + y; bf16: weight +
+device time dwarfs the host's, and forward+backward passes are eager, in interleaved rounds: every
+round times each impl once (reps / rounds calls), the order rotating by one per round, and a row's
+time is the median of its round medians and its vs_bf16 the median of its per-round ratios to
+bf16 (the GPU's clock drifts by several percent over a block of heavy calls: timed one impl after
+another, two names for the same kernel came out 1729 and 1550 us at 28672 x 8192, M = 2048). GB/s counts the bytes a perfect kernel moves (4-bit codes + absmax codes + x + y; bf16: weight +
 x + y); TFLOP/s is 2 M N K per forward (x2 with the backward's dX). Ceilings measured in the same
 run: the copy bandwidth and a large bf16 cuBLAS GEMM.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -90,6 +95,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/bench_matmul.json")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the eager-timed rows")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096,28672x8192")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep-row-tiles", action="store_true",
@@ -148,10 +154,27 @@ def main():
                 if bnb is not None:
                     impls["bitsandbytes"] = (lambda xx, p, s: bnb.matmul_4bit(xx, p.t(), quant_state=s),
                                              bnb_ws, q4_bytes)
+                runs = {impl: (fwd_bwd(fn, xg, gy) if backward else (lambda *a, fn=fn: fn(x, *a)))
+                        for impl, (fn, _, _) in impls.items()}
+                interleaved = backward or m > 128
+                round_ms = {impl: [] for impl in impls}
+                if interleaved:
+                    names = list(impls)
+                    per_round = max(5, args.reps // args.rounds)
+                    for r in range(args.rounds):
+                        for impl in names[r % len(names):] + names[:r % len(names)]:
+                            t_r = harness.time_cuda(runs[impl], impls[impl][1], warmup=2, reps=per_round)
+                            round_ms[impl].append(t_r)
                 for impl, (fn, inputs, weight_bytes) in impls.items():
-                    run = fwd_bwd(fn, xg, gy) if backward else (lambda *a, fn=fn: fn(x, *a))
-                    eager = harness.time_cuda(run, inputs, warmup=3, reps=args.reps)
-                    t, timing = eager, "eager"
+                    run = runs[impl]
+                    if interleaved:
+                        ts = round_ms[impl]
+                        eager = {"median_ms": statistics.median(t_r["median_ms"] for t_r in ts),
+                                 "min_ms": min(t_r["min_ms"] for t_r in ts), "reps": sum(t_r["reps"] for t_r in ts),
+                                 "rounds": len(ts)}
+                    else:
+                        eager = harness.time_cuda(run, inputs, warmup=3, reps=args.reps)
+                    t, timing = eager, ("eager-interleaved" if interleaved else "eager")
                     if not backward and m <= 128:  # device time from a captured graph; eager beside it
                         try:
                             t, timing = harness.time_cuda_graph(run, inputs), "graph"
@@ -166,7 +189,11 @@ def main():
                     rows.append(row)
                 for row in rows[-len(impls):]:
                     base = next(r for r in rows[-len(impls):] if r["impl"] == "bf16")
-                    row["vs_bf16"] = row["median_ms"] / base["median_ms"]
+                    if round_ms[row["impl"]]:  # paired: the ratio within each round, then the median
+                        row["vs_bf16"] = statistics.median(
+                            a["median_ms"] / b["median_ms"] for a, b in zip(round_ms[row["impl"]], round_ms["bf16"]))
+                    else:
+                        row["vs_bf16"] = row["median_ms"] / base["median_ms"]
                     if row["impl"] == "lowrank-wgmma":
                         row["rel_error"], row["bf16_linear_rel_error"] = wgmma_err, plain_err
                     if row["impl"] == "lowrank":

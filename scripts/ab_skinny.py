@@ -1,10 +1,12 @@
 """A/B of skinny-kernel variants in one process (device time per call from captured CUDA graphs,
 weights rotated past L2), interleaved over rounds so the GPU's clock drift is shared:
-  generic   table lookups through generic shared addresses (LOWRANK_SKINNY_GENERIC_LOOKUP=1)
   imm       lookups through ld.shared with the table's window offset as an immediate (default)
+  generic   table lookups through generic shared addresses (LOWRANK_SKINNY_GENERIC_LOOKUP=1)
   -r1/-r2   at forced 16 / 32-row tiles (LOWRANK_SKINNY_ROW_TILES); without: the tile-height rule
-Prints one table (median us of the rounds' medians) and the largest relative difference between
-generic and imm outputs (bit-identical expected).
+The A/B of the 64 KB table shared per SM against one 32 KB table per CTA (LOWRANK_SKINNY_TABLE=128
+at branch wip/skinny-wide) is in docs/design.md.
+Prints one table (median us of the rounds' medians) and the largest relative difference from
+the generic lookups' output (bit-identical expected).
 
     PYTHONPATH=$PWD python3 scripts/ab_skinny.py [--shapes 28672x8192,14336x4096] [--ms 1,16]
 """
@@ -23,11 +25,9 @@ import harness  # noqa: E402
 import lowrank  # noqa: E402
 
 VARIANTS = {
-    "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1"},
     "imm": {},
-    "generic-r1": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_ROW_TILES": "1"},
+    "generic": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1"},
     "imm-r1": {"LOWRANK_SKINNY_ROW_TILES": "1"},
-    "generic-r2": {"LOWRANK_SKINNY_GENERIC_LOOKUP": "1", "LOWRANK_SKINNY_ROW_TILES": "2"},
     "imm-r2": {"LOWRANK_SKINNY_ROW_TILES": "2"},
 }
 

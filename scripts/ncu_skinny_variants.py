@@ -1,19 +1,35 @@
-"""One skinny-kernel launch per lookup path (generic shared addresses, then the immediate window
-offset) at M = 1 on 28672 x 8192 NF4 (blocksize 64, double quant), for ncu:
+"""One skinny-kernel launch per variant (env settings, read at each launch) on one shape, for ncu:
 
-    ncu --metrics gpu__time_duration.sum,smsp__inst_executed.sum -k regex:gemm_4bit_skinny \
-        python3 scripts/ncu_skinny_variants.py
+    ncu --set full -k regex:gemm_4bit_skinny -o $OUT/skinny python3 scripts/ncu_skinny_variants.py \
+        [--shape 28672x8192] [--m 1] [VARIANT ...]
+
+A variant is "NAME=VALUE[,NAME=VALUE]" or "" (the defaults); without any: the narrow table
+(LOWRANK_SKINNY_TABLE=128), then the defaults. NF4, blocksize 64, double quant.
 """
+import argparse
 import os
 
 import torch
 
 import lowrank
 
+ap = argparse.ArgumentParser()
+ap.add_argument("--shape", default="28672x8192")
+ap.add_argument("--m", type=int, default=1)
+ap.add_argument("variants", nargs="*")
+args = ap.parse_args()
+n, k = (int(v) for v in args.shape.split("x"))
 torch.manual_seed(0)
-q = lowrank.quantize_4bit(torch.randn(28672, 8192, device="cuda", dtype=torch.bfloat16) * 0.02)
-x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
-for generic in ("1", "0"):
-    os.environ["LOWRANK_SKINNY_GENERIC_LOOKUP"] = generic
+q = lowrank.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
+for variant in args.variants or ["LOWRANK_SKINNY_TABLE=128", ""]:
+    env = dict(kv.split("=") for kv in variant.split(",") if kv)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     lowrank.matmul_4bit(x, q, path="skinny")
     torch.cuda.synchronize()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value

@@ -98,6 +98,20 @@ def test_cuda_skinny_kernel_lookup_paths_agree(cuda_device, monkeypatch, row_til
         _assert_within_rule(fast, x, q, None)
 
 
+@pytest.mark.parametrize("row_tiles", ["1", "2"])
+def test_cuda_skinny_kernel_groups_cover_every_tile(cuda_device, monkeypatch, row_tiles):
+    """Tiles reach the CTAs' groups of warps gridDim apart: with more tiles than groups every group
+    does several (13000 rows: 813 or 407 tiles over one CTA per SM), with fewer some groups have
+    none; every row is written and right either way."""
+    monkeypatch.setenv("LOWRANK_SKINNY_ROW_TILES", row_tiles)
+    for n in (13000, 70):
+        q = _quantized(n, 128, "nf4", 64, True, cuda_device, 13)
+        x = torch.randn(3, 128, device=cuda_device, dtype=torch.bfloat16)
+        y = lowrank.matmul_4bit(x, q, path="skinny")
+        _assert_within_rule(y, x, q, None)
+        assert torch.equal(y, lowrank.matmul_4bit(x, q, path="skinny"))
+
+
 def test_cuda_skinny_kernel_propagates_nan_and_inf(cuda_device):
     q = _quantized(32, 128, "nf4", 64, True, cuda_device, 1)
     x = torch.randn(3, 128, device=cuda_device, dtype=torch.float16)
@@ -315,15 +329,19 @@ def test_cuda_wgmma_path_refuses_other_gpus():
 
 @needs_hopper
 def test_cuda_auto_takes_the_wgmma_kernel_by_the_rule():
-    """docs/design.md's rule: wgmma for 16 < M <= 2048 when its grid (cut by k when there are
-    fewer tiles than SMs) fills half the SMs, else dequantize + cuBLAS (the same bits as the
-    forced path in each case)."""
+    """docs/design.md's rule: wgmma for 16 < M <= 1024 (2048 for weights of at most 4096 x 4096
+    elements) when its grid (cut by k when there are fewer tiles than SMs) fills half the SMs,
+    else dequantize + cuBLAS (the same bits as the forced path in each case)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = 128 * sms  # one row tile per SM: any M up to 2048 fills the GPU
-    q = _quantized(n, 256, "nf4", 64, True, "cuda", 7)
+    q = _quantized(n, 256, "nf4", 64, True, "cuda", 7)  # a small weight (n x 256 <= 4096 x 4096)
     for m, expected in ((17, "wgmma"), (300, "wgmma"), (2048, "wgmma"), (2049, "dequantize"), (16, "skinny")):
         x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(lowrank.matmul_4bit(x, q), lowrank.matmul_4bit(x, q, path=expected)), (m, expected)
+    large = _quantized(n, 1024, "nf4", 64, True, "cuda", 10)  # n x 1024 > 4096 x 4096: bound 1024
+    for m, expected in ((1024, "wgmma"), (1025, "dequantize")):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(lowrank.matmul_4bit(x, large), lowrank.matmul_4bit(x, large, path=expected)), (m, expected)
     small = _quantized(1024, 256, "nf4", 64, True, "cuda", 8)  # 4 tiles x 4 k steps: too little to cut
     x = torch.randn(100, 256, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(lowrank.matmul_4bit(x, small), lowrank.matmul_4bit(x, small, path="dequantize"))

@@ -8,8 +8,9 @@
 //   one load per element: 235 M lookups = 7.3 M warp loads, 32 us of the load/store unit at one
 //   per clock per SM, on top of the loads of the codes and of x: the LSU, not DRAM, would bound
 //   it. So the table here is indexed by a whole byte (two codes) and holds the pair of 16-bit
-//   values the mma wants in one register: half the lookups. It is replicated once per lane
-//   ([256][32] words, 32 KB) so that lane l always reads bank l: conflict-free whatever the codes.
+//   values the mma wants in one register: half the lookups. It is replicated once per lane so
+//   that lane l always reads bank l, conflict-free whatever the codes, in rows of 256 bytes (64
+//   KB, the upper half of each row unused) so that one byte permute addresses it (pair_word).
 // - The multiply by absmax is left out of the inner loop: each 64-wide k chunk (one quantization
 //   block per row, blocksize >= 64) is accumulated by 4 mma into fresh fp32 registers, which are
 //   then scaled by the row's absmax and added to the running sum: 4 fp32 FMA per chunk instead of
@@ -19,9 +20,10 @@
 // - M <= 16 pads to 8 or 16 mma columns: the tensor cores have ~30x headroom at this size, so the
 //   padding costs nothing that shows; CUDA-core FMAs would cost 16 FMA per element at M = 16.
 //
-// Work split: a CTA owns 16 * ROW_TILES weight rows for the whole K; its 8 warps split K in
-// contiguous ranges of 64-wide chunks and their partial sums are added in shared memory in warp
-// order (deterministic). The grid is persistent (the table is built once per CTA).
+// Work split: a group of 8 warps owns 16 * ROW_TILES weight rows for the whole K; its warps split
+// K in contiguous ranges of 64-wide chunks and their partial sums are added in shared memory in
+// warp order (deterministic). A CTA is 3 (or 2) such groups sharing one table; the grid is
+// persistent, one CTA per SM (the table is built once per SM).
 //
 // Instruction budget: the first version issued ~160 instructions per 512 packed bytes per warp
 // and ncu (H100, 28672 x 8192, M = 1) showed the schedulers issuing 0.56 per cycle with 44% of
@@ -37,7 +39,12 @@
 // loads (long scoreboard ~3-4 cycles per issued instruction): x is loaded one chunk ahead of
 // its use (28672 x 8192: M = 1 69.2 vs 70.6 us, M = 16 86.3 vs 91.6 us, same run), and an L2
 // prefetch of the next segment's absmax codes took ncu from 90.7 to 88.9 us but did not show in
-// graph timing (70.1 vs 69.8), so it is not in.
+// graph timing (70.1 vs 69.8), so it is not in. 2-instruction lookups from a 64 KB table shared
+// per SM (2026-11-24; A/B in one run, 28672 x 8192): 19.9 M instructions against 31.6 M, ncu
+// 77.2 against 93.6 us, graph-timed M = 1 62.1 against 71.0 us and M = 16 72.4 against 78.9.
+// What bounds it now (ncu source view): the shared-memory pipe, L1/TEX 76% busy; stalls on the
+// lookups' results (short scoreboard 20%), fixed latency (18%), the MIO queue (16%), global
+// loads (15%), with 16 warps per SM (128 registers for 32-row tiles).
 //
 // Fragment mapping (mma.m16n8k16, A = 16 weight rows x 16 k, B = 16 k x 8 x rows): lane
 // (g = lane / 4, t = lane % 4) loads 8 packed bytes of weight rows g and g + 8 at byte offset
@@ -82,25 +89,25 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Where ptxas puts the kernel's first static shared array (the table) in the CTA's shared window on
-// sm_90: after the 1 KB the system reserves. The kernel checks it (cvta of the table) and takes
-// the generic path when it differs (another architecture, a cluster launch, another layout).
+// Where the table sits in the CTA's shared window on sm_90: the first dynamic shared bytes (the
+// kernel has no static shared arrays), after the 1 KB the system reserves. The kernel checks it
+// (cvta of the table) and takes the generic path when it differs (another architecture, a
+// cluster launch, another layout).
 constexpr uint32_t kTableWindowOffset = 0x400;
 
-// The table word of byte j (0..3) of a packed word, for this lane. A table row is 32 words = 128
-// bytes, so the byte offset is byte * 128 + lane * 4: one shift and one AND-OR (LOP3) put the
-// byte at bits 7..14 beside the lane's bits 2..6, then the shared load. Through a generic
-// pointer the SASS adds one IADD of the table's shared-window address (4 instructions; the plain
-// index arithmetic compiled to 6): on sm_90 a shared address carries the CTA's cluster rank in
-// bits 24 and up (S2R SR_CgaCtaId), so ptxas cannot fold the table's window offset into the LDS.
+// The table word of byte J (0..3) of a packed word, for this lane. A table row is 256 bytes (the
+// lane's word at lane * 4, the upper 128 bytes unused), so one byte permute builds the offset:
+// bytes (lane4.b0, word.bJ, 0, 0), i.e. byte J at bits 8..15 beside the lane's bits 2..6 (lane4 <
+// 128, so its byte 1 is the zero); then the shared load, 2 instructions per lookup. With 128-byte
+// rows (32 KB) the byte has to be shifted to bits 7..14 and masked in beside the lane: 3
+// instructions (the kernel before 2026-11-24). Through a generic pointer the SASS adds one IADD
+// of the table's shared-window address: on sm_90 a shared address carries the CTA's cluster rank
+// in bits 24 and up (S2R SR_CgaCtaId), so ptxas cannot fold the window offset into the LDS.
 // Outside a cluster that rank is 0 and the address is offset + 0x400, so ld.shared takes the
-// offset as an immediate (IMM: 3 instructions, bit-identical). (A 256-byte-row table addressed by
-// one PRMT still paid the IADD and, at 64 KB, left ~23 KB of L1 for x: 46% slower;
-// docs/design.md, branch wip/skinny-v2.)
+// offset as an immediate (IMM, bit-identical).
 template <int J, bool IMM>
 __device__ __forceinline__ uint32_t pair_word(const char* table, uint32_t word, uint32_t lane4) {
-  const uint32_t shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
-  const uint32_t offset = (shifted & 0x7f80u) | lane4;
+  const uint32_t offset = __byte_perm(word, lane4, 0x5504u | (uint32_t(J) << 4));
   if constexpr (IMM) {
     uint32_t v;
     asm volatile("ld.shared.u32 %0, [%1+%2];" : "=r"(v) : "r"(offset), "n"(kTableWindowOffset));
@@ -143,41 +150,70 @@ struct ChunksPerStep {
   static constexpr int value = (4 / ROW_TILES / TILES_M) > 0 ? 4 / ROW_TILES / TILES_M : 1;
 };
 
-// CTAs per SM the register budget is set for: 16-row tiles fit 80 registers (3 CTAs, 24 warps
-// per SM); taller tiles need ~100-128 (2 CTAs).
+// A CTA per SM, shaped by the tile height: the 64 KB table (256-byte rows) is shared by 3 groups
+// of 8 warps (16-row tiles fit 80 registers) or 2 (taller tiles need ~100-128), each group working
+// on its own tiles with its own scratch and a named barrier. That is the warps and registers per
+// SM of the earlier 3 (or 2) CTAs of 8 warps with a 32 KB table each, in 85-93 KB of shared
+// memory instead of 126 (ncu: a 100 KB carveout instead of 132, so L1 keeps ~30 KB more).
 template <int ROW_TILES>
-struct MinCtasPerSm {
-  static constexpr int value = ROW_TILES == 1 ? 3 : 2;
+struct SkinnyLayout {
+  static constexpr int kGroups = ROW_TILES == 1 ? 3 : 2;
+  static constexpr int kThreadsPerCta = kThreads * kGroups;
+  static constexpr int kRowWords = 64;  // table words per code byte: 32 lanes' copies, 32 unused
+  static constexpr int kTableBytes = 256 * kRowWords * 4;
+};
+
+template <int TILES_M, int ROW_TILES, bool NESTED>
+struct SkinnySmem {
+  static constexpr int kTileRows = kRowsPerTile * ROW_TILES;
+  static constexpr int kSegment = 16 / ROW_TILES;  // chunks per absmax segment (16 x 16 decoded values)
+  // Per warp: the decoded absmax of its tile rows for one segment of its k range (padded rows:
+  // the 8 rows a load touches fall in 8 banks); reused after the k loop for the warps' partial sums.
+  static constexpr int kAbsmaxFloats = kWarps * kTileRows * (kSegment + 1);
+  static constexpr int kPartialFloats = kWarps * TILES_M * 4 * 32;
+  static constexpr int kScratchFloats = kAbsmaxFloats > kPartialFloats ? kAbsmaxFloats : kPartialFloats;
+  static constexpr int kQmapOff = SkinnyLayout<ROW_TILES>::kTableBytes;
+  static constexpr int kScratchOff = kQmapOff + (NESTED ? 256 : 4) * 4;
+  static constexpr int kBytes = kScratchOff + SkinnyLayout<ROW_TILES>::kGroups * kScratchFloats * 4;
 };
 
 template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
-__global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm_4bit_skinny(Gemm4bitParams p) {
+__global__ void __launch_bounds__(SkinnyLayout<ROW_TILES>::kThreadsPerCta, 1) gemm_4bit_skinny(Gemm4bitParams p) {
+  using Layout = SkinnyLayout<ROW_TILES>;
+  using Smem = SkinnySmem<TILES_M, ROW_TILES, NESTED>;
   constexpr int kSteps = ChunksPerStep<ROW_TILES, TILES_M>::value;
-  constexpr int kTileRows = kRowsPerTile * ROW_TILES;
-  constexpr int kSegment = 16 / ROW_TILES;  // chunks per absmax segment (16 x 16 decoded values)
-  __shared__ uint32_t s_pairs[256 * 32];
-  __shared__ float s_qmap[NESTED ? 256 : 1];
-  // Per warp: the decoded absmax of its tile rows for one segment of its k range (padded rows:
-  // the 8 rows a load touches fall in 8 banks); reused after the k loop for the warps' partial
-  // sums, so the CTA stays under the 48 KB of static shared memory.
-  constexpr int kAbsmaxFloats = kWarps * kTileRows * (kSegment + 1);
-  constexpr int kPartialFloats = kWarps * TILES_M * 4 * 32;
-  __shared__ float s_scratch[kAbsmaxFloats > kPartialFloats ? kAbsmaxFloats : kPartialFloats];
+  constexpr int kTileRows = Smem::kTileRows;
+  constexpr int kSegment = Smem::kSegment;
+  // All of it dynamic, the table first: nothing static precedes it, so it sits at the window
+  // offset pair_word takes as an immediate (checked below).
+  extern __shared__ __align__(16) uint8_t smem_dyn[];
+  uint32_t* s_pairs = reinterpret_cast<uint32_t*>(smem_dyn);
+  float* s_qmap = reinterpret_cast<float*>(smem_dyn + Smem::kQmapOff);
+  const int group = threadIdx.x / kThreads;  // 8-warp group: its own tiles, scratch and barrier
+  float* s_scratch = reinterpret_cast<float*>(smem_dyn + Smem::kScratchOff) + group * Smem::kScratchFloats;
   float(*s_partial)[TILES_M * 4][32] = reinterpret_cast<float(*)[TILES_M * 4][32]>(s_scratch);
   float(*s_absmax)[kSegment + 1] = reinterpret_cast<float(*)[kSegment + 1]>(s_scratch);
 
   // The pair table, one copy per lane: word [byte][lane] = (value[byte >> 4], value[byte & 15]) in
   // T, the first element (high nibble) in the low half as the mma reads it.
-  for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
+  for (int i = threadIdx.x; i < 256 * 32; i += Layout::kThreadsPerCta) {
     const int byte = i >> 5;
-    s_pairs[i] = Pack2<T>::pack(p.values[byte >> 4], p.values[byte & 15]);
+    s_pairs[byte * Layout::kRowWords + (i & 31)] = Pack2<T>::pack(p.values[byte >> 4], p.values[byte & 15]);
   }
   if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
+    for (int i = threadIdx.x; i < 256; i += Layout::kThreadsPerCta) s_qmap[i] = p.nested_qmap[i];
   }
   __syncthreads();
 
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % kWarps;
+  const int group_thread = threadIdx.x % kThreads;
+  // this group's tiles: the grid's groups 0 take tiles 0 .. gridDim - 1, its groups 1 the next
+  // gridDim, ...: with fewer tiles than groups the tiles spread over all SMs
+  const int64_t tile_first = int64_t(group) * gridDim.x + blockIdx.x;
+  const int64_t tile_stride = int64_t(gridDim.x) * Layout::kGroups;
+  auto group_sync = [&]() {
+    asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "n"(kThreads) : "memory");
+  };
   const int g = lane >> 2, t = lane & 3;
   const char* table = reinterpret_cast<const char*>(s_pairs);
   const uint32_t lane4 = uint32_t(lane) * 4u;
@@ -220,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
       }
   };
   uint2 w_next[kSteps][ROW_TILES][2];
-  if (n_groups > 0 && int64_t(blockIdx.x) < n_tiles) load_group(blockIdx.x, c_begin, w_next);
+  if (n_groups > 0 && tile_first < n_tiles) load_group(tile_first, c_begin, w_next);
 
   // The tile loop twice: table lookups through ld.shared with the table's window offset as an
   // immediate (kImm, see pair_word), or through the generic shared address (any other layout).
@@ -238,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
     constexpr bool kImm = decltype(imm)::value;
     uint4 x_cur[TILES_M][2];  // x of the chunk being computed
     if (c_begin < c_end) load_x(c_begin, x_cur);
-    for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    for (int64_t tile = tile_first; tile < n_tiles; tile += tile_stride) {
       const int64_t row0 = tile * kTileRows;
       float acc[ROW_TILES][TILES_M][4];
   #pragma unroll
@@ -256,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
   #pragma unroll
           for (int r = 0; r < ROW_TILES; ++r) w[u][r][0] = w_next[u][r][0], w[u][r][1] = w_next[u][r][1];
         if (gi + 1 < n_groups) load_group(tile, c0 + kSteps, w_next);
-        else if (tile + gridDim.x < n_tiles) load_group(tile + gridDim.x, c_begin, w_next);
+        else if (tile + tile_stride < n_tiles) load_group(tile + tile_stride, c_begin, w_next);
 
         // A segment's absmax, decoded once per (row, chunk) with coalesced loads: the codes of a
         // row's consecutive blocks are consecutive bytes. (Loading them with the weight codes, 8
@@ -333,16 +369,16 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
       // The warps' partial sums, added in warp order, then bias, one rounding, store. Accumulator i
       // of lane (g, t) in x tile j is y[m = 8 j + 2 t + (i & 1)][n = row tile + g + 8 (i >> 1)].
       // The partial sums reuse the absmax scratch: every warp must be past its last absmax read.
-      __syncthreads();
+      group_sync();
   #pragma unroll
       for (int r = 0; r < ROW_TILES; ++r) {
   #pragma unroll
         for (int j = 0; j < TILES_M; ++j)
   #pragma unroll
           for (int i = 0; i < 4; ++i) s_partial[warp][j * 4 + i][lane] = acc[r][j][i];
-        __syncthreads();
-        if (threadIdx.x < TILES_M * 4 * 32) {
-          const int idx = threadIdx.x >> 5, ln = threadIdx.x & 31;
+        group_sync();
+        if (group_thread < TILES_M * 4 * 32) {
+          const int idx = group_thread >> 5, ln = group_thread & 31;
           float sum = 0.0f;
   #pragma unroll
           for (int w = 0; w < kWarps; ++w) sum += s_partial[w][idx][ln];
@@ -354,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, MinCtasPerSm<ROW_TILES>::value) gemm
             static_cast<T*>(p.out)[m * N + n] = from_float<T>(sum);
           }
         }
-        __syncthreads();
+        group_sync();
       }
     }
   };
@@ -380,18 +416,21 @@ int multiprocessor_count() {
 
 template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
 void launch_tiles(const Gemm4bitParams& p, cudaStream_t stream) {
+  using Layout = SkinnyLayout<ROW_TILES>;
+  constexpr int kSmemBytes = SkinnySmem<TILES_M, ROW_TILES, NESTED>::kBytes;
   auto kernel = gemm_4bit_skinny<T, TILES_M, ROW_TILES, NESTED>;
   // CTAs per SM of this instantiation, queried once (a static per template instance: every
   // instantiation has the same function-pointer type, so a static keyed on that type would be
   // shared, as it was in the first version: every kernel ran with the first one's count).
   static int per_sm = 0;
   if (per_sm == 0) {
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Layout::kThreadsPerCta, kSmemBytes);
     if (per_sm <= 0) per_sm = 1;
   }
   const int64_t slots = int64_t(per_sm) * multiprocessor_count();
   const int64_t n_tiles = (p.n + kRowsPerTile * ROW_TILES - 1) / (kRowsPerTile * ROW_TILES);
-  kernel<<<unsigned(n_tiles < slots ? n_tiles : slots), kThreads, 0, stream>>>(p);
+  kernel<<<unsigned(n_tiles < slots ? n_tiles : slots), Layout::kThreadsPerCta, kSmemBytes, stream>>>(p);
 }
 
 // LOWRANK_SKINNY_ROW_TILES = 1, 2 or 4 forces the tile height (benchmark sweeps); 0 or unset:
@@ -405,19 +444,14 @@ int row_tiles_override() {
 template <typename T, int TILES_M, bool NESTED>
 void launch_rows(const Gemm4bitParams& p, cudaStream_t stream) {
   // Taller tiles reuse each x fragment over more rows (fewer x loads per weight byte) but cut the
-  // work into fewer pieces. The rule is the H100 sweep of bench_matmul --sweep-row-tiles (device
-  // time, us, rows 16 / 32 / 64): 28672 x 8192 M = 1: 71.5 / 76.8 / 83.5, M = 16: 96.6 / 89.8 /
-  // 98.4; 14336 x 4096 M = 1: 25.4 / 23.0 / 23.9, M = 16: 30.9 / 26.7 / 27.2; 4096 x 14336 (a run
-  // before the prefetch) M = 1: 23.5 / 27.4 / 37.3, M = 16: 27.2 / 31.6 / 46.4. 32-row tiles
-  // once there are two per CTA slot, 16-row tiles below that and for M <= 8 when there are 8 per
-  // SM or more.
+  // work into fewer pieces. The rule is the H100 A/B of scripts/ab_skinny.py (graph-timed device
+  // time, us, 16- / 32-row tiles, M = 1 and 16): 28672 x 8192 67.2 / 62.1, 90.5 / 72.4; 14336 x
+  // 4096 25.5 / 20.2, 31.1 / 23.1; 4096 x 14336 21.3 / 21.1, 26.8 / 24.4; 4096 x 4096 9.8 / 8.5,
+  // 11.6 / 9.6; 2048 x 4096 8.0 / 7.7, 9.5 / 8.8; 1024 x 8192 10.4 / 11.6, 12.8 / 13.8. 32-row
+  // tiles unless they number fewer than a third of the SMs (the sweep of the 3-CTA kernel before
+  // the shared table had favoured 16-row tiles at M = 1 on 28672 x 8192: 71.5 / 76.8).
   int rows = row_tiles_override();
-  if (rows == 0) {
-    const int64_t sms = multiprocessor_count();
-    if (TILES_M == 1 && (p.n + 15) / 16 >= 8 * sms) rows = 1;
-    else if ((p.n + 31) / 32 >= 2 * sms) rows = 2;
-    else rows = 1;
-  }
+  if (rows == 0) rows = 3 * ((p.n + 31) / 32) >= multiprocessor_count() ? 2 : 1;
   if (rows == 4) launch_tiles<T, TILES_M, 4, NESTED>(p, stream);
   else if (rows == 2) launch_tiles<T, TILES_M, 2, NESTED>(p, stream);
   else launch_tiles<T, TILES_M, 1, NESTED>(p, stream);

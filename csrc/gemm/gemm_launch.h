@@ -57,9 +57,15 @@ constexpr int64_t wgmma_rows_per_cta(int64_t m, int64_t n, int64_t sms) {
   const int64_t waves_128 = (wgmma_ctas(m, n, 128) + sms - 1) / sms;
   return 2 * waves_256 <= waves_128 ? 256 : 128;
 }
-// The dispatch rule's bound (docs/design.md): above this M cuBLAS on a dequantized weight is
-// faster (28672 x 8192: M = 8192 6.50 ms against 5.56 ms).
-constexpr int64_t kWgmmaMaxAutoM = 2048;
+// The dispatch rule's bound on M (docs/design.md): above it cuBLAS on a dequantized weight is
+// faster. H100, eager, interleaved rounds (bench_matmul.py), wgmma against dequantize + cuBLAS,
+// us: M = 1024: 28672 x 8192 792 / 863, 4096 x 14336 187 / 215, 14336 x 4096 212 / 215, 4096 x
+// 4096 55 / 66; M = 2048: 1707 / 1593, 371 / 362, 422 / 390, 108 / 147. So 1024, except for
+// weights of at most 4096 x 4096 elements, where the dequantize path's fixed cost (its own
+// launch and a temporary, ~40 us of 147) outweighs the GEMM's: 2048 (M = 8192: 6.50 against
+// 5.56 ms on 28672 x 8192).
+constexpr int64_t kWgmmaSmallWeight = int64_t(4096) * 4096;
+constexpr int64_t wgmma_max_auto_m(int64_t n, int64_t k) { return n * k <= kWgmmaSmallWeight ? 2048 : 1024; }
 // CTAs of a short wgmma grid (fewer tiles than half the SMs): up to one per SM with the tiles x
 // k steps cut evenly among them (stream-K; gemm_4bit_wgmma.cu), each CTA at least
 // kWgmmaMinStepsPerCta k steps; when that leaves no more CTAs than tiles, one per tile. With
