@@ -260,6 +260,33 @@ __device__ __forceinline__ unsigned flag_acquire(const unsigned* flag) {
 }
 #endif
 
+// A consumer thread's A fragments for one 64-row block and one k step, from stage s: the codes
+// of its two rows (r_lo, r_hi = r_lo + 8) and their scaled tables, looked up by byte permutes.
+// `gather` picks byte t of two words into the low 16 bits (the two code bytes of one fragment row
+// per k16 step). Shared by the per-tile and the stream-K kernel.
+template <typename Cfg>
+__device__ __forceinline__ void stage_fragments(const uint8_t* smem, int s, int r_lo, int r_hi, uint32_t gather,
+                                                uint32_t (&cur)[4][4]) {
+  const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
+  const uint8_t* tables = smem + Cfg::kTableOff + s * Cfg::kTableBytes;
+  const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
+  const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
+  const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
+  const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
+  const uint4 tlo_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes);
+  const uint4 thi_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes + 16);
+  const uint4 tlo_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes);
+  const uint4 thi_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes + 16);
+  const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
+  const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
+  // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
+    lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
+  }
+}
+
 template <typename T, int ROWS, int BT, bool NESTED>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_4bit_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
@@ -399,24 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (h == 0) mbar_wait(full_bar + 8 * s, (kt / S) & 1);
       const int r_lo = 64 * (cw * B + h) + r_in_block;
       const int r_hi = r_lo + 8;
-      const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
-      const uint8_t* tables = smem + Cfg::kTableOff + s * Cfg::kTableBytes;
-      const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
-      const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
-      const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
-      const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
-      const uint4 tlo_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes);
-      const uint4 thi_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes + 16);
-      const uint4 tlo_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes);
-      const uint4 thi_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes + 16);
-      const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
-      const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
-      // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
-        lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
-      }
+      stage_fragments<Cfg>(smem, s, r_lo, r_hi, gather, cur);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       wgmma_fence();
@@ -661,24 +671,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (h == 0) mbar_wait(full_bar + 8 * s, (i / S) & 1);
       const int r_lo = 64 * (cw * B + h) + r_in_block;
       const int r_hi = r_lo + 8;
-      const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
-      const uint8_t* tables = smem + Cfg::kTableOff + s * Cfg::kTableBytes;
-      const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
-      const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
-      const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
-      const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
-      const uint4 tlo_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes);
-      const uint4 thi_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes + 16);
-      const uint4 tlo_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes);
-      const uint4 thi_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes + 16);
-      const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
-      const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
-      // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
-        lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
-      }
+      stage_fragments<Cfg>(smem, s, r_lo, r_hi, gather, cur);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       wgmma_fence();
