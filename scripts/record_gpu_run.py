@@ -44,8 +44,9 @@ def sanitizer_summary(path):
     m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
     hazards = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed", text)
     passed = re.findall(r"(\d+) passed", text)
+    # no summary line: the run was cut (its step's timeout) before the tool could write one
     return {"error_summary": [int(x) for x in m], "hazards": [int(x) for x in hazards],
-            "tests_passed": int(passed[-1]) if passed else 0, "tail": text[-600:]}
+            "tests_passed": int(passed[-1]) if passed else 0, "finished": bool(m or hazards), "tail": text[-600:]}
 
 
 def main():
@@ -62,7 +63,7 @@ def main():
     tests = pytest_summary(args.out_dir)
     if tests is not None:
         record["tests"] = {**tests, "csrc_tree": env["csrc_tree"]}
-    for tool in ("memcheck", "racecheck", "racecheck_wgmma_lane0", "racecheck_wgmma_thread"):
+    for tool in ("memcheck", "racecheck", "racecheck_skinny", "racecheck_wgmma_lane0", "racecheck_wgmma_thread"):
         s = sanitizer_summary(os.path.join(args.out_dir, f"sanitizer_{tool}.log"))
         if s is not None:
             record.setdefault("sanitizer", {})[tool] = {**s, "csrc_tree": env["csrc_tree"]}

@@ -50,7 +50,7 @@ def _assert_within_rule(y, x, q, bias):
 # --- the skinny kernel (CUDA) ------------------------------------------------------------------
 
 @given(m=st.integers(1, 16), n=st.sampled_from([1, 15, 16, 17, 64, 100, 256, 1040]),
-       k=st.sampled_from([64, 128, 192, 512, 1024, 4096]), quant_type=st.sampled_from(["nf4", "fp4"]),
+       k=st.sampled_from([64, 128, 192, 512, 1024, 1088, 4096, 4160]), quant_type=st.sampled_from(["nf4", "fp4"]),
        blocksize=st.sampled_from([64, 128, 256]), double_quant=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
        lead=st.sampled_from([(), (1,)]), seed=st.integers(0, 2**31 - 1))
@@ -81,12 +81,14 @@ def test_cuda_skinny_kernel_model_shape(cuda_device):
         _assert_within_rule(lowrank.matmul_4bit(x, q, path="skinny"), x, q, None)
 
 
+@pytest.mark.parametrize("tma", ["1", "0"])
 @pytest.mark.parametrize("row_tiles", ["1", "2"])
-def test_cuda_skinny_kernel_lookup_paths_agree(cuda_device, monkeypatch, row_tiles):
+def test_cuda_skinny_kernel_lookup_paths_agree(cuda_device, monkeypatch, row_tiles, tma):
     """The table lookups through ld.shared with the table's window offset as an immediate (the
     default on sm_90) and through generic addresses (LOWRANK_SKINNY_GENERIC_LOOKUP=1) read the same
-    table words: bit-identical outputs."""
+    table words: bit-identical outputs, in both kernels (LOWRANK_SKINNY_TMA)."""
     monkeypatch.setenv("LOWRANK_SKINNY_ROW_TILES", row_tiles)
+    monkeypatch.setenv("LOWRANK_SKINNY_TMA", tma)
     q = _quantized(1040, 1024, "nf4", 64, True, cuda_device, 11)
     for m in (1, 9):
         x = torch.randn(m, 1024, device=cuda_device, dtype=torch.bfloat16)
@@ -110,6 +112,42 @@ def test_cuda_skinny_kernel_groups_cover_every_tile(cuda_device, monkeypatch, ro
         y = lowrank.matmul_4bit(x, q, path="skinny")
         _assert_within_rule(y, x, q, None)
         assert torch.equal(y, lowrank.matmul_4bit(x, q, path="skinny"))
+
+
+@pytest.mark.parametrize("m", [1, 9, 16])
+@pytest.mark.parametrize("n, k", [(1040, 64), (300, 1088), (64, 4160), (4096, 4096)])
+@pytest.mark.parametrize("row_tiles", ["1", "2"])
+def test_cuda_skinny_register_kernel_matches_reference(cuda_device, monkeypatch, m, n, k, row_tiles):
+    """LOWRANK_SKINNY_TMA=0 takes the kernel that loads the codes into registers (the only one off
+    Hopper); on Hopper the default is the bulk-copy kernel, whose stages of 1024 k end part-full
+    at K = 64, 1088 and 4160. Both within the rule, each deterministic."""
+    monkeypatch.setenv("LOWRANK_SKINNY_ROW_TILES", row_tiles)
+    q = _quantized(n, k, "nf4", 64, True, cuda_device, 17)
+    bias = torch.randn(n, device=cuda_device, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=cuda_device, dtype=torch.bfloat16)
+    default = lowrank.matmul_4bit(x, q, bias, path="skinny")
+    monkeypatch.setenv("LOWRANK_SKINNY_TMA", "0")
+    registers = lowrank.matmul_4bit(x, q, bias, path="skinny")
+    assert torch.equal(registers, lowrank.matmul_4bit(x, q, bias, path="skinny"))
+    monkeypatch.delenv("LOWRANK_SKINNY_TMA")
+    _assert_within_rule(registers, x, q, bias)
+    _assert_within_rule(default, x, q, bias)
+
+
+def test_cuda_skinny_kernel_takes_a_packed_weight_8_byte_aligned(cuda_device, monkeypatch):
+    """Bulk copies need 16-byte aligned codes: an 8-byte aligned packed weight goes to the
+    register kernel (the same bits as LOWRANK_SKINNY_TMA=0 on the aligned weight)."""
+    q = _quantized(64, 1024, "nf4", 64, True, cuda_device, 19)
+    buf = torch.empty(q.packed.numel() + 16, dtype=torch.uint8, device=cuda_device)
+    base = (16 - buf.data_ptr() % 16) % 16
+    packed8 = buf[base + 8: base + 8 + q.packed.numel()]
+    packed8.copy_(q.packed.reshape(-1))
+    x = torch.randn(3, 1024, device=cuda_device, dtype=torch.bfloat16)
+    y = ops.matmul_4bit(x, packed8, q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.quant_map, 64,
+                        q.nested_blocksize, 64, 1024, None, "skinny")
+    monkeypatch.setenv("LOWRANK_SKINNY_TMA", "0")
+    assert torch.equal(y, lowrank.matmul_4bit(x, q, path="skinny"))
+    _assert_within_rule(y, x, q, None)
 
 
 def test_cuda_skinny_kernel_propagates_nan_and_inf(cuda_device):

@@ -59,63 +59,14 @@
 
 #include "common/cuda_float.cuh"
 #include "gemm/gemm_launch.h"
+#include "gemm/skinny_common.cuh"
 
 namespace lowrank::gemm {
 namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kRowsPerTile = 16;
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                  uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Where the table sits in the CTA's shared window on sm_90: the first dynamic shared bytes (the
-// kernel has no static shared arrays), after the 1 KB the system reserves. The kernel checks it
-// (cvta of the table) and takes the generic path when it differs (another architecture, a
-// cluster launch, another layout).
-constexpr uint32_t kTableWindowOffset = 0x400;
-
-// The table word of byte J (0..3) of a packed word, for this lane. A table row is 256 bytes (the
-// lane's word at lane * 4, the upper 128 bytes unused), so one byte permute builds the offset:
-// bytes (lane4.b0, word.bJ, 0, 0), i.e. byte J at bits 8..15 beside the lane's bits 2..6 (lane4 <
-// 128, so its byte 1 is the zero); then the shared load, 2 instructions per lookup. With 128-byte
-// rows (32 KB) the byte has to be shifted to bits 7..14 and masked in beside the lane: 3
-// instructions (the kernel before 2026-11-24). Through a generic pointer the SASS adds one IADD
-// of the table's shared-window address: on sm_90 a shared address carries the CTA's cluster rank
-// in bits 24 and up (S2R SR_CgaCtaId), so ptxas cannot fold the window offset into the LDS.
-// Outside a cluster that rank is 0 and the address is offset + 0x400, so ld.shared takes the
-// offset as an immediate (IMM, bit-identical).
-template <int J, bool IMM>
-__device__ __forceinline__ uint32_t pair_word(const char* table, uint32_t word, uint32_t lane4) {
-  const uint32_t offset = __byte_perm(word, lane4, 0x5504u | (uint32_t(J) << 4));
-  if constexpr (IMM) {
-    uint32_t v;
-    asm volatile("ld.shared.u32 %0, [%1+%2];" : "=r"(v) : "r"(offset), "n"(kTableWindowOffset));
-    return v;
-  } else {
-    return *reinterpret_cast<const uint32_t*>(table + offset);
-  }
-}
+using skinny::kRowsPerTile;
 
 // 8 packed bytes read once: no L1 allocation, so L1 keeps x and the absmax codes (the ncu run
 // put L1 throughput at 76% with the codes allocating).
@@ -123,24 +74,6 @@ __device__ __forceinline__ uint2 load_stream_u2(const uint8_t* ptr) {
   uint2 v;
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
   return v;
-}
-
-// 16 bytes of x, cached in L1 (every tile and warp of the CTA reads the same x).
-__device__ __forceinline__ uint4 load_x16(const void* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
-  return v;
-}
-
-// Word j (0..7) of 16 x elements held as two uint4.
-__device__ __forceinline__ uint32_t x_word(const uint4 (&v)[2], int j) {
-  const uint4& h = v[j >> 2];
-  switch (j & 3) {
-    case 0: return h.x;
-    case 1: return h.y;
-    case 2: return h.z;
-    default: return h.w;
-  }
 }
 
 // Chunks (of 64 k) whose loads one warp issues before it uses any: 4 row tiles' worth (4 x 512
@@ -159,8 +92,7 @@ template <int ROW_TILES>
 struct SkinnyLayout {
   static constexpr int kGroups = ROW_TILES == 1 ? 3 : 2;
   static constexpr int kThreadsPerCta = kThreads * kGroups;
-  static constexpr int kRowWords = 64;  // table words per code byte: 32 lanes' copies, 32 unused
-  static constexpr int kTableBytes = 256 * kRowWords * 4;
+  static constexpr int kTableBytes = skinny::kPairTableBytes;
 };
 
 template <int TILES_M, int ROW_TILES, bool NESTED>
@@ -194,12 +126,7 @@ __global__ void __launch_bounds__(SkinnyLayout<ROW_TILES>::kThreadsPerCta, 1) ge
   float(*s_partial)[TILES_M * 4][32] = reinterpret_cast<float(*)[TILES_M * 4][32]>(s_scratch);
   float(*s_absmax)[kSegment + 1] = reinterpret_cast<float(*)[kSegment + 1]>(s_scratch);
 
-  // The pair table, one copy per lane: word [byte][lane] = (value[byte >> 4], value[byte & 15]) in
-  // T, the first element (high nibble) in the low half as the mma reads it.
-  for (int i = threadIdx.x; i < 256 * 32; i += Layout::kThreadsPerCta) {
-    const int byte = i >> 5;
-    s_pairs[byte * Layout::kRowWords + (i & 31)] = Pack2<T>::pack(p.values[byte >> 4], p.values[byte & 15]);
-  }
+  skinny::build_pair_table<T>(s_pairs, p.values, threadIdx.x, Layout::kThreadsPerCta);
   if constexpr (NESTED) {
     for (int i = threadIdx.x; i < 256; i += Layout::kThreadsPerCta) s_qmap[i] = p.nested_qmap[i];
   }
@@ -262,14 +189,7 @@ __global__ void __launch_bounds__(SkinnyLayout<ROW_TILES>::kThreadsPerCta, 1) ge
   // immediate (kImm, see pair_word), or through the generic shared address (any other layout).
   // 16 elements of each of the lane's x rows at chunk c (x rows past M read row M - 1: their mma
   // columns are never stored). asm volatile keeps the load where it is written: one chunk ahead.
-  auto load_x = [&](int c, uint4(&v)[TILES_M][2]) {
-#pragma unroll
-    for (int j = 0; j < TILES_M; ++j) {
-      const T* src = x + x_off[j] + uint32_t(c) * kSkinnyChunk;
-      v[j][0] = load_x16(src);
-      v[j][1] = load_x16(src + 8);
-    }
-  };
+  auto load_x = [&](int c, uint4(&v)[TILES_M][2]) { skinny::load_x_chunk<T, TILES_M>(x, x_off, c, v); };
   auto tiles = [&](auto imm) {
     constexpr bool kImm = decltype(imm)::value;
     uint4 x_cur[TILES_M][2];  // x of the chunk being computed
@@ -333,33 +253,8 @@ __global__ void __launch_bounds__(SkinnyLayout<ROW_TILES>::kThreadsPerCta, 1) ge
             const float absmax[2] = {my_absmax[r * kRowsPerTile + g][c0 + u - seg],
                                      my_absmax[r * kRowsPerTile + g + 8][c0 + u - seg]};
             float chunk[TILES_M][4];
-  #pragma unroll
-            for (int j = 0; j < TILES_M; ++j)
-  #pragma unroll
-              for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
-            // k-step s feeds bytes 2s and 2s + 1 of the lane's 8 (rows g and g + 8 as a0/a2 and a1/a3).
-  #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const uint32_t lo = half == 0 ? w[u][r][0].x : w[u][r][0].y;
-              const uint32_t hi = half == 0 ? w[u][r][1].x : w[u][r][1].y;
-              const uint32_t a00 = pair_word<0, kImm>(table, lo, lane4), a01 = pair_word<0, kImm>(table, hi, lane4);
-              const uint32_t a02 = pair_word<1, kImm>(table, lo, lane4), a03 = pair_word<1, kImm>(table, hi, lane4);
-              const uint32_t a10 = pair_word<2, kImm>(table, lo, lane4), a11 = pair_word<2, kImm>(table, hi, lane4);
-              const uint32_t a12 = pair_word<3, kImm>(table, lo, lane4), a13 = pair_word<3, kImm>(table, hi, lane4);
-              const int s0 = 2 * half, s1 = 2 * half + 1;
-  #pragma unroll
-              for (int j = 0; j < TILES_M; ++j) {
-                mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(x_cur[j], 2 * s0), x_word(x_cur[j], 2 * s0 + 1));
-                mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(x_cur[j], 2 * s1), x_word(x_cur[j], 2 * s1 + 1));
-              }
-            }
-  #pragma unroll
-            for (int j = 0; j < TILES_M; ++j) {
-              acc[r][j][0] = fmaf(chunk[j][0], absmax[0], acc[r][j][0]);
-              acc[r][j][1] = fmaf(chunk[j][1], absmax[0], acc[r][j][1]);
-              acc[r][j][2] = fmaf(chunk[j][2], absmax[1], acc[r][j][2]);
-              acc[r][j][3] = fmaf(chunk[j][3], absmax[1], acc[r][j][3]);
-            }
+            skinny::chunk_mma<T, TILES_M, kImm>(chunk, w[u][r][0], w[u][r][1], x_cur, table, lane4);
+            skinny::scale_add<TILES_M>(acc[r], chunk, absmax[0], absmax[1]);
           }
   #pragma unroll
           for (int j = 0; j < TILES_M; ++j) x_cur[j][0] = x_next[j][0], x_cur[j][1] = x_next[j][1];
@@ -394,24 +289,9 @@ __global__ void __launch_bounds__(SkinnyLayout<ROW_TILES>::kThreadsPerCta, 1) ge
       }
     }
   };
-  const bool imm = !p.generic_lookup && (uint32_t(__cvta_generic_to_shared(s_pairs)) == kTableWindowOffset);
+  const bool imm = !p.generic_lookup && (uint32_t(__cvta_generic_to_shared(s_pairs)) == skinny::kTableWindowOffset);
   if (imm) tiles(std::true_type{});
   else tiles(std::false_type{});
-}
-
-int multiprocessor_count() {
-  // Cached per device: the attribute query costs host time on every launch (M = 1 calls are
-  // ~10 us of device time, so the host side is on the critical path of eager decoding).
-  static int counts[64] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < 0 || device >= 64) device = 0;
-  if (counts[device] == 0) {
-    int count = 0;
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    counts[device] = count > 0 ? count : 132;
-  }
-  return counts[device];
 }
 
 template <typename T, int TILES_M, int ROW_TILES, bool NESTED>
@@ -428,7 +308,7 @@ void launch_tiles(const Gemm4bitParams& p, cudaStream_t stream) {
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Layout::kThreadsPerCta, kSmemBytes);
     if (per_sm <= 0) per_sm = 1;
   }
-  const int64_t slots = int64_t(per_sm) * multiprocessor_count();
+  const int64_t slots = int64_t(per_sm) * skinny::multiprocessor_count();
   const int64_t n_tiles = (p.n + kRowsPerTile * ROW_TILES - 1) / (kRowsPerTile * ROW_TILES);
   kernel<<<unsigned(n_tiles < slots ? n_tiles : slots), Layout::kThreadsPerCta, kSmemBytes, stream>>>(p);
 }
@@ -441,32 +321,42 @@ int row_tiles_override() {
   return (v == 1 || v == 2 || v == 4) ? v : 0;
 }
 
+// Taller tiles reuse each x fragment over more rows (fewer x loads per weight byte) but cut the
+// work into fewer pieces. The rule is the H100 A/B of scripts/ab_skinny.py (graph-timed device
+// time, us, 16- / 32-row tiles, M = 1 and 16): 28672 x 8192 67.2 / 62.1, 90.5 / 72.4; 14336 x
+// 4096 25.5 / 20.2, 31.1 / 23.1; 4096 x 14336 21.3 / 21.1, 26.8 / 24.4; 4096 x 4096 9.8 / 8.5,
+// 11.6 / 9.6; 2048 x 4096 8.0 / 7.7, 9.5 / 8.8; 1024 x 8192 10.4 / 11.6, 12.8 / 13.8. 32-row
+// tiles unless they number fewer than a third of the SMs (the sweep of the 3-CTA kernel before
+// the shared table had favoured 16-row tiles at M = 1 on 28672 x 8192: 71.5 / 76.8).
+int skinny_row_tiles(const Gemm4bitParams& p) {
+  const int rows = row_tiles_override();
+  if (rows != 0) return rows;
+  return 3 * ((p.n + 31) / 32) >= skinny::multiprocessor_count() ? 2 : 1;
+}
+
 template <typename T, int TILES_M, bool NESTED>
-void launch_rows(const Gemm4bitParams& p, cudaStream_t stream) {
-  // Taller tiles reuse each x fragment over more rows (fewer x loads per weight byte) but cut the
-  // work into fewer pieces. The rule is the H100 A/B of scripts/ab_skinny.py (graph-timed device
-  // time, us, 16- / 32-row tiles, M = 1 and 16): 28672 x 8192 67.2 / 62.1, 90.5 / 72.4; 14336 x
-  // 4096 25.5 / 20.2, 31.1 / 23.1; 4096 x 14336 21.3 / 21.1, 26.8 / 24.4; 4096 x 4096 9.8 / 8.5,
-  // 11.6 / 9.6; 2048 x 4096 8.0 / 7.7, 9.5 / 8.8; 1024 x 8192 10.4 / 11.6, 12.8 / 13.8. 32-row
-  // tiles unless they number fewer than a third of the SMs (the sweep of the 3-CTA kernel before
-  // the shared table had favoured 16-row tiles at M = 1 on 28672 x 8192: 71.5 / 76.8).
-  int rows = row_tiles_override();
-  if (rows == 0) rows = 3 * ((p.n + 31) / 32) >= multiprocessor_count() ? 2 : 1;
+void launch_rows(const Gemm4bitParams& p, int rows, cudaStream_t stream) {
   if (rows == 4) launch_tiles<T, TILES_M, 4, NESTED>(p, stream);
   else if (rows == 2) launch_tiles<T, TILES_M, 2, NESTED>(p, stream);
   else launch_tiles<T, TILES_M, 1, NESTED>(p, stream);
 }
 
 template <typename T>
-void launch_typed(const Gemm4bitParams& p, cudaStream_t stream) {
+void launch_typed(const Gemm4bitParams& p, int rows, cudaStream_t stream) {
   const bool nested = p.absmax == nullptr;
   if (p.m <= 8) {
-    if (nested) launch_rows<T, 1, true>(p, stream);
-    else launch_rows<T, 1, false>(p, stream);
+    if (nested) launch_rows<T, 1, true>(p, rows, stream);
+    else launch_rows<T, 1, false>(p, rows, stream);
   } else {
-    if (nested) launch_rows<T, 2, true>(p, stream);
-    else launch_rows<T, 2, false>(p, stream);
+    if (nested) launch_rows<T, 2, true>(p, rows, stream);
+    else launch_rows<T, 2, false>(p, rows, stream);
   }
+}
+
+// The bulk-copy kernel unless LOWRANK_SKINNY_TMA=0 (A/B against this file's kernel).
+bool tma_allowed() {
+  const char* env = std::getenv("LOWRANK_SKINNY_TMA");
+  return env == nullptr || env[0] != '0';
 }
 
 }  // namespace
@@ -476,8 +366,13 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& params, cudaStream_t stream) 
   // LOWRANK_SKINNY_GENERIC_LOOKUP=1: the lookups through generic addresses (benchmark A/B)
   const char* generic = std::getenv("LOWRANK_SKINNY_GENERIC_LOOKUP");
   p.generic_lookup = generic != nullptr && generic[0] == '1';
-  if (p.kind == FloatKind::kBFloat16) launch_typed<__nv_bfloat16>(p, stream);
-  else launch_typed<__half>(p, stream);
+  const int rows = skinny_row_tiles(p);
+  // bulk copies need 16-byte aligned sources: rows start K / 2 bytes apart, a multiple of 32
+  if (p.cc_major == 9 && rows <= 2 && reinterpret_cast<uintptr_t>(p.packed) % 16 == 0 && tma_allowed() &&
+      launch_gemm_4bit_skinny_tma(p, rows, stream))
+    return;
+  if (p.kind == FloatKind::kBFloat16) launch_typed<__nv_bfloat16>(p, rows, stream);
+  else launch_typed<__half>(p, rows, stream);
 }
 
 }  // namespace lowrank::gemm

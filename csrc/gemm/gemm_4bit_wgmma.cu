@@ -51,6 +51,7 @@
 
 #include "common/cuda_float.cuh"
 #include "gemm/gemm_launch.h"
+#include "gemm/hopper.cuh"
 #include "gemm/wgmma_rs.cuh"
 
 namespace lowrank::gemm {
@@ -110,37 +111,14 @@ struct KernelArgs {
 
 // --- PTX wrappers (sm_90a) -----------------------------------------------------------------------
 
-[[maybe_unused]] __device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using hopper::smem_addr;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-          "r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
+using hopper::mbar_arrive;
+using hopper::mbar_arrive_expect_tx;
+using hopper::mbar_init;
+using hopper::mbar_wait;
+using hopper::tma_load_2d;
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -287,6 +265,48 @@ __device__ __forceinline__ void stage_fragments(const uint8_t* smem, int s, int 
   }
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One producer step, the same in the per-tile and the stream-K kernel: the scaled tables of
+// thread r's rows (r + 128 b) from the step's absmax (codes c[b][0], scales f[b][0]), written once
+// stage s (of the CTA's step `step`) is free; thread 0 issues the stage's copies of x (tokens from
+// token0) and the codes (rows from row0) at k step kt, the others arrive.
+template <typename T, typename Cfg, bool NESTED>
+__device__ __forceinline__ void produce_step(uint8_t* smem, uint32_t smem_base, int s, int step,
+                                             const uint32_t (&c)[Cfg::kBlocks][4], const float (&f)[Cfg::kBlocks][4],
+                                             const float4* s_values, const float* s_qmap, float offset, int r,
+                                             uint32_t full_bar, uint32_t empty_bar, const CUtensorMap* x_map,
+                                             const CUtensorMap* code_map, int kt, int token0, int row0) {
+  constexpr int B = Cfg::kBlocks;
+  float values[16];  // from shared memory per step: 16 registers fewer held across the loop
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float4 v = s_values[q];
+    values[4 * q] = v.x, values[4 * q + 1] = v.y, values[4 * q + 2] = v.z, values[4 * q + 3] = v.w;
+  }
+  uint4 lo[B], hi[B];
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c[b][0]], f[b][0]), offset) : f[b][0];
+    build_table<T>(values, absmax, lo[b], hi[b]);
+  }
+  mbar_wait(empty_bar + 8 * s, ((step / Cfg::kStages) & 1) ^ 1);
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    uint4* table =
+        reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes + (r + 128 * b) * kTableRowBytes);
+    table[0] = lo[b];
+    table[1] = hi[b];
+  }
+  if (r == 0) {
+    mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
+    tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, x_map, kt * kTileK, token0, full_bar + 8 * s);
+    tma_load_2d(smem_base + Cfg::kCodeOff + s * Cfg::kCodeBytes, code_map, kt * kCodeRowBytes, row0, full_bar + 8 * s);
+  } else {
+    mbar_arrive(full_bar + 8 * s);
+  }
+}
+#endif
+
 template <typename T, int ROWS, int BT, bool NESTED>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_4bit_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
@@ -360,34 +380,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 4; ++i) load(b, i, c[b][i], f[b][i]);
     for (int kt = 0; kt < k_tiles; ++kt) {
       const int s = kt % S;
-      float values[16];  // from shared memory per step: 16 registers fewer held across the loop
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float4 v = s_values[q];
-        values[4 * q] = v.x, values[4 * q + 1] = v.y, values[4 * q + 2] = v.z, values[4 * q + 3] = v.w;
-      }
-      uint4 lo[B], hi[B];
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c[b][0]], f[b][0]), offset) : f[b][0];
-        build_table<T>(values, absmax, lo[b], hi[b]);
-      }
-      mbar_wait(empty_bar + 8 * s, ((kt / S) & 1) ^ 1);
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        uint4* table = reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes +
-                                                (r + 128 * b) * kTableRowBytes);
-        table[0] = lo[b];
-        table[1] = hi[b];
-      }
-      if (r == 0) {
-        mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
-        tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, &x_map, kt * kTileK, token0, full_bar + 8 * s);
-        tma_load_2d(smem_base + Cfg::kCodeOff + s * Cfg::kCodeBytes, &code_map, kt * kCodeRowBytes, row0,
-                    full_bar + 8 * s);
-      } else {
-        mbar_arrive(full_bar + 8 * s);
-      }
+      produce_step<T, Cfg, NESTED>(smem, smem_base, s, kt, c, f, s_values, s_qmap, offset, r, full_bar,
+                                   empty_bar, &x_map, &code_map, kt, token0, row0);
 #pragma unroll
       for (int b = 0; b < B; ++b) {
         c[b][0] = c[b][1], f[b][0] = f[b][1];
@@ -599,34 +593,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     Cursor at = cursor_at<ROWS, BT>(p, g0, k_tiles);  // the copies' position
     for (int i = 0; i < n_iter; ++i) {
       const int s = i % S;
-      float values[16];  // from shared memory per step: 16 registers fewer held across the loop
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float4 v = s_values[q];
-        values[4 * q] = v.x, values[4 * q + 1] = v.y, values[4 * q + 2] = v.z, values[4 * q + 3] = v.w;
-      }
-      uint4 lo[B], hi[B];
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c[b][0]], f[b][0]), offset) : f[b][0];
-        build_table<T>(values, absmax, lo[b], hi[b]);
-      }
-      mbar_wait(empty_bar + 8 * s, ((i / S) & 1) ^ 1);
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        uint4* table = reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes +
-                                                (r + 128 * b) * kTableRowBytes);
-        table[0] = lo[b];
-        table[1] = hi[b];
-      }
-      if (r == 0) {
-        mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
-        tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, &x_map, at.kt * kTileK, at.token0, full_bar + 8 * s);
-        tma_load_2d(smem_base + Cfg::kCodeOff + s * Cfg::kCodeBytes, &code_map, at.kt * kCodeRowBytes, at.row0,
-                    full_bar + 8 * s);
-      } else {
-        mbar_arrive(full_bar + 8 * s);
-      }
+      produce_step<T, Cfg, NESTED>(smem, smem_base, s, i, c, f, s_values, s_qmap, offset, r, full_bar,
+                                   empty_bar, &x_map, &code_map, at.kt, at.token0, at.row0);
       advance<ROWS, BT>(at, p, k_tiles);
 #pragma unroll
       for (int b = 0; b < B; ++b) {
@@ -823,24 +791,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) ==
-            cudaSuccess &&
-        status == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  });
-  return fn;
-}
-
 template <typename T, int ROWS, int BT, bool NESTED>
 const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStream_t stream) {
   using Cfg = Tile<ROWS, BT>;
-  PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  PFN_cuTensorMapEncodeTiled_v12000 encode = hopper::tensor_map_encoder();
   if (encode == nullptr) return "the driver does not provide cuTensorMapEncodeTiled";
   CUtensorMap x_map, code_map;
   const CUtensorMapDataType x_type =

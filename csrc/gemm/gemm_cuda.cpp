@@ -83,6 +83,7 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   p.m = m;
   set_packed_weight(p, w);
   p.sms = device_facts(x.device().index()).sms;
+  p.cc_major = device_facts(x.device().index()).major;
   WgmmaPlan plan;
   if (wgmma_no == nullptr && m > 0) {
     plan = plan_gemm_4bit_wgmma(p);

@@ -21,6 +21,7 @@ struct Gemm4bitParams : quant::Packed4bitWeight {  // packed 8-byte aligned; blo
   void* out;            // [M, N] in kind
   bool generic_lookup;  // the skinny kernel's table lookups through generic addresses (A/B; default off)
   int sms;              // of the device: the wgmma kernel's tile choice
+  int cc_major;         // of the device: 9 lets the skinny call take its bulk-copy kernel
 };
 
 // The skinny kernel: weights dequantized in registers straight into tensor-core fragments
@@ -31,7 +32,13 @@ constexpr int kSkinnyMaxM = 16;
 // requirement blocksize >= 64 and K % blocksize == 0 (a block never straddles a row or a chunk).
 constexpr int kSkinnyChunk = 64;
 
+// Picks the kernel: on Hopper (cc_major 9) with the packed weight 16-byte aligned, the one whose
+// codes arrive in shared memory by bulk copies (gemm_4bit_skinny_tma.cu); elsewhere the one that
+// loads them into registers (gemm_4bit_skinny.cu). LOWRANK_SKINNY_TMA=0 forces the latter (A/B).
 void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream);
+// row_tiles: 1 or 2 (16 or 32 weight rows per tile). Returns false, having launched nothing, when
+// the build has no sm_90 code for it.
+bool launch_gemm_4bit_skinny_tma(const Gemm4bitParams& p, int row_tiles, cudaStream_t stream);
 
 // The wgmma kernel (sm_90a): the dequantized weight as wgmma's register A operand, x tiles brought
 // by TMA as its shared-memory B operand (gemm_4bit_wgmma.cu). Takes fp16/bf16 x with K % 64 == 0
