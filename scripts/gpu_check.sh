@@ -94,12 +94,12 @@ if has experiment_lora; then  # where the low-rank term should enter the big GEM
 fi
 
 if has sanitizer; then
-  # memcheck over every CUDA test; racecheck over the same minus the wgmma and skinny kernels (its
-  # hazard reports alone ran past 300 s with the wgmma tests; with the skinny tests it ran past
-  # 240 s: those take 133 s under racecheck alone), the skinny tests on their own, then the wgmma
-  # kernel on a small subset twice: with its stage
-  # release as built (lane 0 of each consumer warp arrives after __syncwarp) and with every
-  # consumer thread arriving (LOWRANK_WGMMA_THREAD_RELEASE=1, 15% slower at M = 2048).
+  # memcheck over every CUDA test. racecheck in parts, each within its limit: the CUDA tests minus
+  # the fused matmul kernels' (with the wgmma tests its hazard reports alone ran past 300 s; with
+  # the skinny tests it ran past 240 s); the skinny tests (133 s under racecheck); the wgmma kernel
+  # on a small subset twice, with its stage release as built (lane 0 of each consumer warp arrives
+  # after __syncwarp) and with every consumer thread arriving (LOWRANK_WGMMA_THREAD_RELEASE=1, 15%
+  # slower at M = 2048).
   files="tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py tests/test_lora_function.py tests/test_dora.py"
   wgmma_subset="reproduces and dtype1 and True"  # the identity test, bf16, nested absmax, every CTA tile
   for run in "memcheck|memcheck|cuda|0|300" "racecheck|racecheck|cuda and not wgmma and not skinny|0|240" \
