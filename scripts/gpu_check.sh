@@ -99,13 +99,18 @@ if has sanitizer; then
   # the skinny tests it ran past 240 s); the skinny tests (133 s under racecheck); the wgmma kernel
   # on a small subset twice, with its stage release as built (lane 0 of each consumer warp arrives
   # after __syncwarp) and with every consumer thread arriving (LOWRANK_WGMMA_THREAD_RELEASE=1, 15%
-  # slower at M = 2048).
+  # slower at M = 2048). The skinny TMA kernel releases its ring slots the same way (lane 0 after
+  # __syncwarp): racecheck reports the consumers' absmax reads against the producers' later writes
+  # to the slot, and none when every consumer thread arrives (diagnostic branch
+  # wip/skinny-thread-release; benchmarks/results/experiments/skinny_racecheck_release_2026-11-24.txt).
+  # LOWRANK_SANITIZER_RUNS=<names> runs only those (comma-separated).
   files="tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py tests/test_lora_function.py tests/test_dora.py"
   wgmma_subset="reproduces and dtype1 and True"  # the identity test, bf16, nested absmax, every CTA tile
   for run in "memcheck|memcheck|cuda|0|300" "racecheck|racecheck|cuda and not wgmma and not skinny|0|240" \
-             "racecheck_skinny|racecheck|cuda and skinny|0|200" \
+             "racecheck_skinny|racecheck|cuda and skinny|0|300" \
              "racecheck_wgmma_lane0|racecheck|$wgmma_subset|0|90" "racecheck_wgmma_thread|racecheck|$wgmma_subset|1|90"; do
     IFS="|" read -r name tool select release limit <<< "$run"
+    [[ -z ${LOWRANK_SANITIZER_RUNS:-} || ",$LOWRANK_SANITIZER_RUNS," == *",$name,"* ]] || continue
     [[ $name == racecheck_wgmma* ]] && sel_files=tests/test_matmul.py || sel_files=$files
     echo "== compute-sanitizer $name"
     # shellcheck disable=SC2086

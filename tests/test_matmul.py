@@ -134,6 +134,64 @@ def test_cuda_skinny_register_kernel_matches_reference(cuda_device, monkeypatch,
     _assert_within_rule(default, x, q, bias)
 
 
+@pytest.mark.parametrize("m", [1, 9, 16])
+@pytest.mark.parametrize("n, k", [(14336, 1024), (4552, 1088), (4564, 4096), (4200, 64)])
+def test_cuda_skinny_kernel_split_last_round_is_bit_identical(cuda_device, monkeypatch, m, n, k):
+    """With 32-row tiles, a last round of at most half the CTAs runs as 16-row halves (14336 rows
+    on 132 SMs: 52 tiles as 104 halves). A row's sums do not depend on the height of its tile, so
+    the outputs equal those of LOWRANK_SKINNY_SPLIT_LAST=0 bit for bit. 4552 and 4564 rows end in
+    a tile of 8 and 20 rows (one half past N, one part-full); K = 1088 ends in a part-full slab."""
+    monkeypatch.setenv("LOWRANK_SKINNY_ROW_TILES", "2")
+    q = _quantized(n, k, "nf4", 64, True, cuda_device, 31)
+    bias = torch.randn(n, device=cuda_device, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=cuda_device, dtype=torch.bfloat16)
+    y = lowrank.matmul_4bit(x, q, bias, path="skinny")
+    monkeypatch.setenv("LOWRANK_SKINNY_SPLIT_LAST", "0")
+    assert torch.equal(y, lowrank.matmul_4bit(x, q, bias, path="skinny"))
+    _assert_within_rule(y, x, q, bias)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_skinny_kernel_chain_reads_each_previous_output(cuda_device, monkeypatch, graph):
+    """On Hopper the bulk-copy kernel is launched with programmatic dependent launch: it may start
+    before the previous kernel ends and must read nothing of it before the wait. A chain of calls,
+    each x the previous call's output, the weights swapped between calls by copies: the same bits
+    as the calls one at a time with a synchronize between (and as LOWRANK_SKINNY_PDL=0), eagerly
+    and replayed from a CUDA graph."""
+    k = 2048
+    qs = [_quantized(k, k, "nf4", 64, True, cuda_device, 29 + i) for i in range(3)]
+    q = _quantized(k, k, "nf4", 64, True, cuda_device, 28)  # rewritten before each call
+    x0 = torch.randn(1, k, device=cuda_device, dtype=torch.bfloat16)
+
+    def chain():
+        y = x0
+        for i in range(6):
+            for field in ("packed", "absmax", "nested_absmax", "nested_quant_map", "nested_offset"):
+                getattr(q, field).copy_(getattr(qs[i % 3], field))
+            y = lowrank.matmul_4bit(y, q, path="skinny") * 0.4  # the weights scale by 0.05 sqrt(K) = 2.3
+        return y
+
+    expected = x0
+    for i in range(6):
+        torch.cuda.synchronize()
+        expected = lowrank.matmul_4bit(expected, qs[i % 3], path="skinny") * 0.4
+        torch.cuda.synchronize()
+    if graph:
+        chain()  # warm-up outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = chain()
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+    else:
+        out = chain()
+    assert torch.equal(out, expected)
+    monkeypatch.setenv("LOWRANK_SKINNY_PDL", "0")
+    assert torch.equal(chain(), expected)
+    assert expected.abs().max() > 0.1  # the chain did not fade to zeros
+
+
 def test_cuda_skinny_kernel_takes_a_packed_weight_8_byte_aligned(cuda_device, monkeypatch):
     """Bulk copies need 16-byte aligned codes: an 8-byte aligned packed weight goes to the
     register kernel (the same bits as LOWRANK_SKINNY_TMA=0 on the aligned weight)."""

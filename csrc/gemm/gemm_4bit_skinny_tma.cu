@@ -79,16 +79,36 @@ struct TmaLayout {
 
 using hopper::smem_addr;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+using hopper::allow_dependents;
+using hopper::dependency_wait;
 using hopper::mbar_arrive;
 using hopper::mbar_expect_tx;
 using hopper::mbar_init;
 using hopper::mbar_wait;
 using hopper::tma_load_2d;
+
+// A CTA's tiles: `whole` tiles of the kernel's height, blockIdx.x + i * gridDim.x, then, when the
+// last round is split (split_last), one of its tiles' 16-row halves from half_row0. 448 32-row
+// tiles over 132 CTAs (14336 rows) run 3.39 rounds of work in 4; 104 halves make the last round
+// half as long.
+struct Schedule {
+  int whole;
+  bool half;
+  int64_t half_row0;
+};
+template <int kRows>
+__device__ __forceinline__ Schedule cta_schedule(int64_t n, int64_t n_tiles, bool split_last) {
+  const int64_t rounds = n_tiles / gridDim.x, rest = n_tiles - rounds * gridDim.x;
+  if (!split_last) return Schedule{int(rounds + (blockIdx.x < rest)), false, 0};
+  const int64_t half_row0 = rounds * gridDim.x * kRows + int64_t(blockIdx.x) * kRowsPerTile;
+  return Schedule{int(rounds), blockIdx.x < 2 * rest && half_row0 < n, half_row0};
+}
 #endif
 
 template <typename T, int RT, int TILES_M, bool NESTED>
 __global__ void __launch_bounds__(kThreads, 1)
-    gemm_4bit_skinny_tma(const __grid_constant__ CUtensorMap code_map, const Gemm4bitParams p) {
+    gemm_4bit_skinny_tma(const __grid_constant__ CUtensorMap code_map, const __grid_constant__ CUtensorMap half_map,
+                         const Gemm4bitParams p, const bool split_last) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using L = TmaLayout<RT, TILES_M>;
   constexpr int S = L::kStages;
@@ -100,6 +120,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_qmap = reinterpret_cast<float*>(smem + L::kQmapOff);
   const uint32_t full_bar = smem_addr(smem + L::kBarOff);  // + 8 s
   const uint32_t empty_bar = full_bar + 8 * S;
+
+  // Launched with programmatic dependent launch (launch_gemm_4bit_skinny_tma), this grid may start
+  // while the previous kernel of the stream still runs: it reads nothing from global memory before
+  // dependency_wait(). It lets the next such kernel launch at once (its CTAs take the SMs this
+  // grid's CTAs leave). An L2 prefetch of each CTA's first tile before the wait was slower (docs/
+  // design.md): the wait is the first thing.
+  allow_dependents();
+  dependency_wait();
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
@@ -129,6 +157,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n_chunks = int(K / kSkinnyChunk);
   const int n_slabs = (n_chunks + kSlabChunks - 1) / kSlabChunks;
   const int64_t n_tiles = (N + kRows - 1) / kRows;
+  const Schedule sched = cta_schedule<kRows>(N, n_tiles, RT == 2 && split_last);
+  // first row of the CTA's tile i (i == sched.whole: its half tile)
+  auto tile_row0 = [&](int i) {
+    return i < sched.whole ? (int64_t(blockIdx.x) + int64_t(i) * gridDim.x) * kRows : sched.half_row0;
+  };
 
   if (warp >= kConsumerWarps) {
     const int pw = warp - kConsumerWarps;  // this producer warp's rows: kRows / 4 from pw * kRows / 4
@@ -150,11 +183,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t codes[kPerLane];
       float scales[kPerLane];
     };
-    auto load_absmax = [&](int64_t tile, int slab, AbsmaxLoads& a) {
+    auto load_absmax = [&](int64_t tile_row, int slab, AbsmaxLoads& a) {
       const int chunk = min(slab * kSlabChunks + cc, n_chunks - 1);  // past K: any valid block, unused
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) {
-        const int64_t row_raw = tile * kRows + row0 + 2 * i + lane / kSlabChunks;
+        const int64_t row_raw = tile_row + row0 + 2 * i + lane / kSlabChunks;  // a half tile: rows past it unused
         const uint32_t row = uint32_t(row_raw < N ? row_raw : N - 1);
         const uint32_t block = row * blocks_per_row + (uint32_t(chunk) >> chunk_block_shift);
         if constexpr (NESTED) {
@@ -168,10 +201,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     static_assert(kAbsmaxLag == 2 && kAbsmaxLag < S, "the queue below holds two stages' loads");
     AbsmaxLoads older, newer;  // stages it - 2 and it - 1
-    const uint32_t my_tiles = n_tiles > blockIdx.x ? uint32_t((n_tiles - 1 - blockIdx.x) / gridDim.x + 1) : 0;
-    const uint32_t items = my_tiles * uint32_t(n_slabs);
-    int64_t tile = blockIdx.x;
-    int slab = 0;
+    const uint32_t items = uint32_t(sched.whole + sched.half) * uint32_t(n_slabs);
+    int tile = 0, slab = 0;  // the CTA's tile i and its slab
+    int64_t tile_row = tile_row0(0);
     int s_copy = 0, s_decode = 0;  // ring slots of stages it and it - 2
     uint32_t empty_parity = 1;     // a fresh barrier's previous phase counts as complete
     for (uint32_t it = 0; it < items + kAbsmaxLag; ++it) {
@@ -194,19 +226,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (it < items) {
         // stage it: its absmax loads (into registers: no slot needed), then wait for its slot and
         // copy its codes
-        load_absmax(tile, slab, newer);
+        load_absmax(tile_row, slab, newer);
         mbar_wait(empty_bar + 8 * s_copy, empty_parity);
         if (pw == 0 && lane == 0) {
           // the slab's boxes that start inside the row (a part-full last slab: K % 1024 != 0); a
           // box's bytes past the row or rows past N arrive as zeros and count in full
+          // A half tile: 16-row boxes, each at the start of its box's place in the stage
           const int boxes = min(kBoxesPerSlab, int((row_bytes - uint32_t(slab) * kSlabBytes + kBoxBytes - 1) / kBoxBytes));
-          mbar_expect_tx(full_bar + 8 * s_copy, uint32_t(boxes * L::kBoxStride));
+          const bool half = tile == sched.whole;
+          mbar_expect_tx(full_bar + 8 * s_copy, uint32_t(boxes * (half ? kRowsPerTile * kBoxBytes : L::kBoxStride)));
           for (int b = 0; b < boxes; ++b)
-            tma_load_2d(smem_addr(smem + L::kCodeOff + s_copy * L::kCodeBytes + b * L::kBoxStride), &code_map,
-                        slab * kSlabBytes + b * kBoxBytes, int(tile * kRows), full_bar + 8 * s_copy);
+            tma_load_2d(smem_addr(smem + L::kCodeOff + s_copy * L::kCodeBytes + b * L::kBoxStride),
+                        half ? &half_map : &code_map, slab * kSlabBytes + b * kBoxBytes, int(tile_row),
+                        full_bar + 8 * s_copy);
         }
         if (++s_copy == S) s_copy = 0, empty_parity ^= 1;
-        if (++slab == n_slabs) slab = 0, tile += gridDim.x;
+        if (++slab == n_slabs) slab = 0, tile_row = tile_row0(++tile);
       }
     }
     return;
@@ -246,10 +281,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     skinny::load_x_chunk<T, TILES_M>(x, x_off, x_chunk(0), x_cur);
     int s = 0;                 // ring slot of the next stage
     uint32_t full_parity = 0;  // and the phase to wait for
-    for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-      float acc[RT][TILES_M][4];
+    // one tile: RA (<= RT) row tiles of 16 from tile_row (RA = 1: a half tile)
+    auto run_tile = [&](int64_t tile_row, auto ra) {
+      constexpr int RA = decltype(ra)::value;
+      float acc[RA][TILES_M][4];
 #pragma unroll
-      for (int r = 0; r < RT; ++r)
+      for (int r = 0; r < RA; ++r)
 #pragma unroll
         for (int j = 0; j < TILES_M; ++j)
 #pragma unroll
@@ -260,10 +297,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         // it does not use), then the lookups
         const uint8_t* codes = smem + L::kCodeOff + s * L::kCodeBytes + code_off;
         const float* s_abs = reinterpret_cast<const float*>(smem + L::kAbsOff + s * L::kAbsBytes) + abs_off;
-        uint2 lo[RT], hi[RT];
-        float abs_lo[RT], abs_hi[RT];
+        uint2 lo[RA], hi[RA];
+        float abs_lo[RA], abs_hi[RA];
 #pragma unroll
-        for (int r = 0; r < RT; ++r) {
+        for (int r = 0; r < RA; ++r) {
           lo[r] = *reinterpret_cast<const uint2*>(codes + r * kRowsPerTile * kBoxBytes);
           hi[r] = *reinterpret_cast<const uint2*>(codes + (r * kRowsPerTile + 8) * kBoxBytes);
           abs_lo[r] = s_abs[r * kRowsPerTile * kAbsPitch];
@@ -275,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         skinny::load_x_chunk<T, TILES_M>(x, x_off, x_chunk(slab + 1 < n_slabs ? slab + 1 : 0), x_next);
         if (slab * kSlabChunks + cs < n_chunks) {
 #pragma unroll
-          for (int r = 0; r < RT; ++r) {
+          for (int r = 0; r < RA; ++r) {
             float chunk[TILES_M][4];
             skinny::chunk_mma<T, TILES_M, kImm>(chunk, lo[r], hi[r], x_cur, table, lane4);
             skinny::scale_add<TILES_M>(acc[r], chunk, abs_lo[r], abs_hi[r]);
@@ -294,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // partials.
       float(*s_partial)[TILES_M * 4][32] = reinterpret_cast<float(*)[TILES_M * 4][32]>(smem + L::kPartialOff);
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
+      for (int r = 0; r < RA; ++r) {
         consumer_sync();
 #pragma unroll
         for (int j = 0; j < TILES_M; ++j)
@@ -307,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int w = 0; w < kConsumerWarps; ++w) sum += s_partial[w][idx][ln];
           const int j = idx >> 2, i = idx & 3, gg = ln >> 2;
-          const int64_t n = tile * kRows + r * kRowsPerTile + (gg & 3) * 2 + (gg >> 2) + 8 * (i >> 1);
+          const int64_t n = tile_row + r * kRowsPerTile + (gg & 3) * 2 + (gg >> 2) + 8 * (i >> 1);
           const int64_t m = j * 8 + 2 * (ln & 3) + (i & 1);
           if (n < N && m < M) {
             if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
@@ -315,7 +352,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-    }
+    };
+    for (int i = 0; i < sched.whole; ++i) run_tile(tile_row0(i), std::integral_constant<int, RT>{});
+    if (sched.half) run_tile(sched.half_row0, std::integral_constant<int, 1>{});
   };
   const bool imm = !p.generic_lookup && (smem_addr(s_pairs) == skinny::kTableWindowOffset);
   if (imm) tiles(std::true_type{});
@@ -339,19 +378,47 @@ bool launch(const Gemm4bitParams& p, cudaStream_t stream) {
   }
   PFN_cuTensorMapEncodeTiled_v12000 encode = hopper::tensor_map_encoder();
   if (usable == 0 || encode == nullptr) return false;
-  // The codes as a 2D array of bytes [N][K / 2]; boxes of 128 bytes x kRows rows, 128-byte swizzle.
-  CUtensorMap code_map;
-  const cuuint64_t dims[2] = {cuuint64_t(p.k / 2), cuuint64_t(p.n)};
-  const cuuint64_t strides[1] = {cuuint64_t(p.k / 2)};
-  const cuuint32_t box[2] = {kBoxBytes, L::kRows};
-  const cuuint32_t unit[2] = {1, 1};
-  if (encode(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(p.packed), dims, strides, box, unit,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return false;
+  // The codes as a 2D array of bytes [N][K / 2]; boxes of 128 bytes x `rows` rows, 128-byte swizzle.
+  auto encode_codes = [&](CUtensorMap* map, cuuint32_t rows) {
+    const cuuint64_t dims[2] = {cuuint64_t(p.k / 2), cuuint64_t(p.n)};
+    const cuuint64_t strides[1] = {cuuint64_t(p.k / 2)};
+    const cuuint32_t box[2] = {kBoxBytes, rows};
+    const cuuint32_t unit[2] = {1, 1};
+    return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(p.packed), dims, strides, box, unit,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  CUtensorMap code_map, half_map;
+  if (!encode_codes(&code_map, L::kRows)) return false;
   const int64_t n_tiles = (p.n + L::kRows - 1) / L::kRows;
   const int64_t sms = skinny::multiprocessor_count();
-  kernel<<<unsigned(n_tiles < sms ? n_tiles : sms), kThreads, L::kBytes, stream>>>(code_map, p);
+  const int64_t ctas = n_tiles < sms ? n_tiles : sms;
+  // The last round of 32-row tiles in 16-row halves (cta_schedule) when they fit in one round,
+  // unless LOWRANK_SKINNY_SPLIT_LAST=0 (A/B).
+  const int64_t rest = n_tiles % ctas;
+  const char* split_env = std::getenv("LOWRANK_SKINNY_SPLIT_LAST");
+  const bool split_last = RT == 2 && rest > 0 && 2 * rest <= ctas && (split_env == nullptr || split_env[0] != '0') &&
+                          encode_codes(&half_map, kRowsPerTile);
+  if (!split_last) half_map = code_map;  // not read
+  // Programmatic dependent launch unless LOWRANK_SKINNY_PDL=0 (A/B): the kernel waits for the
+  // previous one before its first global read, so this changes when it starts, not what it reads.
+  const char* pdl_env = std::getenv("LOWRANK_SKINNY_PDL");
+  const bool pdl = pdl_env == nullptr || pdl_env[0] != '0';
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(ctas));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = L::kBytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  if (cudaLaunchKernelEx(&config, kernel, code_map, half_map, p, split_last) == cudaSuccess || !pdl) return true;
+  // a runtime that refuses the attribute: launch as any kernel (an error here is the caller's check)
+  (void)cudaGetLastError();
+  config.numAttrs = 0;
+  cudaLaunchKernelEx(&config, kernel, code_map, half_map, p, split_last);
   return true;
 }
 

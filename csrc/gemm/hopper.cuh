@@ -47,6 +47,13 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
+// Programmatic dependent launch (a kernel launched with cudaLaunchAttributeProgrammaticStream-
+// Serialization may start before the previous kernel in its stream has finished): the previous
+// kernel's writes are visible only after dependency_wait(). allow_dependents() lets the next such
+// kernel launch once every CTA of this grid has executed it (or exited). Both are no-ops for a
+// kernel launched without the attribute.
+__device__ __forceinline__ void dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void allow_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 #endif
 
 // cuTensorMapEncodeTiled from the driver (looked up once), or nullptr when the driver lacks it.
