@@ -1,7 +1,9 @@
 """4-bit matmul (x @ W^T) on Llama weight shapes, beside bf16 F.linear and bitsandbytes, one run.
 
 For each weight N x K and each M it times the forward (and for M >= 2048 forward + backward, dX
-only: the weight is frozen) of
+only: the weight is frozen; for M <= 16 also the backward's dX = dY @ W alone, pass "backward dX":
+bf16 dY @ W, lowrank.ops.matmul_4bit_grad_x by its rule, i.e. the skinny grad kernel, and forced
+through dequantize + cuBLAS) of
   bf16            F.linear on a bf16 weight (the floor the 4-bit path is measured against)
   lowrank         lowrank.matmul_4bit, dispatch rule "auto"
   lowrank-dequantize   the same, forced through dequantize + cuBLAS (M <= 16: what the fused
@@ -89,6 +91,39 @@ def fwd_bwd(fn, x, gy):
         x.grad = None
         fn(x, *a).backward(gy)
     return run
+
+
+def _grad_x(dy, q, path):
+    return lowrank.ops.matmul_4bit_grad_x(dy, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
+                                          q.nested_offset, q.quant_map, q.blocksize, q.nested_blocksize, q.shape[0],
+                                          q.shape[1], path)
+
+
+def _grad_x_rows(n, k, m, ws, qs, q4_bytes):
+    """dX = dY @ W for M <= 16: bf16 dY @ W (cuBLAS), lowrank's rule (the skinny grad kernel) and
+    its dequantize path, each from a captured graph over the rotated weights."""
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    ref = dy.float() @ qs[0].dequantize(torch.float32)
+    err = ((_grad_x(dy, qs[0], "auto").float() - ref).norm() / ref.norm()).item()
+    plain_err = ((dy @ qs[0].dequantize(torch.bfloat16)).float() - ref).norm().item() / ref.norm().item()
+    impls = {"bf16": (lambda ww: dy @ ww, [(wi,) for wi in ws], 2 * n * k),
+             "lowrank": (lambda q: _grad_x(dy, q, "auto"), [(q,) for q in qs], q4_bytes),
+             "lowrank-dequantize": (lambda q: _grad_x(dy, q, "dequantize"), [(q,) for q in qs], q4_bytes)}
+    out = []
+    io_bytes = 2 * (m * k + m * n)
+    for impl, (fn, inputs, weight_bytes) in impls.items():
+        t = harness.time_cuda_graph(fn, inputs)
+        sec = t["median_ms"] * 1e-3
+        out.append({"shape": [n, k], "m": m, "pass": "backward dX", "impl": impl, **t, "timing": "graph",
+                    "us": t["median_ms"] * 1e3, "gbs": (weight_bytes + io_bytes) / sec / 1e9,
+                    "tflops": 2 * m * n * k / sec / 1e12})
+    for row in out:
+        row["vs_bf16"] = row["median_ms"] / out[0]["median_ms"]
+        if row["impl"] == "lowrank":
+            row["rel_error"], row["bf16_linear_rel_error"] = err, plain_err
+        print(f"{n:6d}x{k:<6d} M={m:<5d} {'backward dX':16s} {row['impl']:18s} {row['us']:10.1f} us (graph) "
+              f"{row['vs_bf16']:6.2f}x bf16 {row['gbs']:7.0f} GB/s")
+    return out
 
 
 def main():
@@ -207,6 +242,8 @@ def main():
                           f"({row['timing']}; eager {row['eager_us']:.1f}) "
                           f"{row['vs_bf16']:6.2f}x bf16 {row['gbs']:7.0f} GB/s {row['tflops']:6.1f} TFLOP/s"
                           + (f"  target {'met' if row['meets_target'] else 'MISSED'}" if "meets_target" in row else ""))
+            if m <= 16:  # the backward's dX = dY @ W alone (graph-timed): the skinny kernel of matmul_4bit_grad_x
+                rows.extend(_grad_x_rows(n, k, m, ws, qs, q4_bytes))
             del x
         del w, ws, qs, bnb_ws
         torch.cuda.empty_cache()
@@ -222,9 +259,10 @@ def plot(payload, path):
     shapes = [tuple(s) for s in dict.fromkeys(tuple(r["shape"]) for r in payload["rows"])]
     impls = list(dict.fromkeys(r["impl"] for r in payload["rows"]))
     colors = {impl: f"C{i}" for i, impl in enumerate(impls)}  # one colour per impl in every panel
-    fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 8), squeeze=False)
+    passes = ["forward", "forward+backward", "backward dX"]
+    fig, axes = plt.subplots(len(passes), len(shapes), figsize=(4.2 * len(shapes), 12), squeeze=False)
     for col, s in enumerate(shapes):
-        for row_i, pass_name in enumerate(["forward", "forward+backward"]):
+        for row_i, pass_name in enumerate(passes):
             ax = axes[row_i][col]
             pts = [r for r in payload["rows"] if tuple(r["shape"]) == s and r["pass"] == pass_name]
             for impl in dict.fromkeys(r["impl"] for r in pts):
@@ -236,7 +274,7 @@ def plot(payload, path):
             ax.set_yscale("log")
             ax.set_title(f"{s[0]}x{s[1]} {pass_name}", fontsize=9)
             ax.set_xlabel("M (rows of x)")
-            ax.set_ylabel("time / bf16 F.linear time")
+            ax.set_ylabel("time / bf16 time (F.linear; dY @ W)")
             if pts:
                 ax.legend(fontsize=7)
     env = payload["env"]

@@ -60,6 +60,10 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("dora_row_norm_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a, Tensor b, float scaling, float unit, float rtol, Tensor? magnitude=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("dora_norm(Tensor w2, Tensor p, Tensor a, Tensor b, float scaling, float unit_cross, float unit_fp64, float rtol) -> (Tensor, Tensor)");
   m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor? bias, str path) -> Tensor");
+  // The backward of matmul_4bit: dy [..., out_features] @ W -> [..., in_features] in dy's dtype.
+  // path: "auto" (the fused skinny kernel for bf16 dy of at most 16 rows on CUDA, else dequantize +
+  // matmul), "skinny" or "dequantize".
+  m.def("matmul_4bit_grad_x(Tensor dy, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, str path) -> Tensor");
 }
 
 // The extension is imported as lowrank._C only to run the registrations above; it has no

@@ -4,8 +4,9 @@ The forward is one op, ``torch.ops.lowrank.matmul_4bit``, whose CUDA entry picks
 the dispatch rule of docs/design.md: the fused skinny kernel (codes dequantized in registers into
 tensor-core fragments, no dequantized weight in memory) for fp16/bf16 x with at most 16 rows,
 otherwise the weight dequantized into a temporary (one launch) and multiplied by cuBLAS. The
-backward (dX = dY @ W) dequantizes again rather than keeping a dequantized weight alive between
-forward and backward: only the packed weight is saved.
+backward (dX = dY @ W) is ``torch.ops.lowrank.matmul_4bit_grad_x``: on CUDA a fused skinny kernel
+for bf16 dY with at most 16 rows, otherwise the weight dequantized again; no dequantized weight is
+kept alive between forward and backward, only the packed weight is saved.
 """
 from __future__ import annotations
 
@@ -27,13 +28,19 @@ class _MatMul4bit(torch.autograd.Function):
     def forward(ctx, x, bias, q, path):
         ctx.q = q  # the packed weight only: no dequantized copy outlives this call
         ctx.has_bias = bias is not None
+        ctx.path = path
         return _forward(x, q, None if bias is None else bias.to(x.dtype), path)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.q.dequantize(grad_out.dtype)
+            q = ctx.q
+            # the forward's path where the backward has it ("dequantize"), else the rule
+            path = "dequantize" if ctx.path == "dequantize" else "auto"
+            grad_x = ops.matmul_4bit_grad_x(grad_out, q.packed.reshape(-1), q.absmax, q.nested_absmax,
+                                            q.nested_quant_map, q.nested_offset, q.quant_map, q.blocksize,
+                                            q.nested_blocksize, q.shape[0], q.shape[1], path)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None

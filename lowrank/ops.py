@@ -198,9 +198,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nes
                                          nested_blocksize, out_features, in_features, bias, path)
 
 
-@torch.library.register_fake("lowrank::matmul_4bit")
-def _(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
-      in_features, bias, path):
+def _matmul_4bit_fake_checks(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
+                             nested_blocksize, out_features, in_features):
     torch._check(x.dtype in _FLOATS, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
     torch._check(out_features > 0 and in_features > 0,
                  lambda: f"the weight shape must be positive, got [{out_features}, {in_features}]")
@@ -225,12 +224,46 @@ def _(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, 
         _check_offset(offset, packed)
     else:
         _check_table(absmax, packed, n_blocks, torch.float32, "absmax")
+
+
+@torch.library.register_fake("lowrank::matmul_4bit")
+def _(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
+      in_features, bias, path):
+    _matmul_4bit_fake_checks(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
+                             nested_blocksize, out_features, in_features)
     if bias is not None:
         torch._check(bias.dim() == 1 and bias.shape[0] == out_features and bias.dtype == x.dtype,
                      lambda: f"bias must be [{out_features}] in x's dtype {x.dtype}, got {bias.dtype} "
                              f"{tuple(bias.shape)}")
     torch._check(path in MATMUL_PATHS, lambda: f"path must be one of {MATMUL_PATHS}, got {path!r}")
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def matmul_4bit_grad_x(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                       nested_absmax: torch.Tensor | None, nested_qmap: torch.Tensor | None,
+                       offset: torch.Tensor | None, values: torch.Tensor, blocksize: int, nested_blocksize: int,
+                       out_features: int, in_features: int, path: str = "auto") -> torch.Tensor:
+    """The backward of matmul_4bit: ``dy [..., out_features] @ W`` -> [..., in_features] in dy's
+    dtype, fp32 accumulation; the weight's forms as matmul_4bit. path: "auto" (on CUDA the fused
+    skinny kernel for bf16 dy with at most 16 rows, blocksize >= 64 dividing in_features; else
+    dequantize + matmul), "skinny" (that kernel, or an error saying why not) or "dequantize"."""
+    return torch.ops.lowrank.matmul_4bit_grad_x(dy, packed, absmax, nested_absmax, nested_qmap, offset, values,
+                                                blocksize, nested_blocksize, out_features, in_features, path)
+
+
+@torch.library.register_fake("lowrank::matmul_4bit_grad_x")
+def _(dy, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
+      in_features, path):
+    torch._check(path in MATMUL_PATHS and path != "wgmma",
+                 lambda: f"path must be 'auto', 'skinny' or 'dequantize' (the backward has no 'wgmma'), got {path!r}")
+    torch._check(dy.dim() >= 1 and dy.shape[-1] == out_features,
+                 lambda: f"dy's last dimension must be out_features = {out_features}, got dy of shape "
+                         f"{tuple(dy.shape)}")
+    # the weight's checks are matmul_4bit's with x standing in for dy
+    x = dy.new_empty((*dy.shape[:-1], in_features))
+    _matmul_4bit_fake_checks(x, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
+                             nested_blocksize, out_features, in_features)
+    return x
 
 
 # --- lora_column_reduce ------------------------------------------------------------------------

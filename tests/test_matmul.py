@@ -22,7 +22,11 @@ def _quantized(n, k, quant_type, blocksize, double_quant, device, seed):
 
 
 def _assert_within_rule(y, x, q, bias):
-    w_hat = q.dequantize(torch.float32)
+    _assert_product_within_rule(y, x, q.dequantize(torch.float32), bias)
+
+
+def _assert_product_within_rule(y, x, w_hat, bias):
+    """y = x @ w_hat^T (+ bias) for an fp32 w_hat [N, K], by the rule above."""
     b32 = None if bias is None else bias.float()
     ref = torch.nn.functional.linear(x.float(), w_hat, b32)
     plain = torch.nn.functional.linear(x, w_hat.to(x.dtype), bias)
@@ -466,6 +470,122 @@ def test_cuda_graph_capture_wgmma():
     graph.replay()
     assert torch.equal(out, lowrank.matmul_4bit(x, q, path="wgmma"))
     assert not torch.equal(out, expected)
+
+
+# --- the backward: dX = dY @ W (matmul_4bit_grad_x) -------------------------------------------
+
+def _grad_x(dy, q, path="auto"):
+    return ops.matmul_4bit_grad_x(dy, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
+                                  q.nested_offset, q.quant_map, q.blocksize, q.nested_blocksize, q.shape[0],
+                                  q.shape[1], path)
+
+
+@pytest.mark.parametrize("m", [1, 5, 9, 16])
+@pytest.mark.parametrize("n, k, blocksize, double_quant",
+                         [(1000, 64, 64, True), (300, 1152, 128, False), (4096, 512, 64, True),
+                          (28672, 1024, 64, True), (13, 4096, 256, True)])
+def test_cuda_grad_x_skinny_kernel_matches_reference(cuda_device, m, n, k, blocksize, double_quant):
+    """dY @ W straight from the packed weight for bf16 dY of at most 16 rows. N = 1000, 300 and 13
+    end inside a 16-row step (rows past N weigh zero); K = 64 is one k block (a CTA of one busy
+    warp), 1152 a last CTA with 2 of its 8 warps busy; N is cut into ranges whose fp32 partial
+    sums a second kernel adds (28672: ranges of several 128-row chunks), except N = 13, one range
+    written directly. Within the rule against an fp32 reference, deterministic, and what 'auto'
+    takes."""
+    q = _quantized(n, k, "nf4", blocksize, double_quant, cuda_device, 41)
+    dy = torch.randn(m, n, device=cuda_device, dtype=torch.bfloat16)
+    dx = _grad_x(dy, q, "skinny")
+    assert dx.shape == (m, k) and dx.dtype == torch.bfloat16
+    _assert_product_within_rule(dx, dy, q.dequantize(torch.float32).t(), None)
+    assert torch.equal(dx, _grad_x(dy, q, "skinny"))
+    assert torch.equal(dx, _grad_x(dy, q))
+
+
+def test_cuda_grad_x_skinny_kernel_takes_leading_dims_and_a_strided_dy(cuda_device):
+    q = _quantized(640, 256, "nf4", 64, True, cuda_device, 42)
+    dy = torch.randn(2, 3, 640, device=cuda_device, dtype=torch.bfloat16)
+    dx = _grad_x(dy, q, "skinny")
+    assert dx.shape == (2, 3, 256)
+    assert torch.equal(dx.reshape(6, 256), _grad_x(dy.reshape(6, 640), q, "skinny"))
+    strided = torch.randn(6, 1280, device=cuda_device, dtype=torch.bfloat16)[:, ::2]
+    _assert_product_within_rule(_grad_x(strided, q, "skinny"), strided, q.dequantize(torch.float32).t(), None)
+
+
+def test_cuda_grad_x_paths(cuda_device):
+    """'auto' takes the skinny kernel for bf16 dY of at most 16 rows and dequantize + matmul
+    otherwise (fp16: dY * absmax split in two halves could overflow float16); a forced 'skinny'
+    says why it cannot take a call."""
+    q = _quantized(256, 512, "nf4", 64, True, cuda_device, 43)
+    dy16 = torch.randn(4, 256, device=cuda_device, dtype=torch.float16)
+    assert torch.equal(_grad_x(dy16, q), _grad_x(dy16, q, "dequantize"))
+    with pytest.raises(RuntimeError, match="path 'skinny' cannot take this call: it takes bfloat16 dy"):
+        _grad_x(dy16, q, "skinny")
+    dy = torch.randn(17, 256, device=cuda_device, dtype=torch.bfloat16)
+    assert torch.equal(_grad_x(dy, q), _grad_x(dy, q, "dequantize"))
+    assert torch.equal(_grad_x(dy, q, "dequantize"), dy @ q.dequantize(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="it takes at most 16 rows of dy"):
+        _grad_x(dy, q, "skinny")
+    q32 = _quantized(256, 512, "nf4", 32, True, cuda_device, 44)
+    with pytest.raises(RuntimeError, match="it needs blocksize >= 64"):
+        _grad_x(dy[:4], q32, "skinny")
+    assert torch.equal(_grad_x(dy[:4], q32), dy[:4] @ q32.dequantize(torch.bfloat16))
+    # the codes are staged by 16-byte copies: an 8-byte aligned packed weight takes dequantize + matmul
+    buf = torch.empty(q.packed.numel() + 16, dtype=torch.uint8, device=cuda_device)
+    base = (16 - buf.data_ptr() % 16) % 16
+    packed8 = buf[base + 8: base + 8 + q.packed.numel()]
+    packed8.copy_(q.packed.reshape(-1))
+    args = (q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.quant_map, 64, q.nested_blocksize,
+            256, 512)
+    with pytest.raises(RuntimeError, match="it needs the packed weight 16-byte aligned"):
+        ops.matmul_4bit_grad_x(dy[:4], packed8, *args, "skinny")
+    assert torch.equal(ops.matmul_4bit_grad_x(dy[:4], packed8, *args, "auto"), _grad_x(dy[:4], q, "dequantize"))
+
+
+@pytest.mark.parametrize("dtype, m", [(torch.bfloat16, 3), (torch.float16, 3), (torch.float32, 5),
+                                      (torch.bfloat16, 40)])
+def test_matmul_4bit_backward_is_the_grad_x_op(device, dtype, m):
+    """The autograd backward of matmul_4bit computes dX with matmul_4bit_grad_x (the rule's path,
+    or 'dequantize' when the forward was forced there), from the packed weight only."""
+    q = _quantized(96, 256, "nf4", 64, True, device, 45)
+    x = torch.randn(m, 256, device=device, dtype=dtype, requires_grad=True)
+    y = lowrank.matmul_4bit(x, q)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert torch.equal(x.grad, _grad_x(dy, q))
+    x.grad = None
+    lowrank.matmul_4bit(x, q, path="dequantize").backward(dy)
+    assert torch.equal(x.grad, dy @ q.dequantize(dtype))
+
+
+def test_grad_x_op_rejects_bad_input(device):
+    q = _quantized(32, 64, "nf4", 64, True, device, 46)
+    dy = torch.randn(2, 32, device=device)
+    with pytest.raises(RuntimeError, match="dy's last dimension must be out_features = 32"):
+        _grad_x(torch.randn(2, 64, device=device), q)
+    with pytest.raises(RuntimeError, match="lowrank::matmul_4bit_grad_x: path must be 'auto'"):
+        _grad_x(dy, q, "fast")
+    with pytest.raises(RuntimeError, match="the backward has no 'wgmma' path"):
+        _grad_x(dy, q, "wgmma")
+    with pytest.raises(RuntimeError, match="dy must be float32, float16 or bfloat16"):
+        _grad_x(dy.double(), q)
+    with pytest.raises(RuntimeError, match="1024 bytes for a \\[32, 64\\] weight"):
+        ops.matmul_4bit_grad_x(dy, q.packed.reshape(-1)[:-1], q.absmax, q.nested_absmax, q.nested_quant_map,
+                               q.nested_offset, q.quant_map, 64, 256, 32, 64, "auto")
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="'skinny' is a CUDA kernel"):
+            _grad_x(dy.bfloat16(), q, "skinny")
+    else:
+        with pytest.raises(RuntimeError, match="dy must be on cuda"):
+            _grad_x(dy.cpu(), q)
+
+
+def test_opcheck_matmul_4bit_grad_x(device):
+    for double_quant in (False, True):
+        q = _quantized(48, 128, "nf4", 64, double_quant, device, 47)
+        for dtype, m in ((torch.bfloat16, 3), (torch.float16, 20), (torch.float32, 2)):
+            dy = torch.randn(m, 48, device=device).to(dtype)
+            torch.library.opcheck(torch.ops.lowrank.matmul_4bit_grad_x.default,
+                                  (dy, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_quant_map,
+                                   q.nested_offset, q.quant_map, 64, 256, 48, 128, "auto"))
 
 
 # --- the dequantize path and the op's contract (every device) ----------------------------------

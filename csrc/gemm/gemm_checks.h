@@ -32,13 +32,12 @@ struct Weight4bit {
 
 enum class MatmulPath { kAuto, kSkinny, kWgmma, kDequantize };
 
-inline MatmulPath parse_path(const std::string& path) {
+inline MatmulPath parse_path(const std::string& path, const char* op = "lowrank::matmul_4bit") {
   if (path == "auto") return MatmulPath::kAuto;
   if (path == "skinny") return MatmulPath::kSkinny;
   if (path == "wgmma") return MatmulPath::kWgmma;
   if (path == "dequantize") return MatmulPath::kDequantize;
-  TORCH_CHECK(false, "lowrank::matmul_4bit: path must be 'auto', 'skinny', 'wgmma' or 'dequantize', got '", path,
-              "'");
+  TORCH_CHECK(false, op, ": path must be 'auto', 'skinny', 'wgmma' or 'dequantize', got '", path, "'");
 }
 
 // The weight's tensors: shapes, dtypes, devices, and exactly one absmax form.
@@ -84,6 +83,21 @@ inline void check_matmul_4bit(const at::Tensor& x, const Weight4bit& w, const st
     quant::check_same_device(b, w.packed, op, "bias");
   }
 }
+
+inline void check_matmul_4bit_grad_x(const at::Tensor& dy, const Weight4bit& w, MatmulPath path) {
+  constexpr const char* op = "lowrank::matmul_4bit_grad_x";
+  TORCH_CHECK(quant::is_supported_float(dy.scalar_type()), op, ": dy must be float32, float16 or bfloat16, got ",
+              dy.scalar_type());
+  check_weight_4bit(w, op);
+  TORCH_CHECK(dy.dim() >= 1 && dy.size(-1) == w.out_features, op, ": dy's last dimension must be out_features = ",
+              num(w.out_features), " (weight [", num(w.out_features), ", ", num(w.in_features), "]), got dy of shape ",
+              shape(dy));
+  quant::check_same_device(dy, w.packed, op, "dy");
+  TORCH_CHECK(path != MatmulPath::kWgmma, op, ": the backward has no 'wgmma' path; use 'auto', 'skinny' or 'dequantize'");
+}
+
+// dx = dy @ dequantize(W): the weight dequantized in dy's dtype, then the backend's matmul.
+at::Tensor matmul_4bit_grad_x_dequantize(const at::Tensor& dy, const Weight4bit& w);
 
 // y = x @ dequantize(W)^T (+ bias): the weight dequantized in x's dtype by the lowrank dequantize
 // ops (one launch on CUDA), then the backend's matmul (cuBLAS on CUDA, fp32 accumulation).

@@ -43,7 +43,26 @@ at::Tensor matmul_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   return matmul_4bit_dequantize(x, w, bias);
 }
 
+at::Tensor matmul_4bit_grad_x_cpu(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset,
+                                  const at::Tensor& values, int64_t blocksize, int64_t nested_blocksize,
+                                  int64_t out_features, int64_t in_features, c10::string_view path) {
+  const Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
+                     out_features, in_features};
+  const MatmulPath chosen = parse_path(std::string(path), "lowrank::matmul_4bit_grad_x");
+  check_matmul_4bit_grad_x(dy, w, chosen);
+  TORCH_CHECK(chosen != MatmulPath::kSkinny, "lowrank::matmul_4bit_grad_x: path 'skinny' is a CUDA kernel; on CPU "
+              "use 'auto' or 'dequantize'");
+  return matmul_4bit_grad_x_dequantize(dy, w);
+}
+
 }  // namespace
+
+at::Tensor matmul_4bit_grad_x_dequantize(const at::Tensor& dy, const Weight4bit& w) {
+  const at::Tensor weight = dequantize_weight(w, dy.scalar_type()).view({w.out_features, w.in_features});
+  return at::matmul(dy, weight);
+}
 
 at::Tensor matmul_4bit_dequantize(const at::Tensor& x, const Weight4bit& w, const std::optional<at::Tensor>& bias) {
   const at::Tensor weight = dequantize_weight(w, x.scalar_type()).view({w.out_features, w.in_features});
@@ -54,4 +73,5 @@ at::Tensor matmul_4bit_dequantize(const at::Tensor& x, const Weight4bit& w, cons
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("matmul_4bit", &lowrank::gemm::matmul_4bit_cpu);
+  m.impl("matmul_4bit_grad_x", &lowrank::gemm::matmul_4bit_grad_x_cpu);
 }

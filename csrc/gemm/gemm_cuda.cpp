@@ -1,6 +1,7 @@
 // lowrank::matmul_4bit on CUDA: the dispatch rule between the fused skinny kernel (M <= 16), the
 // fused wgmma GEMM (Hopper) and the dequantize-then-cuBLAS path (docs/design.md, "Dispatch rule").
 #include <ATen/ATen.h>
+#include <cstdlib>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -128,9 +129,65 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   return out;
 }
 
+// Why the backward's skinny kernel cannot take this call, or nullptr when it can.
+const char* skinny_grad_refusal(const at::Tensor& dy, const Weight4bit& w, int64_t m) {
+  if (dy.scalar_type() != at::kBFloat16)
+    return "it takes bfloat16 dy (dy * absmax is split into two bfloat16 halves; float16's range could not hold it)";
+  if (m > kSkinnyMaxM) return "it takes at most 16 rows of dy";
+  if (w.blocksize < kSkinnyChunk) return "it needs blocksize >= 64";
+  if (w.in_features % w.blocksize != 0) return "it needs in_features to be a multiple of blocksize";
+  if (w.out_features * w.in_features / 2 >= (int64_t(1) << 31))
+    return "it indexes the packed weight with 32-bit offsets (fewer than 2^31 packed bytes)";
+  if (reinterpret_cast<uintptr_t>(w.packed.const_data_ptr()) % 16 != 0)
+    return "it needs the packed weight 16-byte aligned (16-byte copies)";
+  return nullptr;
+}
+
+at::Tensor matmul_4bit_grad_x_cuda(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& absmax,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& nested_qmap,
+                                   const std::optional<at::Tensor>& offset, const at::Tensor& values,
+                                   int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
+                                   int64_t in_features, c10::string_view path) {
+  const Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
+                     out_features, in_features};
+  const MatmulPath chosen = parse_path(std::string(path), "lowrank::matmul_4bit_grad_x");
+  check_matmul_4bit_grad_x(dy, w, chosen);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t m = dy.numel() / out_features;
+  const char* skinny_no = skinny_grad_refusal(dy, w, m);
+  TORCH_CHECK(chosen != MatmulPath::kSkinny || skinny_no == nullptr,
+              "lowrank::matmul_4bit_grad_x: path 'skinny' cannot take this call: ", skinny_no);
+  if (chosen == MatmulPath::kDequantize || skinny_no != nullptr || m == 0)
+    return matmul_4bit_grad_x_dequantize(dy, w);
+
+  const at::Tensor dy2 = dy.reshape({m, out_features}).contiguous();
+  std::vector<int64_t> out_shape(dy.sizes().begin(), dy.sizes().end());
+  out_shape.back() = in_features;
+  at::Tensor out = at::empty(out_shape, dy.options());
+  const int sms = device_facts(dy.device().index()).sms;
+  const SkinnyGradPlan plan = plan_gemm_4bit_skinny_grad_x(m, out_features, in_features, sms);
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0) workspace = at::empty({plan.workspace_bytes / 4}, dy.options().dtype(at::kFloat));
+  Gemm4bitGradParams p{};
+  set_packed_weight(p, w);
+  p.dy = dy2.const_data_ptr();
+  p.kind = FloatKind::kBFloat16;
+  p.m = m;
+  p.out = out.mutable_data_ptr();
+  p.partial = plan.workspace_bytes > 0 ? workspace.mutable_data_ptr<float>() : nullptr;
+  p.rows_per_split = int(plan.rows_per_split);
+  const char* generic = std::getenv("LOWRANK_SKINNY_GENERIC_LOOKUP");
+  p.generic_lookup = generic != nullptr && generic[0] == '1';
+  launch_gemm_4bit_skinny_grad_x(p, plan, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 }  // namespace lowrank::gemm
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("matmul_4bit", &lowrank::gemm::matmul_4bit_cuda);
+  m.impl("matmul_4bit_grad_x", &lowrank::gemm::matmul_4bit_grad_x_cuda);
 }

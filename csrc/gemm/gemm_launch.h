@@ -40,6 +40,27 @@ void launch_gemm_4bit_skinny(const Gemm4bitParams& p, cudaStream_t stream);
 // the build has no sm_90 code for it.
 bool launch_gemm_4bit_skinny_tma(const Gemm4bitParams& p, int row_tiles, cudaStream_t stream);
 
+// The backward's dX [M, K] = dY [M, N] @ W for M <= 16 (gemm_4bit_skinny_t.cu): bf16 dY (the
+// scaled dY is split into two bf16 halves; float16's range could not hold dY * absmax), the
+// forward skinny kernel's blocksize rule, the packed weight 16-byte aligned (its codes are staged
+// by 16-byte copies). A grid of (K / 512) x splits of N; with more than one split, fp32 partial
+// sums in a workspace added by a second kernel in split order.
+struct Gemm4bitGradParams : quant::Packed4bitWeight {
+  const void* dy;       // [M, N] row-major, bf16 (kind)
+  FloatKind kind;
+  int64_t m;
+  void* out;            // [M, K] in kind
+  float* partial;       // [splits][M][K] workspace, or nullptr with one split
+  int rows_per_split;   // a multiple of 16
+  bool generic_lookup;  // the table lookups through generic addresses (A/B)
+};
+struct SkinnyGradPlan {
+  int64_t k_groups = 0, splits = 0, rows_per_split = 0;
+  int64_t workspace_bytes = 0;  // 0 with one split
+};
+SkinnyGradPlan plan_gemm_4bit_skinny_grad_x(int64_t m, int64_t n, int64_t k, int sms);
+void launch_gemm_4bit_skinny_grad_x(const Gemm4bitGradParams& p, const SkinnyGradPlan& plan, cudaStream_t stream);
+
 // The wgmma kernel (sm_90a): the dequantized weight as wgmma's register A operand, x tiles brought
 // by TMA as its shared-memory B operand (gemm_4bit_wgmma.cu). Takes fp16/bf16 x with K % 64 == 0
 // (one 128-byte swizzle row per k step), blocksize >= 64, N % 8 == 0 (16-byte stores of y), x
