@@ -1,9 +1,9 @@
 """4-bit matmul (x @ W^T) on Llama weight shapes, beside bf16 F.linear and bitsandbytes, one run.
 
 For each weight N x K and each M it times the forward (and for M >= 2048 forward + backward, dX
-only: the weight is frozen; for M <= 16 also the backward's dX = dY @ W alone, pass "backward dX":
-bf16 dY @ W, lowrank.ops.matmul_4bit_grad_x by its rule, i.e. the skinny grad kernel, and forced
-through dequantize + cuBLAS) of
+only: the weight is frozen; for M <= 128 also the backward's dX = dY @ W alone, pass "backward dX":
+bf16 dY @ W, lowrank.ops.matmul_4bit_grad_x by its rule, i.e. the skinny grad kernel at M <= 16 and
+the wgmma grad kernel above, and forced through dequantize + cuBLAS) of
   bf16            F.linear on a bf16 weight (the floor the 4-bit path is measured against)
   lowrank         lowrank.matmul_4bit, dispatch rule "auto"
   lowrank-dequantize   the same, forced through dequantize + cuBLAS (M <= 16: what the fused
@@ -44,6 +44,7 @@ import lowrank  # noqa: E402
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 MS = [1, 16, 128, 2048, 8192]
 BACKWARD_FROM_M = 2048
+GRAD_X_ALONE_UP_TO_M = 128
 
 
 def targets_for(n, k, m):
@@ -100,8 +101,9 @@ def _grad_x(dy, q, path):
 
 
 def _grad_x_rows(n, k, m, ws, qs, q4_bytes):
-    """dX = dY @ W for M <= 16: bf16 dY @ W (cuBLAS), lowrank's rule (the skinny grad kernel) and
-    its dequantize path, each from a captured graph over the rotated weights."""
+    """dX = dY @ W for M <= 128: bf16 dY @ W (cuBLAS), lowrank's rule (the skinny grad kernel at
+    M <= 16, the wgmma kernel above on Hopper) and its dequantize path, each from a captured graph
+    over the rotated weights."""
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     ref = dy.float() @ qs[0].dequantize(torch.float32)
     err = ((_grad_x(dy, qs[0], "auto").float() - ref).norm() / ref.norm()).item()
@@ -242,7 +244,7 @@ def main():
                           f"({row['timing']}; eager {row['eager_us']:.1f}) "
                           f"{row['vs_bf16']:6.2f}x bf16 {row['gbs']:7.0f} GB/s {row['tflops']:6.1f} TFLOP/s"
                           + (f"  target {'met' if row['meets_target'] else 'MISSED'}" if "meets_target" in row else ""))
-            if m <= 16:  # the backward's dX = dY @ W alone (graph-timed): the skinny kernel of matmul_4bit_grad_x
+            if m <= GRAD_X_ALONE_UP_TO_M:  # the backward's dX = dY @ W alone (graph-timed): its fused kernels
                 rows.extend(_grad_x_rows(n, k, m, ws, qs, q4_bytes))
             del x
         del w, ws, qs, bnb_ws

@@ -5,8 +5,9 @@ the dispatch rule of docs/design.md: the fused skinny kernel (codes dequantized 
 tensor-core fragments, no dequantized weight in memory) for fp16/bf16 x with at most 16 rows,
 otherwise the weight dequantized into a temporary (one launch) and multiplied by cuBLAS. The
 backward (dX = dY @ W) is ``torch.ops.lowrank.matmul_4bit_grad_x``: on CUDA a fused skinny kernel
-for bf16 dY with at most 16 rows, otherwise the weight dequantized again; no dequantized weight is
-kept alive between forward and backward, only the packed weight is saved.
+for bf16 dY with at most 16 rows, on Hopper a fused wgmma kernel up to 256 rows, otherwise the
+weight dequantized again; no dequantized weight is kept alive between forward and backward, only
+the packed weight is saved.
 """
 from __future__ import annotations
 

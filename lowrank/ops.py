@@ -245,8 +245,9 @@ def matmul_4bit_grad_x(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Ten
                        out_features: int, in_features: int, path: str = "auto") -> torch.Tensor:
     """The backward of matmul_4bit: ``dy [..., out_features] @ W`` -> [..., in_features] in dy's
     dtype, fp32 accumulation; the weight's forms as matmul_4bit. path: "auto" (on CUDA the fused
-    skinny kernel for bf16 dy with at most 16 rows, blocksize >= 64 dividing in_features; else
-    dequantize + matmul), "skinny" (that kernel, or an error saying why not) or "dequantize"."""
+    skinny kernel for bf16 dy with at most 16 rows, blocksize >= 64 dividing in_features; on Hopper
+    the fused wgmma kernel for fp16/bf16 dy of up to 256 rows; else dequantize + matmul), "skinny" or
+    "wgmma" (that kernel, or an error saying why not) or "dequantize"."""
     return torch.ops.lowrank.matmul_4bit_grad_x(dy, packed, absmax, nested_absmax, nested_qmap, offset, values,
                                                 blocksize, nested_blocksize, out_features, in_features, path)
 
@@ -254,8 +255,7 @@ def matmul_4bit_grad_x(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Ten
 @torch.library.register_fake("lowrank::matmul_4bit_grad_x")
 def _(dy, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize, out_features,
       in_features, path):
-    torch._check(path in MATMUL_PATHS and path != "wgmma",
-                 lambda: f"path must be 'auto', 'skinny' or 'dequantize' (the backward has no 'wgmma'), got {path!r}")
+    torch._check(path in MATMUL_PATHS, lambda: f"path must be one of {MATMUL_PATHS}, got {path!r}")
     torch._check(dy.dim() >= 1 and dy.shape[-1] == out_features,
                  lambda: f"dy's last dimension must be out_features = {out_features}, got dy of shape "
                          f"{tuple(dy.shape)}")

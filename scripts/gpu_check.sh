@@ -105,7 +105,8 @@ if has sanitizer; then
   # wip/skinny-thread-release; benchmarks/results/experiments/skinny_racecheck_release_2026-11-24.txt).
   # LOWRANK_SANITIZER_RUNS=<names> runs only those (comma-separated).
   files="tests/test_quant_ops.py tests/test_golden.py tests/test_matmul.py tests/test_lora_function.py tests/test_dora.py"
-  wgmma_subset="reproduces and dtype1 and True"  # the identity test, bf16, nested absmax, every CTA tile
+  # the identity tests, bf16: the forward's (nested absmax, every CTA tile and kernel) and the backward's
+  wgmma_subset="reproduces and dtype1 and (True or grad_x_wgmma)"
   for run in "memcheck|memcheck|cuda|0|300" "racecheck|racecheck|cuda and not wgmma and not skinny|0|240" \
              "racecheck_skinny|racecheck|cuda and skinny|0|300" \
              "racecheck_wgmma_lane0|racecheck|$wgmma_subset|0|90" "racecheck_wgmma_thread|racecheck|$wgmma_subset|1|90"; do

@@ -23,8 +23,8 @@ def main():
     ap.add_argument("--shapes", default="28672x8192,14336x4096,4096x14336,4096x4096")
     ap.add_argument("--ms", default="17,64,128,256,512,2048,8192")
     ap.add_argument("--variants", default="",
-                    help="also time the kernel under these env settings (read at each launch), comma-separated: "
-                         "LOWRANK_WGMMA_TILE=128x128,LOWRANK_WGMMA_THREAD_RELEASE=1")
+                    help="also time the kernel under these env settings (read at each launch), comma-separated, "
+                         "several at once joined by +: LOWRANK_WGMMA_TILE=128x128+LOWRANK_WGMMA_KERNEL=ss")
     args = ap.parse_args()
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -48,14 +48,18 @@ def main():
                 times[name] = t["median_ms"] * 1e3
             forced = []
             for variant in filter(None, args.variants.split(",")):
-                key, value = variant.split("=")
-                os.environ[key] = value  # read at each launch (at capture for the graph)
+                settings = dict(item.split("=") for item in variant.split("+"))
+                os.environ.update(settings)  # read at each launch (at capture for the graph)
                 try:
                     fn = lambda q: lowrank.matmul_4bit(x, q, path="wgmma")  # noqa: E731
                     inputs = [(q,) for q in qs]
                     t = harness.time_cuda_graph(fn, inputs) if m <= 512 else harness.time_cuda(fn, inputs, reps=30)
+                except RuntimeError as error:  # a setting this shape cannot take
+                    t = {"median_ms": float("nan")}
+                    print(f"  {variant}: {str(error).splitlines()[0]}")
                 finally:
-                    del os.environ[key]
+                    for key in settings:
+                        del os.environ[key]
                 forced.append(f"{variant.replace('LOWRANK_WGMMA_', '')} {t['median_ms'] * 1e3:7.1f}")
             tf = 2 * m * n * k / (times["wgmma"] * 1e-6) / 1e12
             print(f"{n:6d}x{k:<6d} M={m:<5d} bf16 {times['bf16']:8.1f}  wgmma {times['wgmma']:8.1f} "

@@ -283,15 +283,22 @@ def _stream_k(ctas):
     return _env("LOWRANK_WGMMA_STREAM_K", ctas)
 
 
+def _wgmma_kernel(kernel):
+    """LOWRANK_WGMMA_KERNEL: None = the plan's choice (the register-operand kernel), "rs" = that
+    one, "ss" = the kernel with dequantizing warpgroups (128 x 128 or 128 x 256 tiles, one CTA per
+    tile)."""
+    return _env("LOWRANK_WGMMA_KERNEL", kernel)
+
+
 @given(m=st.sampled_from([1, 17, 63, 64, 65, 100, 128, 129, 255, 256, 257, 300, 600]),
        n=st.sampled_from([8, 120, 128, 136, 264, 520, 1040]), k=st.sampled_from([64, 128, 192, 512, 1024, 4096]),
        quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from([64, 128, 256]),
        double_quant=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
        tile=st.sampled_from([None] + WGMMA_TILES), stream_k=st.sampled_from([None, "0"]),
-       seed=st.integers(0, 2**31 - 1))
+       kernel=st.sampled_from([None, "rs"]), seed=st.integers(0, 2**31 - 1))
 @needs_hopper
 def test_cuda_wgmma_kernel_matches_reference(m, n, k, quant_type, blocksize, double_quant, dtype, with_bias, tile,
-                                             stream_k, seed):
+                                             stream_k, kernel, seed):
     """Every CTA tile (128 or 256 weight rows x 64, 128 or 256 tokens), partial token and
     weight-row tiles, pipelines shorter and longer than the stage ring, both absmax forms; these
     grids have fewer tiles than SMs, so by the rule they are cut by k (stream-K), and "0" runs
@@ -302,27 +309,58 @@ def test_cuda_wgmma_kernel_matches_reference(m, n, k, quant_type, blocksize, dou
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=g).to("cuda", dtype)
     bias = torch.randn(n, generator=g).to("cuda", dtype) if with_bias else None
-    with _wgmma_tile(tile), _stream_k(stream_k):
+    with _wgmma_tile(tile), _stream_k(stream_k), _wgmma_kernel(kernel):
         y = lowrank.matmul_4bit(x, q, bias, path="wgmma")
         assert y.shape == (m, n) and y.dtype == dtype
         _assert_within_rule(y, x, q, bias)
         assert torch.equal(y, lowrank.matmul_4bit(x, q, bias, path="wgmma"))  # deterministic
 
 
-@pytest.mark.parametrize("tile", WGMMA_TILES)
+@given(m=st.sampled_from([17, 64, 65, 100, 128, 129, 200, 255, 256, 257, 300, 512, 600, 1000]),
+       n=st.sampled_from([8, 120, 128, 136, 264, 520, 1040]), k=st.sampled_from([64, 128, 192, 320, 512, 1024, 4096]),
+       quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from([64, 128, 256]),
+       double_quant=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]), with_bias=st.booleans(),
+       tokens=st.sampled_from([128, 256]), seed=st.integers(0, 2**31 - 1))
+@needs_hopper
+def test_cuda_wgmma_ss_kernel_matches_reference_and_the_register_kernel(m, n, k, quant_type, blocksize, double_quant,
+                                                                        dtype, with_bias, tokens, seed):
+    """The kernel with dequantizing warpgroups, 128 x 128 tiles (three of them taking the k steps
+    in turn, 6 stages) and 128 x 256 (one, 4 stages): partial token and row tiles, pipelines
+    shorter and longer than the ring (1 to 64 k steps), both absmax forms. Its wgmma are the
+    register kernel's for the same tile (m64nNk16 over the same k steps, the same A values, now
+    from shared memory), so the outputs are the same bits."""
+    if k % blocksize:
+        blocksize = 64
+    q = _quantized(n, k, quant_type, blocksize, double_quant, "cuda", seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to("cuda", dtype)
+    bias = torch.randn(n, generator=g).to("cuda", dtype) if with_bias else None
+    with _stream_k("0"), _wgmma_tile(f"128x{tokens}"):
+        with _wgmma_kernel("ss"):
+            y = lowrank.matmul_4bit(x, q, bias, path="wgmma")
+            assert torch.equal(y, lowrank.matmul_4bit(x, q, bias, path="wgmma"))  # deterministic
+        with _wgmma_kernel("rs"):
+            y_rs = lowrank.matmul_4bit(x, q, bias, path="wgmma")
+    assert y.shape == (m, n) and y.dtype == dtype
+    _assert_within_rule(y, x, q, bias)
+    assert torch.equal(y, y_rs)
+
+
+@pytest.mark.parametrize("tile, kernel", [(t, "rs") for t in WGMMA_TILES] + [("128x128", "ss"), ("128x256", "ss")])
 @pytest.mark.parametrize("m, k", [(64, 64), (128, 128), (256, 256), (256, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
 @needs_hopper
-def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype, double_quant, tile):
+def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype, double_quant, tile, kernel):
     """x = rows of the identity: y[i, n] = W[n, i] is one product with 1.0, exact in fp32, so y must
     equal the dequantize kernel's weight bit for bit. This pins every element's place in the
-    fragments, the swizzled x tile and the staged output, and the dequantization's rounding, for
-    every CTA tile."""
+    fragments (or the swizzled A tile), the swizzled x tile and the staged output, and the
+    dequantization's rounding, for every CTA tile and both kernels."""
     n = 392  # 128-row tiles: three full and one of 8 rows; 256-row tiles: one full, one partial
     q = _quantized(n, k, "nf4", 64, double_quant, "cuda", 21)
     x = torch.eye(m, k, device="cuda", dtype=dtype)
-    with _wgmma_tile(tile):
+    # the ss kernel takes whole tiles only (these small grids are otherwise cut by k)
+    with _wgmma_tile(tile), _wgmma_kernel(kernel), _stream_k("0" if kernel == "ss" else None):
         y = lowrank.matmul_4bit(x, q, path="wgmma")
     assert torch.equal(y, q.dequantize(dtype)[:, :m].t())
 
@@ -369,6 +407,19 @@ def test_cuda_wgmma_tile_override_names_the_tiles():
         lowrank.matmul_4bit(x, q, path="wgmma")
 
 
+@pytest.mark.parametrize("kernel, tile, stream_k, message", [
+    ("bogus", None, None, "LOWRANK_WGMMA_KERNEL must be 'rs' or 'ss'"),
+    ("ss", "256x128", "0", "LOWRANK_WGMMA_KERNEL=ss takes 128 x 128 or 128 x 256 tiles, one CTA per tile"),
+    ("ss", None, None, "LOWRANK_WGMMA_KERNEL=ss takes 128 x 128 or 128 x 256 tiles, one CTA per tile"),  # cut by k
+])
+@needs_hopper
+def test_cuda_wgmma_kernel_override_says_what_it_takes(kernel, tile, stream_k, message):
+    q = _quantized(392, 4096, "nf4", 64, True, "cuda", 25)  # 4 x 2 tiles x 64 k steps at M = 300: cut by k
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    with _wgmma_kernel(kernel), _wgmma_tile(tile), _stream_k(stream_k), pytest.raises(RuntimeError, match=message):
+        lowrank.matmul_4bit(x, q, path="wgmma")
+
+
 @needs_hopper
 def test_cuda_wgmma_kernel_model_shape():
     """A model-sized weight with many k steps (the stage ring wraps 16-32 times) and a raster with
@@ -377,6 +428,12 @@ def test_cuda_wgmma_kernel_model_shape():
     for m in (17, 128, 2304):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         _assert_within_rule(lowrank.matmul_4bit(x, q, path="wgmma"), x, q, None)
+        if m >= 128:  # the kernel with dequantizing warpgroups: the register kernel's bits for its tile
+            with _wgmma_tile("128x128" if m == 128 else "128x256"), _stream_k("0"):
+                with _wgmma_kernel("ss"):
+                    y = lowrank.matmul_4bit(x, q, path="wgmma")
+                with _wgmma_kernel("rs"):
+                    assert torch.equal(y, lowrank.matmul_4bit(x, q, path="wgmma"))
 
 
 @needs_hopper
@@ -510,23 +567,87 @@ def test_cuda_grad_x_skinny_kernel_takes_leading_dims_and_a_strided_dy(cuda_devi
     _assert_product_within_rule(_grad_x(strided, q, "skinny"), strided, q.dequantize(torch.float32).t(), None)
 
 
+@given(m=st.sampled_from([1, 17, 100, 128, 129, 256, 300]), n=st.sampled_from([8, 64, 136, 520, 1040, 4096]),
+       k=st.sampled_from([64, 128, 192, 1024]), quant_type=st.sampled_from(["nf4", "fp4"]),
+       blocksize=st.sampled_from([64, 128, 256]), double_quant=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+@needs_hopper
+def test_cuda_grad_x_wgmma_kernel_matches_reference(m, n, k, quant_type, blocksize, double_quant, dtype, seed):
+    """dY @ W by the wgmma kernel (the dequantized tile is W^T, wgmma's transposed A): 128- and
+    256-token tiles, partial token tiles, K ending inside a 128-row tile (K = 64, 192), N ending
+    inside a 64-row step (N = 8, 136, 520), ranges of the reduction over N (N = 1040 and 4096 on
+    few row tiles: 2-4 ranges whose partial sums a second kernel adds), both absmax forms. Within
+    the rule against an fp32 reference, and deterministic."""
+    if k % blocksize:
+        blocksize = 64
+    q = _quantized(n, k, quant_type, blocksize, double_quant, "cuda", seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(m, n, generator=g).to("cuda", dtype)
+    dx = _grad_x(dy, q, "wgmma")
+    assert dx.shape == (m, k) and dx.dtype == dtype
+    _assert_product_within_rule(dx, dy, q.dequantize(torch.float32).t(), None)
+    assert torch.equal(dx, _grad_x(dy, q, "wgmma"))
+
+
+@pytest.mark.parametrize("m, n, k", [(64, 392, 256), (200, 392, 1024), (300, 4096, 128), (17, 2048, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@needs_hopper
+def test_cuda_grad_x_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, n, k, dtype):
+    """dY = rows of the identity: dX[i, k] = W[i, k] is one product with 1.0 (the other products
+    and the other ranges' partial sums add zeros), so dX must equal the dequantize kernel's rows
+    bit for bit: every element's place in the transposed A tile, the copied dY tile and the
+    output, and the dequantization's rounding (4096 x 128 and 2048 x 1024: the reduction cut in
+    4 ranges)."""
+    q = _quantized(n, k, "nf4", 64, True, "cuda", 47)
+    dy = torch.eye(m, n, device="cuda", dtype=dtype)
+    assert torch.equal(_grad_x(dy, q, "wgmma"), q.dequantize(dtype)[:m])
+
+
+@needs_hopper
+def test_cuda_grad_x_wgmma_kernel_takes_leading_dims_and_a_strided_dy():
+    q = _quantized(640, 256, "nf4", 64, True, "cuda", 48)
+    dy = torch.randn(4, 30, 640, device="cuda", dtype=torch.bfloat16)
+    dx = _grad_x(dy, q, "wgmma")
+    assert dx.shape == (4, 30, 256)
+    assert torch.equal(dx.reshape(120, 256), _grad_x(dy.reshape(120, 640), q, "wgmma"))
+    strided = torch.randn(40, 1280, device="cuda", dtype=torch.bfloat16)[:, ::2]
+    _assert_product_within_rule(_grad_x(strided, q, "wgmma"), strided, q.dequantize(torch.float32).t(), None)
+
+
 def test_cuda_grad_x_paths(cuda_device):
-    """'auto' takes the skinny kernel for bf16 dY of at most 16 rows and dequantize + matmul
-    otherwise (fp16: dY * absmax split in two halves could overflow float16); a forced 'skinny'
-    says why it cannot take a call."""
+    """'auto' takes the skinny kernel for bf16 dY of at most 16 rows, on Hopper the wgmma kernel
+    for other fp16/bf16 dY up to 256 rows (fp16 is not the skinny kernel's: dY * absmax split in
+    two halves could overflow float16), and dequantize + matmul otherwise; a forced 'skinny' or
+    'wgmma' says why it cannot take a call."""
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    fused = "wgmma" if hopper else "dequantize"
     q = _quantized(256, 512, "nf4", 64, True, cuda_device, 43)
     dy16 = torch.randn(4, 256, device=cuda_device, dtype=torch.float16)
-    assert torch.equal(_grad_x(dy16, q), _grad_x(dy16, q, "dequantize"))
+    assert torch.equal(_grad_x(dy16, q), _grad_x(dy16, q, fused))
     with pytest.raises(RuntimeError, match="path 'skinny' cannot take this call: it takes bfloat16 dy"):
         _grad_x(dy16, q, "skinny")
     dy = torch.randn(17, 256, device=cuda_device, dtype=torch.bfloat16)
-    assert torch.equal(_grad_x(dy, q), _grad_x(dy, q, "dequantize"))
+    assert torch.equal(_grad_x(dy, q), _grad_x(dy, q, fused))
     assert torch.equal(_grad_x(dy, q, "dequantize"), dy @ q.dequantize(torch.bfloat16))
+    dy_many = torch.randn(257, 256, device=cuda_device, dtype=torch.bfloat16)
+    assert torch.equal(_grad_x(dy_many, q), _grad_x(dy_many, q, "dequantize"))
+    if hopper:
+        with pytest.raises(RuntimeError, match="path 'wgmma' cannot take this call: it takes float16 or bfloat16 dy"):
+            _grad_x(dy.float(), q, "wgmma")
+        q12 = _quantized(12, 128, "nf4", 64, True, cuda_device, 50)
+        with pytest.raises(RuntimeError, match="it needs out_features to be a multiple of 8"):
+            _grad_x(torch.randn(20, 12, device=cuda_device, dtype=torch.bfloat16), q12, "wgmma")
+        q_odd_k = _quantized(16, 96, "nf4", 32, True, cuda_device, 51)
+        with pytest.raises(RuntimeError, match="it needs in_features to be a multiple of 64"):
+            _grad_x(torch.randn(20, 16, device=cuda_device, dtype=torch.bfloat16), q_odd_k, "wgmma")
     with pytest.raises(RuntimeError, match="it takes at most 16 rows of dy"):
         _grad_x(dy, q, "skinny")
     q32 = _quantized(256, 512, "nf4", 32, True, cuda_device, 44)
     with pytest.raises(RuntimeError, match="it needs blocksize >= 64"):
         _grad_x(dy[:4], q32, "skinny")
+    if hopper:
+        with pytest.raises(RuntimeError, match="path 'wgmma' cannot take this call: it needs blocksize >= 64"):
+            _grad_x(dy, q32, "wgmma")
     assert torch.equal(_grad_x(dy[:4], q32), dy[:4] @ q32.dequantize(torch.bfloat16))
     # the codes are staged by 16-byte copies: an 8-byte aligned packed weight takes dequantize + matmul
     buf = torch.empty(q.packed.numel() + 16, dtype=torch.uint8, device=cuda_device)
@@ -538,6 +659,10 @@ def test_cuda_grad_x_paths(cuda_device):
     with pytest.raises(RuntimeError, match="it needs the packed weight 16-byte aligned"):
         ops.matmul_4bit_grad_x(dy[:4], packed8, *args, "skinny")
     assert torch.equal(ops.matmul_4bit_grad_x(dy[:4], packed8, *args, "auto"), _grad_x(dy[:4], q, "dequantize"))
+    if hopper:
+        with pytest.raises(RuntimeError, match="path 'wgmma' cannot take this call: it needs the packed weight 16-byte"):
+            ops.matmul_4bit_grad_x(dy, packed8, *args, "wgmma")
+        assert torch.equal(ops.matmul_4bit_grad_x(dy, packed8, *args, "auto"), _grad_x(dy, q, "dequantize"))
 
 
 @pytest.mark.parametrize("dtype, m", [(torch.bfloat16, 3), (torch.float16, 3), (torch.float32, 5),
@@ -563,16 +688,16 @@ def test_grad_x_op_rejects_bad_input(device):
         _grad_x(torch.randn(2, 64, device=device), q)
     with pytest.raises(RuntimeError, match="lowrank::matmul_4bit_grad_x: path must be 'auto'"):
         _grad_x(dy, q, "fast")
-    with pytest.raises(RuntimeError, match="the backward has no 'wgmma' path"):
-        _grad_x(dy, q, "wgmma")
+
     with pytest.raises(RuntimeError, match="dy must be float32, float16 or bfloat16"):
         _grad_x(dy.double(), q)
     with pytest.raises(RuntimeError, match="1024 bytes for a \\[32, 64\\] weight"):
         ops.matmul_4bit_grad_x(dy, q.packed.reshape(-1)[:-1], q.absmax, q.nested_absmax, q.nested_quant_map,
                                q.nested_offset, q.quant_map, 64, 256, 32, 64, "auto")
     if device == "cpu":
-        with pytest.raises(RuntimeError, match="'skinny' is a CUDA kernel"):
-            _grad_x(dy.bfloat16(), q, "skinny")
+        for path in ("skinny", "wgmma"):
+            with pytest.raises(RuntimeError, match=f"path '{path}' is a CUDA kernel"):
+                _grad_x(dy.bfloat16(), q, path)
     else:
         with pytest.raises(RuntimeError, match="dy must be on cuda"):
             _grad_x(dy.cpu(), q)

@@ -304,14 +304,20 @@ void launch_kind(const Gemm4bitGradParams& p, const SkinnyGradPlan& plan, cudaSt
   const bool nested = p.absmax == nullptr;
   if (p.m <= 8) nested ? launch_t<T, 1, true>(p, plan, stream) : launch_t<T, 1, false>(p, plan, stream);
   else nested ? launch_t<T, 2, true>(p, plan, stream) : launch_t<T, 2, false>(p, plan, stream);
-  if (plan.splits > 1) {
-    const int64_t mk = p.m * p.k;
-    const int64_t blocks = (mk + 255) / 256 < 4096 ? (mk + 255) / 256 : 4096;
-    sum_splits<T><<<unsigned(blocks), 256, 0, stream>>>(p.partial, static_cast<T*>(p.out), mk, plan.splits);
-  }
+  if (plan.splits > 1) launch_sum_splits(p.partial, p.out, p.kind, p.m * p.k, int(plan.splits), stream);
 }
 
 }  // namespace
+
+void launch_sum_splits(const float* partial, void* out, FloatKind kind, int64_t count, int splits,
+                       cudaStream_t stream) {
+  const int64_t blocks = (count + 255) / 256 < 4096 ? (count + 255) / 256 : 4096;
+  if (kind == FloatKind::kBFloat16)
+    sum_splits<__nv_bfloat16><<<unsigned(blocks), 256, 0, stream>>>(partial, static_cast<__nv_bfloat16*>(out), count,
+                                                                     splits);
+  else
+    sum_splits<__half><<<unsigned(blocks), 256, 0, stream>>>(partial, static_cast<__half*>(out), count, splits);
+}
 
 SkinnyGradPlan plan_gemm_4bit_skinny_grad_x(int64_t m, int64_t n, int64_t k, int sms) {
   SkinnyGradPlan plan;

@@ -48,10 +48,12 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <string>
 
 #include "common/cuda_float.cuh"
 #include "gemm/gemm_launch.h"
 #include "gemm/hopper.cuh"
+#include "gemm/wgmma_common.cuh"
 #include "gemm/wgmma_rs.cuh"
 
 namespace lowrank::gemm {
@@ -60,13 +62,11 @@ namespace {
 constexpr int kTileK = kWgmmaTileK;
 constexpr int kCodeRowBytes = kTileK / 2;  // 32
 constexpr int kThreads = 384;
-constexpr int kOutPitch = 72;  // elements per token row of the staging tile (64 + 8: 144 bytes)
 // A weight row's scaled code table for one k step: its 16 values bf16/fp16(values[i] * absmax),
 // split into the 16 low bytes and the 16 high bytes (4 + 4 words), the form the byte-permute
 // lookup reads.
 constexpr int kTableRowBytes = 32;
 [[maybe_unused]] constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
-[[maybe_unused]] constexpr int kTokenGroup = 8;  // token tiles per raster group (CTAs that share a weight row tile)
 
 // A CTA tile: ROWS weight rows (2 consumer warpgroups x ROWS / 128 blocks of 64 rows) x BT tokens.
 template <int ROWS, int BT>
@@ -119,12 +119,6 @@ using hopper::mbar_arrive_expect_tx;
 using hopper::mbar_init;
 using hopper::mbar_wait;
 using hopper::tma_load_2d;
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
 // An empty use of each register: what is passed stays live (unmoved, unreused) up to here.
 __device__ __forceinline__ void keep(const uint32_t (&r)[4][4]) {
 #pragma unroll
@@ -132,50 +126,9 @@ __device__ __forceinline__ void keep(const uint32_t (&r)[4][4]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) asm volatile("" ::"r"(r[j][i]) : "memory");
 }
-template <int R>
-__device__ __forceinline__ void fence_registers(float (&r)[R]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
 #endif
 
-// Descriptor of a K-major 128-byte-swizzled tile: 8-row atoms of 128-byte rows, 1024 bytes apart
-// (stride byte offset), layout type 1 = 128-byte swizzle; the leading byte offset is unused for
-// this layout (the k16 step stays within one 128-byte row). Start address in 16-byte units.
-[[maybe_unused]] __device__ __forceinline__ uint64_t swizzle128_desc(uint32_t smem_byte_addr) {
-  return uint64_t((smem_byte_addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
 
-// The scaled table of one weight row for one k step, built by a producer thread: entry i is
-// values[i] * absmax in fp32 rounded once to T (the dequantize kernel's operations), stored as
-// 4 words of low bytes (entries 4q..4q+3 in word q) and 4 words of high bytes.
-template <typename T>
-__device__ __forceinline__ void build_table(const float (&values)[16], float absmax, uint4& lo, uint4& hi) {
-  uint32_t w[8];  // entries 2p (low half) and 2p + 1
-#pragma unroll
-  for (int p = 0; p < 8; ++p) w[p] = Pack2<T>::pack(__fmul_rn(values[2 * p], absmax), __fmul_rn(values[2 * p + 1], absmax));
-  lo = make_uint4(__byte_perm(w[0], w[1], 0x6420), __byte_perm(w[2], w[3], 0x6420), __byte_perm(w[4], w[5], 0x6420),
-                  __byte_perm(w[6], w[7], 0x6420));
-  hi = make_uint4(__byte_perm(w[0], w[1], 0x7531), __byte_perm(w[2], w[3], 0x7531), __byte_perm(w[4], w[5], 0x7531),
-                  __byte_perm(w[6], w[7], 0x7531));
-}
-
-// Four table lookups in registers, no shared memory: `codes` holds two code bytes in its low 16
-// bits (nibbles n0..n3: byte A's low and high nibble, then byte B's). A byte permute selects among
-// 8 bytes by a 3-bit index, so the low bytes of entries 0-7 and of entries 8-15 are picked by
-// two permutes, merged by a third whose selector comes from the codes' bit 3; the same for the
-// high bytes; two more permutes interleave them into the pairs (A's first element = its high
-// nibble, in the low half). 12 instructions per 4 elements; every selector nibble is <= 7.
-[[maybe_unused]] __device__ __forceinline__ void lookup4(uint32_t codes, const uint4& lo, const uint4& hi, uint32_t& pair_a,
-                                        uint32_t& pair_b) {
-  const uint32_t sel = codes & 0x7777u;
-  const uint32_t merge = ((codes >> 1) & 0x4444u) | 0x3210u;
-  const uint32_t lo_bytes = __byte_perm(__byte_perm(lo.x, lo.y, sel), __byte_perm(lo.z, lo.w, sel), merge);
-  const uint32_t hi_bytes = __byte_perm(__byte_perm(hi.x, hi.y, sel), __byte_perm(hi.z, hi.w, sel), merge);
-  pair_a = __byte_perm(lo_bytes, hi_bytes, 0x4051);
-  pair_b = __byte_perm(lo_bytes, hi_bytes, 0x6273);
-}
 
 // Where one CTA's work lies. The grid walks tiles x k steps as one sequence of `iters`
 // iterations, cut into `ctas` contiguous ranges of base or base + 1 (stream-K when there are
@@ -199,18 +152,11 @@ struct WorkRange {
 struct Cursor {
   int tile, kt, row0, token0;
 };
-// Raster: groups of kTokenGroup token tiles; inside a group the token tile varies fastest, so
-// the CTAs resident together share weight row tiles (codes read from DRAM once per group).
+// The tile's origin by the raster (raster_origin, wgmma_common.cuh).
 template <int ROWS, int BT>
 __device__ __forceinline__ void tile_origin(const KernelArgs& p, Cursor& c) {
   if (c.tile >= p.row_tiles * p.token_tiles) return;  // past the last tile: never used
-  const int group_ctas = kTokenGroup * p.row_tiles;
-  const int group = c.tile / group_ctas;
-  const int first_token_tile = group * kTokenGroup;
-  const int group_size = min(kTokenGroup, p.token_tiles - first_token_tile);
-  const int in_group = c.tile - group * group_ctas;
-  c.row0 = (in_group / group_size) * ROWS;
-  c.token0 = (first_token_tile + in_group % group_size) * BT;
+  raster_origin(c.tile, p.row_tiles, p.token_tiles, ROWS, BT, c.row0, c.token0);
 }
 template <int ROWS, int BT>
 __device__ __forceinline__ Cursor cursor_at(const KernelArgs& p, int g, int k_tiles) {
@@ -325,15 +271,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full_bar = smem_base + Cfg::kBarOff;  // + 8 s
   const uint32_t empty_bar = full_bar + 8 * S;
 
-  // Raster: groups of kTokenGroup token tiles; inside a group the token tile varies fastest, so
-  // the CTAs resident together share weight row tiles (codes read from DRAM once per group).
-  const int group_ctas = kTokenGroup * p.row_tiles;
-  const int group = blockIdx.x / group_ctas;
-  const int first_token_tile = group * kTokenGroup;
-  const int group_size = min(kTokenGroup, p.token_tiles - first_token_tile);
-  const int in_group = blockIdx.x - group * group_ctas;
-  const int row0 = (in_group / group_size) * ROWS;
-  const int token0 = (first_token_tile + in_group % group_size) * BT;
+  int row0, token0;
+  raster_origin(blockIdx.x, p.row_tiles, p.token_tiles, ROWS, BT, row0, token0);
   const int k_tiles = p.k / kTileK;
 
   if (NESTED)
@@ -480,37 +419,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int h = 0; h < B; ++h) {
       const int block = cw * B + h;
-      T* stage = reinterpret_cast<T*>(smem + Cfg::kXOff + block * Cfg::kOutBytes);
-      const int row_lo = row0 + 64 * block + r_in_block, row_hi = row_lo + 8;
-      float bias_lo = 0.0f, bias_hi = 0.0f;
-      if (p.bias != nullptr) {
-        const T* bias = static_cast<const T*>(p.bias);
-        if (row_lo < p.n) bias_lo = to_float(bias[row_lo]);
-        if (row_hi < p.n) bias_hi = to_float(bias[row_hi]);
-      }
-#pragma unroll
-      for (int j = 0; j < BT / 8; ++j) {
-        const int tok = 8 * j + 2 * t;
-        stage[tok * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j] + bias_lo);
-        stage[(tok + 1) * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j + 1] + bias_lo);
-        stage[tok * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 2] + bias_hi);
-        stage[(tok + 1) * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 3] + bias_hi);
-      }
+      stage_accumulators<T, BT>(reinterpret_cast<T*>(smem + Cfg::kXOff + block * Cfg::kOutBytes), acc[h],
+                                static_cast<const T*>(p.bias), row0 + 64 * block, r_in_block, t, p.n);
     }
     asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
-    T* out = static_cast<T*>(p.out);
-    const int tid = threadIdx.x - 128 * warpgroup;
-    for (int idx = tid; idx < B * BT * 8; idx += 128) {
-      const int block = cw * B + idx / (BT * 8);
-      const int tk = (idx / 8) % BT, c = idx % 8;
-      const T* stage = reinterpret_cast<const T*>(smem + Cfg::kXOff + block * Cfg::kOutBytes);
-      const int token = token0 + tk;
-      const int row = row0 + 64 * block + 8 * c;
-      if (token < p.m && row < p.n) {
-        const uint4 v = *reinterpret_cast<const uint4*>(stage + tk * kOutPitch + 8 * c);
-        *reinterpret_cast<uint4*>(out + int64_t(token) * p.n + row) = v;
-      }
-    }
+    store_staged<T, BT>(smem + Cfg::kXOff, Cfg::kOutBytes, cw * B, B, threadIdx.x - 128 * warpgroup, row0, token0,
+                        p.m, p.n, static_cast<T*>(p.out));
   }
 #else
   __trap();  // built for a target without wgmma: the launcher refuses before getting here
@@ -901,6 +815,25 @@ WgmmaPlan plan_gemm_4bit_wgmma(const Gemm4bitParams& p) {
   plan.tiles = int(tiles);
   plan.iters = int(iters);
   plan.ctas = int(ctas);
+  // The kernel with dequantizing warpgroups (gemm_4bit_wgmma_ss.cu) takes 128-row tiles of 128 or
+  // 256 tokens one CTA per tile; LOWRANK_WGMMA_KERNEL=ss picks it, =rs this one (A/B, tests; read
+  // per launch). Default: this one.
+  const bool ss_fits = plan.rows == 128 && plan.tokens >= 128 && ctas == tiles;
+  plan.ss = false;
+  if (const char* env = std::getenv("LOWRANK_WGMMA_KERNEL"); env != nullptr && env[0] != '\0') {
+    const std::string kernel(env);
+    if (kernel == "rs") {
+      plan.ss = false;
+    } else if (kernel != "ss") {
+      plan.error = "LOWRANK_WGMMA_KERNEL must be 'rs' or 'ss'";
+      return plan;
+    } else if (!ss_fits) {
+      plan.error = "LOWRANK_WGMMA_KERNEL=ss takes 128 x 128 or 128 x 256 tiles, one CTA per tile (not cut by k)";
+      return plan;
+    } else {
+      plan.ss = true;
+    }
+  }
   if (ctas > tiles) plan.workspace_bytes = ctas * (int64_t(plan.rows) * plan.tokens * 4 + 4);
   return plan;
 }
@@ -935,6 +868,7 @@ const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, const WgmmaPlan& pla
   }
   const char* release = std::getenv("LOWRANK_WGMMA_THREAD_RELEASE");  // A/B, read per launch
   a.thread_release = release != nullptr && release[0] == '1';
+  if (plan.ss) return launch_gemm_4bit_wgmma_ss(p, plan.tokens, stream);
   const bool nested = p.absmax_codes != nullptr;
   if (p.kind == FloatKind::kBFloat16)
     return nested ? launch_typed<__nv_bfloat16, true>(p, a, plan.rows, plan.tokens, stream)

@@ -84,7 +84,7 @@ inline void check_matmul_4bit(const at::Tensor& x, const Weight4bit& w, const st
   }
 }
 
-inline void check_matmul_4bit_grad_x(const at::Tensor& dy, const Weight4bit& w, MatmulPath path) {
+inline void check_matmul_4bit_grad_x(const at::Tensor& dy, const Weight4bit& w) {
   constexpr const char* op = "lowrank::matmul_4bit_grad_x";
   TORCH_CHECK(quant::is_supported_float(dy.scalar_type()), op, ": dy must be float32, float16 or bfloat16, got ",
               dy.scalar_type());
@@ -93,7 +93,6 @@ inline void check_matmul_4bit_grad_x(const at::Tensor& dy, const Weight4bit& w, 
               num(w.out_features), " (weight [", num(w.out_features), ", ", num(w.in_features), "]), got dy of shape ",
               shape(dy));
   quant::check_same_device(dy, w.packed, op, "dy");
-  TORCH_CHECK(path != MatmulPath::kWgmma, op, ": the backward has no 'wgmma' path; use 'auto', 'skinny' or 'dequantize'");
 }
 
 // dx = dy @ dequantize(W): the weight dequantized in dy's dtype, then the backend's matmul.

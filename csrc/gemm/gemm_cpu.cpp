@@ -51,9 +51,9 @@ at::Tensor matmul_4bit_grad_x_cpu(const at::Tensor& dy, const at::Tensor& packed
   const Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
                      out_features, in_features};
   const MatmulPath chosen = parse_path(std::string(path), "lowrank::matmul_4bit_grad_x");
-  check_matmul_4bit_grad_x(dy, w, chosen);
-  TORCH_CHECK(chosen != MatmulPath::kSkinny, "lowrank::matmul_4bit_grad_x: path 'skinny' is a CUDA kernel; on CPU "
-              "use 'auto' or 'dequantize'");
+  check_matmul_4bit_grad_x(dy, w);
+  TORCH_CHECK(chosen != MatmulPath::kSkinny && chosen != MatmulPath::kWgmma, "lowrank::matmul_4bit_grad_x: path '",
+              std::string(path), "' is a CUDA kernel; on CPU use 'auto' or 'dequantize'");
   return matmul_4bit_grad_x_dequantize(dy, w);
 }
 

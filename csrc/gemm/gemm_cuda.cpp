@@ -143,6 +143,21 @@ const char* skinny_grad_refusal(const at::Tensor& dy, const Weight4bit& w, int64
   return nullptr;
 }
 
+// Why the backward's wgmma kernel cannot take this call, or nullptr when it can.
+const char* grad_wgmma_refusal(const at::Tensor& dy, const Weight4bit& w) {
+  if (!is_hopper(dy.device())) return "it runs on compute capability 9.0 (Hopper) only";
+  if (dy.scalar_type() != at::kHalf && dy.scalar_type() != at::kBFloat16)
+    return "it takes float16 or bfloat16 dy (float32 dy goes through dequantize + matmul)";
+  if (w.in_features % kWgmmaTileK != 0) return "it needs in_features to be a multiple of 64";
+  if (w.blocksize < kWgmmaTileK) return "it needs blocksize >= 64";
+  if (w.out_features % 8 != 0) return "it needs out_features to be a multiple of 8 (dy's rows are copied by TMA)";
+  if (w.in_features >= (int64_t(1) << 31) || w.out_features >= (int64_t(1) << 31))
+    return "it takes weight dimensions below 2^31";
+  if (reinterpret_cast<uintptr_t>(w.packed.const_data_ptr()) % 16 != 0)
+    return "it needs the packed weight 16-byte aligned";
+  return nullptr;
+}
+
 at::Tensor matmul_4bit_grad_x_cuda(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& absmax,
                                    const std::optional<at::Tensor>& nested_absmax,
                                    const std::optional<at::Tensor>& nested_qmap,
@@ -151,15 +166,50 @@ at::Tensor matmul_4bit_grad_x_cuda(const at::Tensor& dy, const at::Tensor& packe
                                    int64_t in_features, c10::string_view path) {
   const Weight4bit w{packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nested_blocksize,
                      out_features, in_features};
-  const MatmulPath chosen = parse_path(std::string(path), "lowrank::matmul_4bit_grad_x");
-  check_matmul_4bit_grad_x(dy, w, chosen);
+  MatmulPath chosen = parse_path(std::string(path), "lowrank::matmul_4bit_grad_x");
+  check_matmul_4bit_grad_x(dy, w);
   const c10::cuda::CUDAGuard guard(dy.device());
   const int64_t m = dy.numel() / out_features;
   const char* skinny_no = skinny_grad_refusal(dy, w, m);
   TORCH_CHECK(chosen != MatmulPath::kSkinny || skinny_no == nullptr,
               "lowrank::matmul_4bit_grad_x: path 'skinny' cannot take this call: ", skinny_no);
-  if (chosen == MatmulPath::kDequantize || skinny_no != nullptr || m == 0)
-    return matmul_4bit_grad_x_dequantize(dy, w);
+  const char* wgmma_no = grad_wgmma_refusal(dy, w);
+  TORCH_CHECK(chosen != MatmulPath::kWgmma || wgmma_no == nullptr,
+              "lowrank::matmul_4bit_grad_x: path 'wgmma' cannot take this call: ", wgmma_no);
+  if (chosen == MatmulPath::kAuto) {
+    // The rule (docs/design.md): the skinny kernel for bf16 dY of at most 16 rows; the wgmma kernel
+    // for M up to kGradWgmmaMaxAutoM; otherwise dequantize + cuBLAS.
+    if (skinny_no == nullptr)
+      chosen = MatmulPath::kSkinny;
+    else if (wgmma_no == nullptr && m <= kGradWgmmaMaxAutoM)
+      chosen = MatmulPath::kWgmma;
+    else
+      chosen = MatmulPath::kDequantize;
+  }
+  if (chosen == MatmulPath::kDequantize || m == 0) return matmul_4bit_grad_x_dequantize(dy, w);
+  if (chosen == MatmulPath::kWgmma) {
+    // dY as a contiguous [M, N] whose rows start 16-byte aligned (a copy only for an odd view)
+    at::Tensor dy2 = dy.reshape({m, out_features}).contiguous();
+    if (reinterpret_cast<uintptr_t>(dy2.const_data_ptr()) % 16 != 0) dy2 = dy2.clone();
+    std::vector<int64_t> out_shape(dy.sizes().begin(), dy.sizes().end());
+    out_shape.back() = in_features;
+    at::Tensor out = at::empty(out_shape, dy.options());
+    const GradWgmmaPlan plan =
+        plan_gemm_4bit_grad_x_wgmma(m, out_features, in_features, device_facts(dy.device().index()).sms);
+    at::Tensor workspace;  // the ranges' partial sums, from the caching allocator, per call
+    if (plan.workspace_bytes > 0) workspace = at::empty({plan.workspace_bytes / 4}, dy.options().dtype(at::kFloat));
+    Gemm4bitGradParams p{};
+    set_packed_weight(p, w);
+    p.dy = dy2.const_data_ptr();
+    p.kind = dy.scalar_type() == at::kBFloat16 ? FloatKind::kBFloat16 : FloatKind::kFloat16;
+    p.m = m;
+    p.out = out.mutable_data_ptr();
+    p.partial = plan.workspace_bytes > 0 ? workspace.mutable_data_ptr<float>() : nullptr;
+    const char* error = launch_gemm_4bit_grad_x_wgmma(p, plan, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(error == nullptr, "lowrank::matmul_4bit_grad_x: the wgmma kernel could not launch: ", error);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
 
   const at::Tensor dy2 = dy.reshape({m, out_features}).contiguous();
   std::vector<int64_t> out_shape(dy.sizes().begin(), dy.sizes().end());

@@ -113,11 +113,39 @@ struct WgmmaPlan {
   int rows = 0, tokens = 0;  // per CTA tile
   int tiles = 0, iters = 0, ctas = 0;
   int64_t workspace_bytes = 0;  // 0 without stream-K
+  bool ss = false;  // the 128 x 256 tiles by the shared-memory-operand kernel (gemm_4bit_wgmma_ss.cu)
   const char* error = nullptr;
 };
 WgmmaPlan plan_gemm_4bit_wgmma(const Gemm4bitParams& p);
 // workspace: plan.workspace_bytes of device memory, or nullptr when that is 0.
 const char* launch_gemm_4bit_wgmma(const Gemm4bitParams& p, const WgmmaPlan& plan, void* workspace,
                                    cudaStream_t stream);
+// The same product with the weight dequantized into shared memory by a warpgroup of its own and
+// both wgmma operands read from shared memory (gemm_4bit_wgmma_ss.cu): 128 weight rows x 256 tokens
+// per CTA, one CTA per tile. The plan picks it for those tiles (LOWRANK_WGMMA_KERNEL=rs|ss forces
+// one kernel; read per launch). Returns nullptr, or why it could not launch.
+const char* launch_gemm_4bit_wgmma_ss(const Gemm4bitParams& p, int tokens, cudaStream_t stream);
+
+// The backward's dX [M, K] = dY [M, N] @ W on Hopper for M > 16 by the same kernel (transposed A:
+// the dequantized tile is W^T in W's own layout), 128 k x 128 or 256 tokens per CTA, the reduction
+// over N cut into ranges when the K / 128 row tiles leave SMs idle; fp16/bf16 dY with N % 8 == 0
+// (its TMA rows), K % 64 == 0, blocksize >= 64, the packed weight 16-byte aligned.
+// kGradMinStepsPerRange: steps of 64 rows of W per range at least (shorter ranges mostly fill and
+// drain the stage ring).
+constexpr int64_t kGradMinStepsPerRange = 16;
+// The backward's rule takes this kernel up to this M (above it, dequantize + cuBLAS; docs/design.md).
+constexpr int64_t kGradWgmmaMaxAutoM = 256;
+struct GradWgmmaPlan {
+  int64_t tokens = 0, splits = 0, steps_per_split = 0, ctas = 0;
+  int64_t workspace_bytes = 0;  // fp32 partial sums [splits][M][K] when splits > 1
+};
+GradWgmmaPlan plan_gemm_4bit_grad_x_wgmma(int64_t m, int64_t n, int64_t k, int sms);
+// p.partial: plan.workspace_bytes of device memory when that is > 0. Returns nullptr, or why it
+// could not launch.
+const char* launch_gemm_4bit_grad_x_wgmma(const Gemm4bitGradParams& p, const GradWgmmaPlan& plan,
+                                          cudaStream_t stream);
+// out [count] in kind = the sum of partial [splits][count] fp32 in split order (gemm_4bit_skinny_t.cu).
+void launch_sum_splits(const float* partial, void* out, FloatKind kind, int64_t count, int splits,
+                       cudaStream_t stream);
 
 }  // namespace lowrank::gemm
