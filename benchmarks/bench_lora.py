@@ -10,6 +10,8 @@ allocated before it (inputs, weights, dY), in MB. Rows:
   lowrank-dora / lowrank-qdora     the same with use_dora=True
   peft-lora / peft-dora            PEFT over nn.Linear (bf16)
   peft-bnb-qlora / peft-bnb-qdora  PEFT over bitsandbytes' Linear4bit
+  ...-dropout        (14336x4096) lowrank QLoRA / QDoRA and peft+bnb with lora_dropout = 0.05, in
+                     training mode (DoRA under dropout runs the base GEMM of x - x' too, both ways)
 Targets (H100): QLoRA 14336x4096 <= 2.75 ms (floor 2.49, peft+bnb 6.01) and <= 420 MB (peft 1410);
 QDoRA <= 3.0 ms (peft+bnb 11.09) and <= 450 MB (peft 3112). Judged three ways: by the block median
 ("meets_target"), by the paired ratio to the floor (``paired_ratios``: floor, QLoRA and QDoRA
@@ -48,6 +50,7 @@ from lowrank.nn import Linear4bit, LoraLinear  # noqa: E402
 SHAPES = [(14336, 4096), (4096, 4096)]
 M = 8192
 R, ALPHA = 16, 32
+DROPOUT = 0.05  # the -dropout rows (QLoRA's recipes use 0.05-0.1)
 TARGETS = {("lowrank-qlora", (14336, 4096)): {"ms": 2.75, "mb": 420},
            ("lowrank-qdora", (14336, 4096)): {"ms": 3.0, "mb": 450}}
 # The floor the targets were set against (../shared/anchors/H100_PEERS.md): 2.75 ms = 1.104x it,
@@ -116,28 +119,37 @@ def layer_setups(w, peft, bnb):
         lin.weight.requires_grad_(False)
         return lin
 
-    def ours(base, dora):
-        layer = LoraLinear(base, r=R, lora_alpha=ALPHA, use_dora=dora)
+    def ours(base, dora, dropout=0.0):
+        layer = LoraLinear(base, r=R, lora_alpha=ALPHA, lora_dropout=dropout, use_dora=dora).train()
         randomize_adapters(layer)
         return layer
 
-    def theirs(base, dora):
+    def theirs(base, dora, dropout=0.0):
         model = peft.get_peft_model(One(base), peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"],
-                                                               use_dora=dora))
+                                                               lora_dropout=dropout, use_dora=dora)).train()
         randomize_adapters(model)
         return model
 
+    def q4():
+        return Linear4bit.from_linear(linear(), compute_dtype=torch.bfloat16)
+
     setups = {"bf16-frozen": linear,
               "lowrank-lora": lambda: ours(linear(), False),
-              "lowrank-qlora": lambda: ours(Linear4bit.from_linear(linear(), compute_dtype=torch.bfloat16), False),
+              "lowrank-qlora": lambda: ours(q4(), False),
               "lowrank-dora": lambda: ours(linear(), True),
-              "lowrank-qdora": lambda: ours(Linear4bit.from_linear(linear(), compute_dtype=torch.bfloat16), True)}
+              "lowrank-qdora": lambda: ours(q4(), True)}
     if peft is not None:
         setups["peft-lora"] = lambda: theirs(linear(), False)
         setups["peft-dora"] = lambda: theirs(linear(), True)
         if bnb is not None:
             setups["peft-bnb-qlora"] = lambda: theirs(bnb_linear4bit(bnb, w), False)
             setups["peft-bnb-qdora"] = lambda: theirs(bnb_linear4bit(bnb, w), True)
+    if (n, k) == SHAPES[0]:
+        setups["lowrank-qlora-dropout"] = lambda: ours(q4(), False, DROPOUT)
+        setups["lowrank-qdora-dropout"] = lambda: ours(q4(), True, DROPOUT)
+        if peft is not None and bnb is not None:
+            setups["peft-bnb-qlora-dropout"] = lambda: theirs(bnb_linear4bit(bnb, w), False, DROPOUT)
+            setups["peft-bnb-qdora-dropout"] = lambda: theirs(bnb_linear4bit(bnb, w), True, DROPOUT)
     return setups
 
 

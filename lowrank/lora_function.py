@@ -1,15 +1,16 @@
 """LoRA and DoRA forward + backward as one autograd function that keeps memory lean.
 
-The unfused path (LoraLinear.forward_unfused, PEFT's formulation) casts x to float32 for the
+The reference path (LoraLinear.forward_reference, PEFT's formulation) casts x to float32 for the
 adapter branch and builds the low-rank term as [M, out] float32 temporaries: at M = 8192 tokens of a
 14336 x 4096 projection that is 1.4 GB of temporaries (PEFT measures 1410 MB above the inputs). This
 function computes the same math in x's compute dtype with fp32 accumulation (cuBLAS / the backend's
 matmul) and keeps only what the backward needs:
 
     forward   h = x' A^T                      [M, r]      x' = dropout(x), mask from a seed
-              4-bit base, no dropout, M > 16 on CUDA: y = x W'^T (+ bias), one cuBLAS GEMM against
-                the merged weight W' = v (W0 + s B A) that ops.lora_merge_4bit builds from the
-                packed codes in one launch (each element rounded once to x's dtype)
+              4-bit base, no dropout (or DoRA's u of x'), M > 16 on CUDA: y = x W'^T (+ bias),
+                one cuBLAS GEMM against the merged weight W' = v (W0 + s B A) that
+                ops.lora_merge_4bit builds from the packed codes in one launch (each element
+                rounded once to x's dtype)
               otherwise y = s h B^T (+ bias), then y += x W^T by cuBLAS with y as its C operand
                 (beta = 1); M <= 16 on a 4-bit base: the fused skinny kernel first, then
                 y += s h B^T
@@ -17,13 +18,18 @@ matmul) and keeps only what the backward needs:
               base folded into the weight (W', or each block's absmax) and into B; for a float
               base y is scaled in place. (v rounded to bf16 on its own would put one relative
               error on a whole output column, and dm sums that column.)
-    saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (for
-              dm) and v; for a 4-bit base only the packed weight
+    DoRA under dropout (PEFT: the scaled base term sees x')
+              y = x W^T + (v - 1) (x' W^T) + v s h B^T + bias = u + (x - x') W^T + bias,
+              u = v (x' W^T + s h B^T): the paths above with x' as input, then one GEMM more
+    saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (u
+              under dropout; for dm) and v; for a 4-bit base only the packed weight
     backward  g  = dY B_v                      [M, r] fp32 B_v = v * B for DoRA, B for LoRA
               (bf16 on CUDA, out % 64 == 0, r <= 16: g, dY^T h and DoRA's sum_M(dY * y) from one
               read of dY and y, ops.lora_dy_products)
               dX = dY W' (merged), or s g A first and the big GEMM adds (v dY) W into it
               dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free.
+              DoRA under dropout: dX = k (dY W'') + (1 - k) (dY W) with k = keep / (1 - p) and
+              dY W'' the dX above (y = u, no mask); dY W by matmul_4bit's backward op.
     bf16 on CUDA: the adapter products (h, g, dY^T h, x'^T g) are cuBLAS GEMMs against a 3-way bf16
     split of their float32 side (float32-exact, ``_mm_f32``), and sum_M(dY * y) one streaming
     kernel; elsewhere the CUDA-core kernels lora_project / lora_column_reduce (one read of dY and y
@@ -33,8 +39,6 @@ Why the merged weight (H100, M = 8192, 14336 x 4096, r = 16): writing y = s h B^
 it back as the GEMM's C operand cost ~140 us in the forward and ~60 us in dX; the merge adds ~16
 FMA per weight to the dequantization the GEMMs need anyway. Rounding W' once puts the same
 relative error (2^-9 in bf16) on v (W0 + s B A) that the dequantization puts on W0.
-
-What is not here yet (issue 5): DoRA with dropout (it takes the unfused path).
 """
 from __future__ import annotations
 
@@ -52,16 +56,15 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
-def dropout_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    """The dropout keep-mask (bool) drawn from ``seed``: the same mask in forward and backward."""
+def dropout_keep_mask(seed: int, shape, p: float, device, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """The dropout keep-mask drawn from ``seed``, 1 (kept) or 0 in ``dtype``: the same mask in forward
+    and backward (and the same for a given seed, shape, device and dtype). The layer draws it in
+    x's dtype, straight from bernoulli_: its products with x and dX are then one vectorized kernel
+    each (a bool mask times bf16 took 119 us for [8192, 4096] on the H100, an unvectorized
+    mixed-dtype kernel; uniform floats and a compare wrote and read 9 bytes per element more)."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    return torch.rand(shape, generator=g, device=device, dtype=torch.float32) >= p
-
-
-def _dropped(x2, seed, p):
-    keep = dropout_keep_mask(seed, x2.shape, p, x2.device)
-    return x2 * keep.to(x2.dtype) * (1.0 / (1.0 - p))
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=g)
 
 
 # Rows of x up to which the 4-bit base's GEMM goes through matmul_4bit's op (its fused skinny
@@ -213,6 +216,27 @@ def _grad_input_operands(dy2, v, weight, quant, cd):
     return torch.mul(dy2, v, out=torch.empty_like(dy2)), w
 
 
+def _add_base_term(u, c, weight, quant, cd):
+    """u + c W0^T as a new tensor (u [M, out] is kept): cuBLAS with u as its C operand (one
+    rounding of the sum) against the base weight, dequantized into a temporary for a 4-bit base
+    with many rows on CUDA; a 4-bit base with few rows (or on CPU) goes through matmul_4bit (the
+    fused skinny kernel, or the blocked CPU path: no [out, in] copy) and one add."""
+    if quant is not None and (not c.is_cuda or c.shape[0] <= SKINNY_MAX_M):
+        return torch.add(u, _base_matmul(c, None, quant, None))
+    w = _base_weight(weight, quant, cd)
+    return torch.addmm(u, c, w.t())
+
+
+def _base_grad_input(dy2, weight, quant, cd):
+    """dY W0 [M, in] in x's dtype: matmul_4bit's backward op for a 4-bit base (its dispatch rule:
+    fused kernels for few rows, else the weight dequantized again), the weight as it is otherwise."""
+    if quant is not None:
+        return ops.matmul_4bit_grad_x(dy2, quant.packed.reshape(-1), quant.absmax, quant.nested_absmax,
+                                      quant.nested_quant_map, quant.nested_offset, quant.quant_map, quant.blocksize,
+                                      quant.nested_blocksize, quant.shape[0], quant.shape[1], "auto")
+    return dy2 @ _base_weight(weight, None, cd)
+
+
 class _AsyncFlag:
     """A device scalar (a bool, or an int of flag bits) read on the host later without draining the
     stream: copied to pinned memory when made and read after the long work queued since (the
@@ -265,8 +289,14 @@ class LoraFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k_in)
         m_rows = x2.shape[0]
-        xd = _dropped(x2, seed, dropout_p) if dropout_p > 0 else x2
-        h = _project(xd, lora_A.float().t())  # [M, r] float32: float32 adapters, x read once
+        # Dropout: x' = x keep / (1 - p). The products take the masked x keep (exact in x's dtype)
+        # and 1 / (1 - p) in float32 afterwards, so x' is never rounded to x's dtype (PEFT drops the
+        # adapters' float32 copy of x; a bf16 x' put 2^-9 of error on dA).
+        keep = dropout_keep_mask(seed, x2.shape, dropout_p, x2.device, cd) if dropout_p > 0 else None
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        xm = x2 * keep if keep is not None else x2  # times 0 or 1: exact
+        h_masked = _project(xm, lora_A.float().t())  # [M, r] float32: float32 adapters, x read once
+        h = h_masked * inv_keep if keep is not None else h_masked  # x' A^T
         bias_c = None if bias is None else bias.to(cd)
         dora = magnitude is not None
         # DoRA: v = m / n with n detached (DoRA section 4.3), float32. y = v (x W^T + s h B^T): v
@@ -276,43 +306,61 @@ class LoraFunction(torch.autograd.Function):
         if dora and row_scale is None:
             row_scale = magnitude.detach().float() / weight_norm
         v = row_scale if dora else None
-        merged = _merge_applies(x2, quant, lora_A, dropout_p)
+        # DoRA under dropout, PEFT's rule: y = x W0^T + (v - 1) (x' W0^T) + v s h B^T + bias
+        # = u + (x - x') W0^T + bias with u = v (x' W0^T + s h B^T) = v / (1 - p) (x keep W0^T +
+        # s (x keep A^T) B^T): the DoRA output without dropout of the masked x with v / (1 - p),
+        # on the paths below (the merged weight included), saved for dm; then one GEMM more.
+        dora_dropout = dora and keep is not None
+        x_in, h_in, v_in = (xm, h_masked, v * inv_keep) if dora_dropout else (x2, h, v)
+        merged = _merge_applies(x2, quant, lora_A, 0.0 if dora_dropout else dropout_p)
         if merged:
             # one GEMM against W' = v (W0 + s B A): the low-rank term and DoRA's v are in the weight
-            w = _merged(quant, lora_A, lora_B, scaling, v, cd)
-            y = torch.addmm(bias_c, x2, w.t()) if bias_c is not None and not dora else torch.mm(x2, w.t())
+            w = _merged(quant, lora_A, lora_B, scaling, v_in, cd)
+            y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
             del w
         elif quant is not None and x2.is_cuda and m_rows <= SKINNY_MAX_M:
             # few rows: the fused 4-bit kernel, then the small [M, out] updates
-            y = _base_matmul(x2, weight, quant, None if dora else bias_c)
-            y.addmm_(h.to(cd), lora_B.to(cd).t(), alpha=scaling)
+            y = _base_matmul(x_in, weight, quant, None if dora else bias_c)
+            y.addmm_(h_in.to(cd), lora_B.to(cd).t(), alpha=scaling)
             if dora:
-                y.mul_(v)  # y = v * (x W^T + s h B^T), no bias yet
+                y.mul_(v_in)  # y = v * (x W^T + s h B^T), no bias yet
         else:
             # y = s h B^T first, then the big GEMM adds x W^T into it (cuBLAS's C operand, beta = 1).
             # A 4-bit base is dequantized here (matmul_4bit's own path for M > 16 does the same)
             # with DoRA's v folded into the weight's absmax, and into B: y = x (v W)^T + s h (v B)^T.
             fold_v = dora and quant is not None
-            b_c = (lora_B.float() * v[:, None]).to(cd) if fold_v else lora_B.to(cd)
-            hs_c = (h * scaling).to(cd)
+            b_c = (lora_B.float() * v_in[:, None]).to(cd) if fold_v else lora_B.to(cd)
+            hs_c = (h_in * scaling).to(cd)
             if bias_c is not None and not dora:
                 y = torch.addmm(bias_c, hs_c, b_c.t())
             else:
                 y = torch.mm(hs_c, b_c.t())
-            w = _dequantized(quant, cd, v if fold_v else None) if quant is not None else _base_weight(weight, None, cd)
-            y.addmm_(x2, w.t())
+            w = (_dequantized(quant, cd, v_in if fold_v else None) if quant is not None
+                 else _base_weight(weight, None, cd))
+            y.addmm_(x_in, w.t())
             del w
             if dora and not fold_v:
-                y.mul_(v)  # a float base: y = v * (x W^T + s h B^T), no bias yet
+                y.mul_(v_in)  # a float base: y = v * (x W^T + s h B^T), no bias yet
+        del keep, h_masked
+        if not dora_dropout:
+            xm = None
         ctx.save_for_backward(x2, h, lora_A, lora_B, magnitude, weight_norm if dora else None, v,
                               y if dora else None)
         ctx.weight, ctx.quant, ctx.scaling, ctx.dropout_p, ctx.seed = weight, quant, scaling, dropout_p, seed
-        ctx.lead, ctx.cd, ctx.merged = lead, cd, merged
+        ctx.lead, ctx.cd, ctx.merged, ctx.dora_dropout = lead, cd, merged, dora_dropout
         # m == 0 loses z in y = v z (dm needs it): known now, read in backward without a stall
         if dora and magnitude_has_zero is None:
             magnitude_has_zero = _AsyncFlag((magnitude.detach() == 0).any())
         ctx.magnitude_has_zero = magnitude_has_zero if dora else None
-        if dora and bias_c is not None:
+        if dora_dropout:  # y = u + (x - x') W0^T (+ bias): a new tensor, the saved u stays as it is
+            # x - x' = x - x keep / (1 - p): x where dropped, -x p / (1 - p) where kept (one rounding)
+            c = torch.add(x2, xm, alpha=-inv_keep)
+            xm = None
+            y = _add_base_term(y, c, weight, quant, cd)
+            del c
+            if bias_c is not None:
+                y.add_(bias_c)
+        elif dora and bias_c is not None:
             y = y + bias_c  # a new tensor: the saved y stays bias-free
         return y.view(*lead, n_out)
 
@@ -322,7 +370,7 @@ class LoraFunction(torch.autograd.Function):
         cd, s, p = ctx.cd, ctx.scaling, ctx.dropout_p
         n_out = lora_B.shape[0]
         dy2 = dy.reshape(-1, n_out).to(cd)
-        keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device) if p > 0 else None
+        keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device, cd) if p > 0 else None
         dora = v is not None
         want_b, want_m = ctx.needs_input_grad[2], dora and ctx.needs_input_grad[3]
         # dY B_v [M, r] float32, dY read once: for dA, and for dX unless the weight is merged
@@ -344,20 +392,30 @@ class LoraFunction(torch.autograd.Function):
         if not fused and need_g:
             g = _project(dy2, b32)
         grad_x = grad_a = None
+        # DoRA under dropout: y = u(x') + (x - x') W0^T, so dX = k (dY W'') + (1 - k) (dY W0) with
+        # k = keep / (1 - p) and dY W'' = dY diag(v) W0 + s g A the dX of u without dropout
+        lora_keep = None if ctx.dora_dropout else keep  # where the low-rank term alone is masked
         if ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
             w = _merged(ctx.quant, lora_A, lora_B, s, v, cd)
-            grad_x = torch.mm(dy2, w).view(*ctx.lead, x2.shape[1])
+            grad_x = torch.mm(dy2, w)
             del w
         elif ctx.needs_input_grad[0]:
             a_c = lora_A.to(cd)
             lhs, rhs = _grad_input_operands(dy2, v, ctx.weight, ctx.quant, cd)
-            if keep is None:  # s g A first, then the big GEMM adds dY W into it (beta = 1)
-                grad_x = torch.mm((g * s).to(cd), a_c)
-                grad_x.addmm_(lhs, rhs)
-            else:
-                grad_x = lhs @ rhs
-                grad_x.add_((g.to(cd) @ a_c) * keep.to(cd), alpha=s / (1.0 - p))
+            # s g A first (masked, times 1 / (1 - p), under LoRA's dropout), then the big GEMM adds
+            # dY W into it (beta = 1)
+            grad_x = torch.mm((g * (s if lora_keep is None else s / (1.0 - p))).to(cd), a_c)
+            if lora_keep is not None:
+                grad_x.mul_(lora_keep)
+            grad_x.addmm_(lhs, rhs)
             del lhs, rhs
+        if grad_x is not None and ctx.dora_dropout:
+            base = _base_grad_input(dy2, ctx.weight, ctx.quant, cd)
+            # kept elements: (dY W'') / (1 - p) - (p / (1 - p)) dY W0, dropped ones: dY W0; lerp with
+            # weight 0 or 1 returns an end exactly (where() would want a bool mask)
+            grad_x.mul_(1.0 / (1.0 - p)).add_(base, alpha=-p / (1.0 - p))
+            grad_x = torch.lerp(base, grad_x, keep, out=base)
+        if grad_x is not None:
             grad_x = grad_x.view(*ctx.lead, x2.shape[1])
         if not fused and _split_mm_enabled(dy2):  # dY^T h on the tensor cores, sum_M(dY * y) streamed
             if want_b:
@@ -371,8 +429,10 @@ class LoraFunction(torch.autograd.Function):
             grad_b = grad_b * s
         grad_b = grad_b.to(lora_B.dtype) if want_b else None
         if ctx.needs_input_grad[1]:  # dA = s g^T x'
-            xd = x2 if keep is None else x2 * keep.to(cd) * (1.0 / (1.0 - p))
-            grad_a = _reduce_rows(xd, g, scale=s, transpose=True).to(lora_A.dtype)
+            # x' = x keep / (1 - p): the masked x (exact) and 1 / (1 - p) in the float32 scale
+            xm = x2 if keep is None else x2 * keep
+            grad_a = _reduce_rows(xm, g, scale=s if keep is None else s / (1.0 - p), transpose=True).to(lora_A.dtype)
+            del xm
         if want_m:
             # y = (m / n) z  =>  dL/dm = sum_M(dY * z) / n = sum_M(dY * y) / m (y saved bias-free);
             # the fused op has divided already (0 where m = 0)
@@ -385,7 +445,8 @@ class LoraFunction(torch.autograd.Function):
                 zero = m32 == 0
                 cols = zero.nonzero().flatten()
                 w_cols = _base_weight(ctx.weight, ctx.quant, torch.float32)[cols]
-                z = x2.float() @ w_cols.t() + s * (h @ lora_B.float()[cols].t())
+                xz = x2.float() if not ctx.dora_dropout else x2.float() * keep.float() * (1.0 / (1.0 - p))  # u's x'
+                z = xz @ w_cols.t() + s * (h @ lora_B.float()[cols].t())
                 grad_m[cols] = (dy2.float()[:, cols] * z).sum(0) / weight_norm[cols]
             grad_m = grad_m.to(magnitude.dtype)
         return grad_x, grad_a, grad_b, grad_m, None, None, None, None, None, None, None, None, None
@@ -411,8 +472,6 @@ def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
                          f"comes with magnitude, got {row_scale.dtype} {list(row_scale.shape)}"
                          f"{' requiring grad' if row_scale.requires_grad else ''}"
                          f"{' without magnitude' if magnitude is None else ''}")
-    if magnitude is not None and dropout_p > 0:
-        raise ValueError("lora_forward: DoRA with dropout takes the unfused path (LoraLinear does this)")
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
     return LoraFunction.apply(x, lora_A, lora_B, magnitude, weight_norm, weight, quant, bias, float(scaling),

@@ -3,7 +3,8 @@ one forward + backward of LoraLinear over a 4-bit 14336 x 4096 base, M = 8192 to
 QLoRA and QDoRA (gpu_check.sh step "profile_lora"). The H100 bench put QLoRA at 3.72 ms and QDoRA
 at 7.56 ms against a frozen-layer floor of 2.41 ms; the table says which kernels make the gap.
 After the table: the GPU's idle gaps in the step and the CPU op that launched the kernel after
-each (scripts/trace_gaps.py): the bench's QDoRA time (4.07 ms) exceeds its kernels' (3.40 ms)."""
+each (scripts/trace_gaps.py): the bench's QDoRA time (4.07 ms) exceeds its kernels' (3.40 ms).
+LOWRANK_PROFILE_DROPOUT=p profiles the layers with lora_dropout = p in training mode."""
 import json
 import os
 import sys
@@ -19,12 +20,13 @@ import trace_gaps  # noqa: E402
 
 torch.manual_seed(0)
 N, K, M, R = 14336, 4096, 8192, 16
+DROPOUT = float(os.environ.get("LOWRANK_PROFILE_DROPOUT", "0"))
 linear = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
 for dora in (False, True):
     base = lowrank.nn.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16)
-    layer = lowrank.nn.LoraLinear(base, r=R, lora_alpha=2 * R, use_dora=dora)
+    layer = lowrank.nn.LoraLinear(base, r=R, lora_alpha=2 * R, lora_dropout=DROPOUT, use_dora=dora).train()
     with torch.no_grad():  # B = 0 at init would hide work: random adapters
         layer.lora_A.weight.normal_(std=0.01)
         layer.lora_B.weight.normal_(std=0.01)
@@ -36,7 +38,7 @@ for dora in (False, True):
         x.grad = None
         layer(x).backward(dy)
         torch.cuda.synchronize()
-    print(f"== {'QDoRA' if dora else 'QLoRA'} layer, forward + backward")
+    print(f"== {'QDoRA' if dora else 'QLoRA'} layer, forward + backward, lora_dropout {DROPOUT}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     # idle gaps in the steady state: three steps back to back, as the bench runs them (a lone step
     # starts on an empty queue, so its host-bound start would count as idle)

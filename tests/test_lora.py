@@ -40,8 +40,8 @@ class _SeededDropout(nn.Module):
 
     def forward(self, x):
         from lowrank.lora_function import draw_seed, dropout_keep_mask
-        keep = dropout_keep_mask(draw_seed(), x.shape, self.p, x.device)
-        return x * keep.to(x.dtype) / (1 - self.p)
+        keep = dropout_keep_mask(draw_seed(), x.shape, self.p, x.device, x.dtype)
+        return x * keep / (1 - self.p)
 
 
 def _peft_twin(base, ours, use_rslora, targets, use_dora=False, lora_dropout=0.0):
@@ -212,17 +212,27 @@ def test_dropout_in_training_matches_peft(use_dora):
                             lora_dropout=0.25, use_dora=use_dora).train()
     _randomize_lora(ours)
     twin = _peft_twin(base, ours, False, ["q_proj", "v_proj"], use_dora, lora_dropout=0.25).train()
-    if not use_dora:  # our LoRA draws its mask from a seed (regenerated in backward): give PEFT that dropout
-        for name in ("q_proj", "v_proj"):
-            twin.base_model.model.get_submodule(name).lora_dropout["default"] = _SeededDropout(0.25)
+    # our layer draws its mask from a seed (regenerated in backward): give PEFT that dropout (with DoRA
+    # PEFT drops x once and uses x' for both the scaled base term and the low-rank term)
+    for name in ("q_proj", "v_proj"):
+        twin.base_model.model.get_submodule(name).lora_dropout["default"] = _SeededDropout(0.25)
     x = torch.randn(6, 32, requires_grad=True)
     torch.manual_seed(123)
     y1 = ours(x)
     torch.manual_seed(123)
     y2 = twin(x)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
-    g1, = torch.autograd.grad(y1.sum(), x)
-    g2, = torch.autograd.grad(y2.sum(), x)
-    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)  # the backward regenerated the same mask
+    dy = torch.randn_like(y1)
+    pairs = []  # (ours, PEFT's) for every adapter parameter
+    for name, layer in lowrank.nn.lora.lora_layers(ours).items():
+        t = twin.base_model.model.get_submodule(name)
+        pairs += [(layer.lora_A.weight, t.lora_A["default"].weight), (layer.lora_B.weight, t.lora_B["default"].weight)]
+        if use_dora:
+            pairs.append((layer.lora_magnitude_vector, t.lora_magnitude_vector["default"].weight))
+    assert len(pairs) == (6 if use_dora else 4)
+    g1 = torch.autograd.grad(y1, [x] + [a for a, _ in pairs], dy)
+    g2 = torch.autograd.grad(y2, [x] + [b for _, b in pairs], dy)
+    for a, b in zip(g1, g2):  # the backward regenerated the same mask
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ours.eval()
     assert not torch.equal(ours(x), y1)  # dropout was really active in training

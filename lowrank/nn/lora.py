@@ -6,13 +6,16 @@
           n = ||W0 + s B A|| per output row, detached (DoRA section 4.3, as PEFT); m [out] trainable,
           initialised to ||W0|| per row. Without dropout: y = (m / n) (x W0^T + s x A^T B^T) + bias.
 
-This is the unfused path of issue 4, written in PyTorch ops (the reference for the fused LoRA
-kernels still to come). Parameter names contain ``lora_A`` / ``lora_B`` as in PEFT.
+The forward goes through the lean autograd function of ``lowrank.lora_function`` (fused ops on
+CUDA; with or without dropout, LoRA and DoRA alike); ``forward_reference`` is PEFT's formulation
+in PyTorch ops, the reference it is tested against and the path for a trainable base or an x
+whose dtype differs from an nn.Linear base's weight. Parameter names contain ``lora_A`` /
+``lora_B`` (and ``lora_magnitude_vector`` for DoRA) as in PEFT.
 
-DoRA's n comes from ``lowrank.dora`` (issue 5): expanded from ||W0||^2 (cached, see
-``base_row_sq_norm``), one pass A W0^T over the base weight and r x r / [out, r] float64 terms,
-with rows that suffer cancellation recomputed exactly. No [out, in] tensor is built for it, nor for
-the base term under dropout.
+DoRA's n comes from ``lowrank.dora`` (``dora_row_scale``): on CUDA one pass over the packed 4-bit
+weight (the direct norm), else expanded from ||W0||^2 (cached, see ``base_row_sq_norm``), one pass
+A W0^T over the base weight and small float64 terms; rows that suffer cancellation are recomputed
+exactly. No [out, in] float tensor is built for it, nor for the base term under dropout.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from torch import nn
 
 from .. import dora as _dora
 from .. import ops
-from ..lora_function import _AsyncFlag, lora_forward
+from ..lora_function import _AsyncFlag, draw_seed, lora_forward
 from ..matmul import matmul_4bit
 from ..quantized import quantize_4bit
 from .linear4bit import Linear4bit
@@ -137,12 +140,9 @@ class LoraLinear(nn.Module):
 
     def _lean_call(self, x: torch.Tensor) -> torch.Tensor | None:
         """The lean autograd function (lowrank.lora_function), or None where it does not apply: a
-        trainable base weight or bias, x in another dtype than an nn.Linear base's weight, or DoRA
-        with dropout active (PEFT's rule there runs the base GEMM twice: the reference path)."""
+        trainable base weight or bias, or x in another dtype than an nn.Linear base's weight."""
         base = self.base_layer
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
-        if self.use_dora and dropout_active:
-            return None
         if any(p.requires_grad for p in base.parameters()):
             return None
         if isinstance(base, nn.Linear):
@@ -152,7 +152,9 @@ class LoraLinear(nn.Module):
         else:
             cd, kw = base.compute_dtype or x.dtype, dict(quant=base.quant)
         args = (x.to(cd), self.lora_A.weight, self.lora_B.weight, self.scaling)
-        kw.update(bias=base.bias, dropout_p=self.lora_dropout.p if dropout_active else 0.0)
+        # one mask per call: a DoRA forward re-run for flagged rows must drop the same elements
+        kw.update(bias=base.bias, dropout_p=self.lora_dropout.p if dropout_active else 0.0,
+                  seed=draw_seed() if dropout_active else None)
         if not self.use_dora:
             return lora_forward(*args, **kw).to(x.dtype)
         # DoRA: n, v = m / n and the status word (cancellation flags, m == 0), one copy to the host
