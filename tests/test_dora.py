@@ -150,22 +150,31 @@ def _cancelling_dora_layer(device, in_features: int, seed: int):
     return layer, w0, s
 
 
-def test_cancellation_in_lora_layer(device):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_cancellation_in_lora_layer(device, dropout):
     layer, w0, s = _cancelling_dora_layer(device, 200, seed=1)
     ref = _direct(w0, layer.lora_A.weight, layer.lora_B.weight, s)
     n_fixed = layer.dora_weight_norm()
     assert float(_rel_err(n_fixed, ref).max()) <= 1e-6
     # the layer's forward looks at the flags after queuing its GEMMs and re-runs with the fixed n:
-    # its output is the one with the fixed n, not the one with the plain expansion
+    # its output is the one with the fixed n, not the one with the plain expansion; under dropout
+    # the re-run drops the same elements (one seed per call)
     from lowrank.lora_function import lora_forward
+    if dropout:
+        layer.lora_dropout = nn.Dropout(dropout)
+    layer.train()
     x = torch.randn(5, 200, device=device)
     args = (x, layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
-    kw = dict(quant=layer.base_layer.quant, bias=layer.base_layer.bias, magnitude=layer.lora_magnitude_vector)
+    kw = dict(quant=layer.base_layer.quant, bias=layer.base_layer.bias, magnitude=layer.lora_magnitude_vector,
+              dropout_p=dropout)
     n_plain = dora.dora_weight_norm(layer.base_layer.quant, *args[1:], fallback=False)
     with torch.no_grad():
+        torch.manual_seed(21)
         y = layer(x)
-        y_fixed = lora_forward(*args, weight_norm=n_fixed, **kw)
-        y_plain = lora_forward(*args, weight_norm=n_plain, **kw)
+        torch.manual_seed(21)
+        seed = draw_seed() if dropout else None
+        y_fixed = lora_forward(*args, weight_norm=n_fixed, seed=seed, **kw)
+        y_plain = lora_forward(*args, weight_norm=n_plain, seed=seed, **kw)
     assert torch.equal(y, y_fixed)
     assert not torch.equal(y, y_plain)
 

@@ -159,6 +159,25 @@ def test_dora_gradient_of_a_zero_magnitude(device):
     assert ms.grad[3] != 0
 
 
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_dora_dropout_gradient_of_a_zero_magnitude(device, four_bit):
+    """m = 0 zeroes its column of u; dm there is rebuilt from x' (the masked x) and the base weight."""
+    w, q, w_base, x, a, b, bias, mag = _problem(5, 8, 64, 16, 4, four_bit, True, device)
+    mag[3] = 0.0
+    s, p, mask_seed = 1.0, 0.25, 77
+    keep = dropout_keep_mask(mask_seed, x.shape, p, device, x.dtype).cpu()
+    ref, leaves = _reference_dora_dropout(x, w_base, a, b, bias, s, keep, p, mag)
+    dy = torch.randn_like(ref)
+    ref.backward(dy)
+    xs, as_, bs, ms = (t.to(device).requires_grad_() for t in (x, a, b, mag))
+    norm = (w_base + s * b @ a).norm(dim=1).to(device)
+    y = lora_forward(xs, as_, bs, s, weight=None if four_bit else w.to(device), quant=q, bias=bias.to(device),
+                     magnitude=ms, weight_norm=norm, dropout_p=p, seed=mask_seed)
+    y.backward(dy.float().to(device))
+    torch.testing.assert_close(ms.grad.cpu().double(), leaves[3].grad, rtol=2e-5, atol=2e-5)
+    assert ms.grad[3] != 0
+
+
 def test_lora_forward_rejects_bad_arguments():
     w, q, _, x, a, b, _, mag = _problem(3, 4, 64, 16, 4, True, False, "cpu")
     with pytest.raises(ValueError, match="exactly one of weight and quant"):
