@@ -61,7 +61,7 @@ def dropout_keep_mask(seed: int, shape, p: float, device, dtype: torch.dtype = t
     and backward (and the same for a given seed, shape, device and dtype). The layer draws it in
     x's dtype, straight from bernoulli_: its products with x and dX are then one vectorized kernel
     each (a bool mask times bf16 took 119 us for [8192, 4096] on the H100, an unvectorized
-    mixed-dtype kernel; uniform floats and a compare wrote and read 9 bytes per element more)."""
+    mixed-dtype kernel; uniform floats and a compare moved 9 bytes per element)."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=g)
@@ -219,8 +219,8 @@ def _grad_input_operands(dy2, v, weight, quant, cd):
 def _add_base_term(u, c, weight, quant, cd):
     """u + c W0^T as a new tensor (u [M, out] is kept): cuBLAS with u as its C operand (one
     rounding of the sum) against the base weight, dequantized into a temporary for a 4-bit base
-    with many rows on CUDA; a 4-bit base with few rows (or on CPU) goes through matmul_4bit (the
-    fused skinny kernel, or the blocked CPU path: no [out, in] copy) and one add."""
+    with many rows on CUDA; a 4-bit base with few rows on CUDA (the fused skinny kernel: no
+    [out, in] copy), or on CPU, goes through matmul_4bit's op and one add."""
     if quant is not None and (not c.is_cuda or c.shape[0] <= SKINNY_MAX_M):
         return torch.add(u, _base_matmul(c, None, quant, None))
     w = _base_weight(weight, quant, cd)

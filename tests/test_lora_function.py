@@ -115,6 +115,23 @@ def _reference_dora_dropout(x, w_base, a, b, bias, s, keep, p, mag):
     return y, [x64, a64, b64, m64]
 
 
+def _run_dora_dropout(device, problem, four_bit, s, p, mask_seed):
+    """lora_forward + backward of DoRA under dropout on ``problem`` (_problem's tuple) beside the
+    float64 reference: ((y, dX, dA, dB, dm) ours, (y, leaves) of the reference)."""
+    w, q, w_base, x, a, b, bias, mag = problem
+    keep = dropout_keep_mask(mask_seed, x.shape, p, device, x.dtype).cpu()
+    ref, leaves = _reference_dora_dropout(x, w_base, a, b, bias, s, keep, p, mag)
+    dy = torch.randn_like(ref)
+    ref.backward(dy)
+    xs, as_, bs, ms = (t.to(device).requires_grad_() for t in (x, a, b, mag))
+    norm = (w_base + s * b @ a).norm(dim=1).to(device)
+    y = lora_forward(xs, as_, bs, s, weight=None if four_bit else w.to(device), quant=q,
+                     bias=None if bias is None else bias.to(device), magnitude=ms, weight_norm=norm,
+                     dropout_p=p, seed=mask_seed)
+    y.backward(dy.float().to(device))
+    return (y, xs.grad, as_.grad, bs.grad, ms.grad), (ref, leaves)
+
+
 @given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([64, 128]), st.sampled_from([16, 48]),
        st.sampled_from([1, 4, 16]), st.booleans(), st.booleans(), st.sampled_from([0.1, 0.5]), st.booleans())
 def test_dora_dropout_matches_float64(device, seed, m, k, n, r, four_bit, with_bias, p, merge_on_cpu):
@@ -122,25 +139,15 @@ def test_dora_dropout_matches_float64(device, seed, m, k, n, r, four_bit, with_b
     combined by the mask) against PEFT's formula in float64, on every path: float and 4-bit bases,
     few rows (the fused skinny kernel on CUDA) and many (the merged weight, forced on CPU too)."""
     import lowrank.lora_function as lf
-    w, q, w_base, x, a, b, bias, mag = _problem(seed, m, k, n, r, four_bit, with_bias, device)
-    s, mask_seed = 0.5, seed + 1
-    keep = dropout_keep_mask(mask_seed, x.shape, p, device, x.dtype).cpu()
-    ref, leaves = _reference_dora_dropout(x, w_base, a, b, bias, s, keep, p, mag)
-    dy = torch.randn_like(ref)
-    ref.backward(dy)
-    xs, as_, bs, ms = (t.to(device).requires_grad_() for t in (x, a, b, mag))
-    norm = (w_base + s * b @ a).norm(dim=1).to(device)
+    problem = _problem(seed, m, k, n, r, four_bit, with_bias, device)
     lf.MERGE_ON_CPU = merge_on_cpu
     try:
-        y = lora_forward(xs, as_, bs, s, weight=None if four_bit else w.to(device), quant=q,
-                         bias=None if bias is None else bias.to(device), magnitude=ms, weight_norm=norm,
-                         dropout_p=p, seed=mask_seed)
-        y.backward(dy.float().to(device))
+        ours, (ref, leaves) = _run_dora_dropout(device, problem, four_bit, 0.5, p, seed + 1)
     finally:
         lf.MERGE_ON_CPU = False
     tol = dict(rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(y.cpu().double(), ref.detach(), **tol)
-    for got, leaf in zip([xs.grad, as_.grad, bs.grad, ms.grad], leaves):
+    torch.testing.assert_close(ours[0].cpu().double(), ref.detach(), **tol)
+    for got, leaf in zip(ours[1:], leaves):
         torch.testing.assert_close(got.cpu().double(), leaf.grad, **tol)
 
 
@@ -162,20 +169,11 @@ def test_dora_gradient_of_a_zero_magnitude(device):
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_dora_dropout_gradient_of_a_zero_magnitude(device, four_bit):
     """m = 0 zeroes its column of u; dm there is rebuilt from x' (the masked x) and the base weight."""
-    w, q, w_base, x, a, b, bias, mag = _problem(5, 8, 64, 16, 4, four_bit, True, device)
-    mag[3] = 0.0
-    s, p, mask_seed = 1.0, 0.25, 77
-    keep = dropout_keep_mask(mask_seed, x.shape, p, device, x.dtype).cpu()
-    ref, leaves = _reference_dora_dropout(x, w_base, a, b, bias, s, keep, p, mag)
-    dy = torch.randn_like(ref)
-    ref.backward(dy)
-    xs, as_, bs, ms = (t.to(device).requires_grad_() for t in (x, a, b, mag))
-    norm = (w_base + s * b @ a).norm(dim=1).to(device)
-    y = lora_forward(xs, as_, bs, s, weight=None if four_bit else w.to(device), quant=q, bias=bias.to(device),
-                     magnitude=ms, weight_norm=norm, dropout_p=p, seed=mask_seed)
-    y.backward(dy.float().to(device))
-    torch.testing.assert_close(ms.grad.cpu().double(), leaves[3].grad, rtol=2e-5, atol=2e-5)
-    assert ms.grad[3] != 0
+    problem = _problem(5, 8, 64, 16, 4, four_bit, True, device)
+    problem[-1][3] = 0.0  # mag
+    ours, (_, leaves) = _run_dora_dropout(device, problem, four_bit, 1.0, 0.25, 77)
+    torch.testing.assert_close(ours[4].cpu().double(), leaves[3].grad, rtol=2e-5, atol=2e-5)
+    assert ours[4][3] != 0
 
 
 def test_lora_forward_rejects_bad_arguments():
