@@ -3,7 +3,7 @@
 // Why: as three launches they read dY three times (cuBLAS g 89 us, cuBLAS dh 82 us, the streaming
 // dot 157 us with y, on the H100 at M = 8192, N = 14336, r = 16; one read of dY is ~78 us).
 //
-// bf16 only. Both products run on the tensor cores (mma.sync m16n8k16) with dY as loaded: lane
+// bf16 only. All three run on the tensor cores (mma.sync m16n8k16) with dY as loaded: lane
 // (g, t) of a warp loads 16 bytes of rows g and g + 8 of a 16-row block in each 32-column half of
 // the warp's 64 columns (columns 8t .. 8t + 7), by cp.async into its own slots of a shared-memory
 // ring several blocks ahead, and reads them back into registers. As they are, those registers are the A operand of
@@ -12,7 +12,8 @@
 // per register), they are the B operand of dh^T = h^T dY, whose n index (a column) is permuted
 // the same way. The float32 sides (B_v, h) are split into two bf16 parts, hi + lo, two mma each:
 // products of bf16 values are exact in the float32 accumulator and hi + lo holds B_v to 2^-16
-// relative, far more than the bf16 dY carries.
+// relative, far more than the bf16 dY carries. DoRA's dot is the diagonal of y^T dY: y's registers
+// transposed the same way are the A operand against dh's B operand (see ddot in the kernel).
 //
 // Reductions: a CTA owns a strip of WARPS x 64 columns and a chunk of rows. dh and dot are summed
 // over the chunk's rows in registers and written once as the chunk's partial sums; g is summed over
@@ -58,10 +59,6 @@ __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_
   const __nv_bfloat16 l1 = __float2bfloat16_rn(__fsub_rn(x1, __bfloat162float(h1)));
   hi = uint32_t(__bfloat16_as_ushort(h0)) | (uint32_t(__bfloat16_as_ushort(h1)) << 16);
   lo = uint32_t(__bfloat16_as_ushort(l0)) | (uint32_t(__bfloat16_as_ushort(l1)) << 16);
-}
-
-__device__ __forceinline__ float2 bf16x2_to_float2(uint32_t bits) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
 }
 
 // Blocks in flight per warp: a ring of kStages 16-row blocks in shared memory filled by cp.async,
@@ -234,18 +231,42 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     for (int w = 0; w < 4; ++w)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dh[hf][w][e] = 0.0f;
-  float dot[DOT ? 2 : 1][DOT ? 8 : 1];  // columns 32 hf + 8t + i
+  // DOT: sum_M(dY * y) as the diagonal of y^T dY on the tensor cores (bf16 products exact in the
+  // float32 accumulator, as the other two products). Per half hf and word pair q (words w = 2q,
+  // w' = 2q + 1 of a lane's 16 bytes): A = y^T over the 16 columns of words w (rows 0..7) and w'
+  // (rows 8..15), k = the block's 16 rows; B = dY^T of word w (n = its 8 columns: the B operand
+  // dh builds anyway) into accumulator [0], of word w' into [1]. The diagonals, D[j][j] of [0] and
+  // D[8 + j][j] of [1], are held by lane (g = j, t = j / 2); the rest of each tile is thrown away.
+  // 16 movmatrix and 8 mma per block where the float32 FMAs took ~96 instructions (unpacking
+  // included): the kernel 183.7 us against 189.4 (torch.profiler, H100, M = 8192, N = 14336).
+  float ddot[DOT ? 2 : 1][DOT ? 2 : 1][DOT ? 2 : 1][4];
   if constexpr (DOT) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
-      for (int i = 0; i < 8; ++i) dot[hf][i] = 0.0f;
+      for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) ddot[hf][q][u][e] = 0.0f;
   }
   // a block's h^T fragments, per lane, one block ahead in registers (at the point of use an L2
   // round trip sat in every block's critical path; loaded once per CTA through shared memory
   // instead, the kernel ran 125 us against 110)
   uint4 h_cur[2] = {p.h_frag[((row_begin >> 4) * 32 + lane) * 2], p.h_frag[((row_begin >> 4) * 32 + lane) * 2 + 1]};
   __syncthreads();  // s_b
+  // DOT: B_v's fragments held in registers through the loop (16 shared loads per block fewer; the
+  // kernel has one CTA per SM and registers to spare: 200 per thread. LoRA's 3 CTAs per SM went from
+  // 126 to 156 registers for no gain: 107.5 us against 107.6)
+  uint2 breg[DOT ? 4 : 1][2][2];
+  if constexpr (DOT) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) breg[c][nt][u] = s_b[warp][c][nt][u][lane];
+  }
   // the lane's pointers for the block kStages - 1 ahead of the one being read
   const __nv_bfloat16* dy_ahead = dy_lane + (STAGES - 1) * block_step;
   const __nv_bfloat16* y_ahead = DOT ? y_lane + (STAGES - 1) * block_step : nullptr;
@@ -282,7 +303,8 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
       const uint32_t a2 = word(cur.dy[0][hf], 2 * wp + 1), a3 = word(cur.dy[1][hf], 2 * wp + 1);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const uint2 lo = s_b[warp][c][nt][1][lane], hi = s_b[warp][c][nt][0][lane];
+        const uint2 lo = DOT ? breg[DOT ? c : 0][nt][1] : s_b[warp][c][nt][1][lane];
+        const uint2 hi = DOT ? breg[DOT ? c : 0][nt][0] : s_b[warp][c][nt][0][lane];
         mma_bf16_16816(gacc_lo[nt], a0, a1, a2, a3, lo.x, lo.y);
         mma_bf16_16816(gacc[nt], a0, a1, a2, a3, hi.x, hi.y);
       }
@@ -296,26 +318,22 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     const uint32_t ah[4] = {h_hi.x, h_hi.y, h_hi.z, h_hi.w}, al[4] = {h_lo.x, h_lo.y, h_lo.z, h_lo.w};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
+      uint32_t bt[4][2];  // dY^T of word w: the B operand (k = the block's rows, n = the word's columns)
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
-        const uint32_t b0 = transpose8x8(word(cur.dy[0][hf], w)), b1 = transpose8x8(word(cur.dy[1][hf], w));
-        mma_bf16_16816(dh[hf][w], al[0], al[1], al[2], al[3], b0, b1);
-        mma_bf16_16816(dh[hf][w], ah[0], ah[1], ah[2], ah[3], b0, b1);
+        bt[w][0] = transpose8x8(word(cur.dy[0][hf], w));
+        bt[w][1] = transpose8x8(word(cur.dy[1][hf], w));
+        mma_bf16_16816(dh[hf][w], al[0], al[1], al[2], al[3], bt[w][0], bt[w][1]);
+        mma_bf16_16816(dh[hf][w], ah[0], ah[1], ah[2], ah[3], bt[w][0], bt[w][1]);
       }
-    }
-
-    if constexpr (DOT) {
+      if constexpr (DOT) {
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-#pragma unroll
-          for (int rg = 0; rg < 2; ++rg) {
-            const float2 d = bf16x2_to_float2(word(cur.dy[rg][hf], w));
-            const float2 yy = bf16x2_to_float2(word(cur.y[rg][hf], w));
-            dot[hf][2 * w] = __fmaf_rn(d.x, yy.x, dot[hf][2 * w]);
-            dot[hf][2 * w + 1] = __fmaf_rn(d.y, yy.y, dot[hf][2 * w + 1]);
-          }
+        for (int q = 0; q < 2; ++q) {
+          const int w = 2 * q, w2 = 2 * q + 1;
+          const uint32_t a0 = transpose8x8(word(cur.y[0][hf], w)), a1 = transpose8x8(word(cur.y[0][hf], w2));
+          const uint32_t a2 = transpose8x8(word(cur.y[1][hf], w)), a3 = transpose8x8(word(cur.y[1][hf], w2));
+          mma_bf16_16816(ddot[hf][q][0], a0, a1, a2, a3, bt[w][0], bt[w][1]);
+          mma_bf16_16816(ddot[hf][q][1], a0, a1, a2, a3, bt[w2][0], bt[w2][1]);
         }
       }
     }
@@ -357,15 +375,16 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
     }
   }
   if constexpr (DOT) {
+    // the diagonals (see ddot): lane (g, g / 2) holds column 8 (g / 2) + 2 w + g % 2 of each word w
+    if (t == (g >> 1)) {
+      float* dot_out = p.dot_part + int64_t(blockIdx.y) * p.n + col + 8 * (g >> 1) + (g & 1);
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
+      for (int hf = 0; hf < 2; ++hf) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float v = dot[hf][i];
-        v += __shfl_xor_sync(0xffffffffu, v, 4);
-        v += __shfl_xor_sync(0xffffffffu, v, 8);
-        v += __shfl_xor_sync(0xffffffffu, v, 16);
-        if (g == 0) p.dot_part[int64_t(blockIdx.y) * p.n + col + 32 * hf + 8 * t + i] = v;
+        for (int q = 0; q < 2; ++q) {
+          dot_out[32 * hf + 2 * (2 * q)] = (g & 1) ? ddot[hf][q][0][1] : ddot[hf][q][0][0];
+          dot_out[32 * hf + 2 * (2 * q + 1)] = (g & 1) ? ddot[hf][q][1][3] : ddot[hf][q][1][2];
+        }
       }
     }
   }
