@@ -812,7 +812,8 @@ def test_dy_products_match_float64(device, m, n, r, with_y, dtype, seed, scaled)
     _check_dy_products(device, m, n, r, with_y, dtype, seed, scaled)
 
 
-# N = 256 / 768: one / three strips; 320: a strip with one active warp; scaled: DoRA's scales
+# 512-column strips (8 warps of 64): N = 256 / 320 a strip with 4 / 5 active warps, 768 one and a
+# half strips, 2048 four; scaled: DoRA's scales
 @pytest.mark.parametrize("m, n, r, with_y, scaled", [
     (1024, 256, 16, False, False), (1024, 768, 16, False, True), (1024, 2048, 16, True, True),
     (1000, 320, 8, False, False), (1000, 512, 16, True, True), (3000, 1024, 16, True, False),

@@ -65,9 +65,13 @@ __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_
 // kStages - 1 blocks ahead of the math. ncu on the H100 at M = 8192, N = 14336, r = 16 (LoRA / with
 // y): one block ahead in registers 137 us / -, a 3-stage ring with 8 warps 132 us (DRAM 57%) / 4
 // warps 182 us (DRAM 82%), 5 stages with 4 warps 124 us (DRAM 63%). With y now 4 stages of 8 warps
-// (see kWarpsDot).
-template <bool DOT>
-constexpr int kStages = DOT ? 4 : 5;
+// (see kWarpsDot). LoRA: 4 stages, not 5 (2026-11-24; 4 warps then): 56 KB of shared memory per
+// CTA instead of 64, so 4 CTAs fit an SM (4 x 57 KB = 228 KB; 126 registers, 4 x 128 x 128 = the
+// whole register file) where 3 did: the same 96 KB of dY in flight per SM, 16 warps instead of 12
+// to hide the latency of each block's mma chains. torch.profiler in a QLoRA step: 104.1 us against
+// 109.8; paired ratio 1.1343x against 1.1367x (scripts/ab_qdora_env.py, 40 rounds). Then 8 warps
+// (see kWarpsNoDot).
+constexpr int kStages = 4;
 
 // One 16-row block of a warp's 64 columns as a lane holds it: [row group (g, g + 8)][32-column
 // half], 8 bf16 each.
@@ -163,8 +167,8 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
 
-// Shared memory (dynamic: 176 KB for 8 warps and 4 stages with y, 64 KB for LoRA's 4 warps and 5
-// stages; static shared memory stops at 48)
+// Shared memory (dynamic: 176 KB for 8 warps and 4 stages with y, 112 KB without; static shared
+// memory stops at 48)
 template <int WARPS, bool DOT, int STAGES>
 struct DyProductsShared {
   uint2 b[WARPS][4][2][2][32];  // B_v's fragments: a warp's 4 k-chunks x 2 n-tiles x (hi, lo), per lane (b0, b1)
@@ -239,25 +243,15 @@ __global__ void __launch_bounds__(32 * WARPS) lora_dy_products(LoraDyProductsPar
   // D[8 + j][j] of [1], are held by lane (g = j, t = j / 2); the rest of each tile is thrown away.
   // 16 movmatrix and 8 mma per block where the float32 FMAs took ~96 instructions (unpacking
   // included): the kernel 183.7 us against 189.4 (torch.profiler, H100, M = 8192, N = 14336).
-  float ddot[DOT ? 2 : 1][DOT ? 2 : 1][DOT ? 2 : 1][4];
-  if constexpr (DOT) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int q = 0; q < 2; ++q)
-#pragma unroll
-        for (int u = 0; u < 2; ++u)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) ddot[hf][q][u][e] = 0.0f;
-  }
+  float ddot[DOT ? 2 : 1][DOT ? 2 : 1][DOT ? 2 : 1][4] = {};
   // a block's h^T fragments, per lane, one block ahead in registers (at the point of use an L2
   // round trip sat in every block's critical path; loaded once per CTA through shared memory
   // instead, the kernel ran 125 us against 110)
   uint4 h_cur[2] = {p.h_frag[((row_begin >> 4) * 32 + lane) * 2], p.h_frag[((row_begin >> 4) * 32 + lane) * 2 + 1]};
   __syncthreads();  // s_b
   // DOT: B_v's fragments held in registers through the loop (16 shared loads per block fewer; the
-  // kernel has one CTA per SM and registers to spare: 200 per thread. LoRA's 3 CTAs per SM went from
-  // 126 to 156 registers for no gain: 107.5 us against 107.6)
+  // kernel has one CTA per SM and registers to spare: 200 per thread. LoRA's CTAs (3 per SM then)
+  // went from 126 to 156 registers for no gain: 107.5 us against 107.6)
   uint2 breg[DOT ? 4 : 1][2][2];
   if constexpr (DOT) {
 #pragma unroll
@@ -423,13 +417,17 @@ __global__ void dy_products_finish(LoraDyProductsParams p, int g_planes) {
   }
 }
 
-// LoRA: 4 warps (256-column strips), 3 CTAs per SM (8 warps halved the g partials, but 32 KB of
-// B_v fragments per CTA left room for too few blocks in flight: 132 us against 124). With y: 8
-// warps (512-column strips) and 4 stages, one CTA per SM (176 KB of shared memory): half the g
-// partials (14.7 MB instead of 29.4 at N = 14336, M = 8192) for the same blocks in flight per SM;
-// torch.profiler on the H100, two runs each: the kernel 190.8 / 185.5 us and its finish 8.6 / 8.2
-// against 194.5 / 193.4 and 14.0 / 14.2 with 4 warps and 3 stages (3 CTAs per SM).
-constexpr int kWarpsNoDot = 4;
+// With y: 8 warps (512-column strips) and 4 stages, one CTA per SM (176 KB of shared memory): half
+// the g partials (14.7 MB instead of 29.4 at N = 14336, M = 8192) for the same blocks in flight per
+// SM; torch.profiler on the H100, two runs each: the kernel 190.8 / 185.5 us and its finish 8.6 /
+// 8.2 against 194.5 / 193.4 and 14.0 / 14.2 with 4 warps and 3 stages (3 CTAs per SM).
+// LoRA: 8 warps and 4 stages too (2026-11-24): 112 KB, 2 CTAs per SM (126 registers: the whole
+// register file), 16 warps per SM as with 4 warps x 4 CTAs, half the g partials. In a QLoRA step
+// (scripts/ab_qdora_env.py, 40 rounds) the kernel 101.6 us and its finish 8.5 against 104.9 and
+// 13.8 with 4 warps x 4 stages (and 109.8 + 13.9 with 4 warps x 5 stages, 3 CTAs per SM: see
+// kStages). 8 warps had lost before (132 us against 124) when 3 stages was all that fit beside
+// B_v's fragments at 2 CTAs per SM.
+constexpr int kWarpsNoDot = 8;
 constexpr int kWarpsDot = 8;
 
 }  // namespace
@@ -477,12 +475,12 @@ void launch(const LoraDyProductsParams& p, cudaStream_t stream) {
 }  // namespace
 
 int lora_dy_products_ctas_per_sm(bool dot) {
-  return dot ? ctas_per_sm<kWarpsDot, true, kStages<true>>() : ctas_per_sm<kWarpsNoDot, false, kStages<false>>();
+  return dot ? ctas_per_sm<kWarpsDot, true, kStages>() : ctas_per_sm<kWarpsNoDot, false, kStages>();
 }
 
 void launch_lora_dy_products(const LoraDyProductsParams& p, cudaStream_t stream) {
-  if (p.y != nullptr) launch<kWarpsDot, true, kStages<true>>(p, stream);
-  else launch<kWarpsNoDot, false, kStages<false>>(p, stream);
+  if (p.y != nullptr) launch<kWarpsDot, true, kStages>(p, stream);
+  else launch<kWarpsNoDot, false, kStages>(p, stream);
 }
 
 }  // namespace lowrank::lora
