@@ -8,6 +8,10 @@ the wgmma grad kernel above, and forced through dequantize + cuBLAS) of
   lowrank         lowrank.matmul_4bit, dispatch rule "auto"
   lowrank-dequantize   the same, forced through dequantize + cuBLAS (M <= 16: what the fused
                   kernel saves)
+  lowrank-no-early     M <= 16: the same with LOWRANK_SKINNY_EARLY=0. In the captured graph the
+                  calls run back to back, and on Hopper each call after the first copies its
+                  weight while the previous call's last CTAs finish (csrc/gemm/capture_chain.h);
+                  this row is the time without that overlap
   bitsandbytes    bitsandbytes.matmul_4bit over the same weight quantized by bitsandbytes
 with NF4, blocksize 64, double quantization, bf16 x; every impl's weights rotate through enough
 copies that the 50 MB L2 cannot serve them. Targets (issue 3, H100): M=1 28672x8192 <= 50 us and
@@ -85,6 +89,14 @@ def _forced_row_tiles(tiles, x, q):
         return lowrank.matmul_4bit(x, q, path="skinny")
     finally:
         os.environ.pop("LOWRANK_SKINNY_ROW_TILES", None)
+
+
+def _without_early_weights(x, q):
+    os.environ["LOWRANK_SKINNY_EARLY"] = "0"  # read by the launcher at each launch (and capture)
+    try:
+        return lowrank.matmul_4bit(x, q)
+    finally:
+        os.environ.pop("LOWRANK_SKINNY_EARLY", None)
 
 
 def fwd_bwd(fn, x, gy):
@@ -184,6 +196,8 @@ def main():
                                               [(q,) for q in qs], q4_bytes)
                 impls["lowrank-dequantize"] = (lambda xx, q: lowrank.matmul_4bit(xx, q, path="dequantize"),
                                                [(q,) for q in qs], q4_bytes)
+                if m <= 16:  # the graph's back-to-back calls without the early weight reads
+                    impls["lowrank-no-early"] = (_without_early_weights, [(q,) for q in qs], q4_bytes)
                 if m <= 16 and args.sweep_row_tiles:
                     for tiles in (1, 2, 4):
                         impls[f"skinny-rows{16 * tiles}"] = (

@@ -6,6 +6,7 @@ weights rotated past L2), interleaved over rounds so the GPU's clock drift is sh
   -r1/-r2   at forced 16 / 32-row tiles (LOWRANK_SKINNY_ROW_TILES); without: the tile-height rule
   nopdl     the bulk-copy kernel launched without programmatic dependent launch (LOWRANK_SKINNY_PDL=0)
   nosplit   the bulk-copy kernel with its last round of 32-row tiles kept whole (LOWRANK_SKINNY_SPLIT_LAST=0)
+  noearly   the bulk-copy kernel reading its weight only after the wait in a chain of calls (LOWRANK_SKINNY_EARLY=0)
 Prints one table (median us of the rounds' medians) and the largest relative difference from the
 register kernel's output (tma and generic: bit-identical to each other; against reg, the k order
 of the partial sums differs).
@@ -36,6 +37,7 @@ VARIANTS = {
     "reg-r1": {"LOWRANK_SKINNY_TMA": "0", "LOWRANK_SKINNY_ROW_TILES": "1"},
     "nopdl": {"LOWRANK_SKINNY_PDL": "0"},
     "nosplit": {"LOWRANK_SKINNY_SPLIT_LAST": "0"},
+    "noearly": {"LOWRANK_SKINNY_EARLY": "0"},
 }
 REFERENCE = "reg"
 

@@ -196,6 +196,101 @@ def test_cuda_skinny_kernel_chain_reads_each_previous_output(cuda_device, monkey
     assert expected.abs().max() > 0.1  # the chain did not fade to zeros
 
 
+def _skinny_trace(capfd) -> list[int]:
+    """The early_weights choices LOWRANK_SKINNY_TRACE=1 printed since the last call."""
+    lines = capfd.readouterr().err.splitlines()
+    return [int(line.rsplit("=", 1)[1]) for line in lines if line.startswith("lowrank skinny_tma: early_weights=")]
+
+
+def _capture(fn):
+    """fn() captured into a CUDA graph (after one warm-up call), replayed once; its output."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("k", [2048, 8192])
+def test_cuda_skinny_kernel_reads_weights_early_only_after_its_own_launch(cuda_device, monkeypatch, capfd, k):
+    """In a captured graph, a skinny call whose one dependency is the previous skinny call (which
+    does not write its weight) copies its weight before the previous kernel has finished
+    (capture_chain.h); x, the previous output, only after. A chain of back-to-back calls: the
+    calls after the first take the early reads, and the outputs are the bits of the calls one at a
+    time with a synchronize between, and of LOWRANK_SKINNY_EARLY=0. 2048 rows are 64 CTAs (SMs
+    left free for the next call's CTAs while the previous runs), 8192 rows 256 tiles. Eager
+    calls, and calls after a foreign kernel in the graph, never read early."""
+    if torch.cuda.get_device_capability(cuda_device)[0] != 9:
+        pytest.skip("the bulk-copy kernel (and its programmatic launch) is Hopper's")
+    qs = [_quantized(k, k, "nf4", 64, True, cuda_device, 41 + i) for i in range(3)]
+    x0 = torch.randn(1, k, device=cuda_device, dtype=torch.bfloat16)
+    scale = 1.0 / (0.05 * k**0.5 * 0.8)  # keeps the chain's values near 1
+
+    def chain(foreign=False):
+        y = x0
+        for i in range(6):
+            y = lowrank.matmul_4bit(y, qs[i % 3], path="skinny")
+            if foreign:
+                y = y * scale
+        return y
+
+    expected = x0
+    for i in range(6):
+        torch.cuda.synchronize()
+        expected = lowrank.matmul_4bit(expected, qs[i % 3], path="skinny")
+        torch.cuda.synchronize()
+    assert expected.isfinite().all() and expected.abs().max() > 0.1
+
+    monkeypatch.setenv("LOWRANK_SKINNY_TRACE", "1")
+    capfd.readouterr()
+    assert torch.equal(chain(), expected)
+    assert _skinny_trace(capfd) == [0] * 6  # eager: never
+    out = _capture(chain)
+    assert _skinny_trace(capfd) == [0] * 6 + [0] + [1] * 5  # warm-up (eager), then the captured chain
+    assert torch.equal(out, expected)
+    _capture(lambda: chain(foreign=True))
+    assert _skinny_trace(capfd) == [0] * 12  # a multiply between every two calls
+    monkeypatch.setenv("LOWRANK_SKINNY_EARLY", "0")
+    assert torch.equal(_capture(chain), expected)
+    assert _skinny_trace(capfd) == [0] * 12
+
+
+def test_cuda_skinny_kernel_reads_a_weight_written_by_the_previous_call_after_the_wait(cuda_device, monkeypatch,
+                                                                                      capfd):
+    """A weight whose codes are the previous skinny call's output (its only global write) is read
+    after the wait even when that call is the one dependency: the same bits as one call at a
+    time with a synchronize between."""
+    if torch.cuda.get_device_capability(cuda_device)[0] != 9:
+        pytest.skip("the bulk-copy kernel (and its programmatic launch) is Hopper's")
+    n2, k2 = 64, 2048
+    q1 = _quantized(n2 * k2 // 4, 64, "nf4", 64, True, cuda_device, 51)  # y1: [1, n2 k2 / 4] bf16 = the codes' bytes
+    q2 = _quantized(n2, k2, "nf4", 64, True, cuda_device, 52)
+    x1 = torch.randn(1, 64, device=cuda_device, dtype=torch.bfloat16)
+    x2 = torch.randn(1, k2, device=cuda_device, dtype=torch.bfloat16)
+
+    def calls():
+        y1 = lowrank.matmul_4bit(x1, q1, path="skinny")
+        codes = y1.view(torch.uint8).reshape(-1)
+        return ops.matmul_4bit(x2, codes, q2.absmax, q2.nested_absmax, q2.nested_quant_map, q2.nested_offset,
+                               q2.quant_map, q2.blocksize, q2.nested_blocksize, n2, k2, None, "skinny")
+
+    torch.cuda.synchronize()
+    y1 = lowrank.matmul_4bit(x1, q1, path="skinny")
+    torch.cuda.synchronize()
+    expected = ops.matmul_4bit(x2, y1.view(torch.uint8).reshape(-1), q2.absmax, q2.nested_absmax,
+                               q2.nested_quant_map, q2.nested_offset, q2.quant_map, q2.blocksize,
+                               q2.nested_blocksize, n2, k2, None, "skinny")
+    monkeypatch.setenv("LOWRANK_SKINNY_TRACE", "1")
+    capfd.readouterr()
+    out = _capture(calls)
+    assert _skinny_trace(capfd) == [0, 0, 0, 0]  # warm-up, then the captured pair: the second reads after the wait
+    assert torch.equal(out, expected)
+
+
 def test_cuda_skinny_kernel_takes_a_packed_weight_8_byte_aligned(cuda_device, monkeypatch):
     """Bulk copies need 16-byte aligned codes: an 8-byte aligned packed weight goes to the
     register kernel (the same bits as LOWRANK_SKINNY_TMA=0 on the aligned weight)."""

@@ -26,12 +26,14 @@
 // would share units (2-way conflicts). So lane g takes weight rows perm(g) and perm(g) + 8, perm =
 // 0 2 4 6 1 3 5 7 (the mma's row order is free; the epilogue maps back): the 4 rows of a half warp
 // XOR by 0, 2, 4, 6 (or 1, 3, 5, 7), 8 distinct units, 32 banks.
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 
 #include <cuda_runtime.h>
 
 #include "common/cuda_float.cuh"
+#include "gemm/capture_chain.h"
 #include "gemm/gemm_launch.h"
 #include "gemm/hopper.cuh"
 #include "gemm/skinny_common.cuh"
@@ -108,7 +110,7 @@ __device__ __forceinline__ Schedule cta_schedule(int64_t n, int64_t n_tiles, boo
 template <typename T, int RT, int TILES_M, bool NESTED>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_4bit_skinny_tma(const __grid_constant__ CUtensorMap code_map, const __grid_constant__ CUtensorMap half_map,
-                         const Gemm4bitParams p, const bool split_last) {
+                         const Gemm4bitParams p, const bool split_last, const bool early_weights) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using L = TmaLayout<RT, TILES_M>;
   constexpr int S = L::kStages;
@@ -122,12 +124,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * S;
 
   // Launched with programmatic dependent launch (launch_gemm_4bit_skinny_tma), this grid may start
-  // while the previous kernel of the stream still runs: it reads nothing from global memory before
-  // dependency_wait(). It lets the next such kernel launch at once (its CTAs take the SMs this
-  // grid's CTAs leave). An L2 prefetch of each CTA's first tile before the wait was slower (docs/
-  // design.md): the wait is the first thing.
-  allow_dependents();
-  dependency_wait();
+  // while the previous kernel of the stream still runs. It reads nothing of x before
+  // dependency_wait(), and nothing at all unless early_weights, which the launcher sets only when
+  // the previous kernel is a skinny launch that does not write the weight (capture_chain.h): then
+  // the producers copy codes and absmax and the consumers build the pair table from the code
+  // values before the wait. Every thread lets dependents launch only after its own wait, so when
+  // the next grid starts, every kernel before this one has finished: that is what makes the next
+  // call's early reads safe. An L2 prefetch of each CTA's first tile before the wait was slower
+  // than none (docs/design.md).
+  if (!early_weights) {
+    dependency_wait();
+    allow_dependents();
+  }
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
@@ -143,6 +151,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp < kConsumerWarps) {
     skinny::build_pair_table<T>(s_pairs, p.values, threadIdx.x, 32 * kConsumerWarps);
+    if (early_weights) {  // x and the output only after the previous kernel
+      dependency_wait();
+      allow_dependents();
+    }
     asm volatile("bar.sync 1, %0;" ::"n"(32 * kConsumerWarps) : "memory");
   } else {
     if constexpr (NESTED) {
@@ -206,7 +218,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t tile_row = tile_row0(0);
     int s_copy = 0, s_decode = 0;  // ring slots of stages it and it - 2
     uint32_t empty_parity = 1;     // a fresh barrier's previous phase counts as complete
+    // With early_weights the producers copy the first S stages before the wait (they never read
+    // what the previous kernel writes), then wait only to let dependents launch after it.
+    const uint32_t early_stages = early_weights ? min(items, uint32_t(S)) : ~0u;
     for (uint32_t it = 0; it < items + kAbsmaxLag; ++it) {
+      if (it == early_stages) {
+        dependency_wait();
+        allow_dependents();
+      }
       // Stage it - 2 first: its absmax, decoded from the loads issued two iterations ago, into the
       // slot taken then. (Decoding after the wait for stage it's slot held every stage's full
       // barrier back until the consumers had freed the slot two stages later.)
@@ -404,6 +423,26 @@ bool launch(const Gemm4bitParams& p, cudaStream_t stream) {
   // previous one before its first global read, so this changes when it starts, not what it reads.
   const char* pdl_env = std::getenv("LOWRANK_SKINNY_PDL");
   const bool pdl = pdl_env == nullptr || pdl_env[0] != '0';
+  // The weight read before the wait when the previous kernel is known not to write it (capture_chain.h),
+  // unless LOWRANK_SKINNY_EARLY=0 (A/B). LOWRANK_SKINNY_TRACE=1 prints the choice per launch (tests).
+  const char* early_env = std::getenv("LOWRANK_SKINNY_EARLY");
+  bool early = false;
+  if (pdl && (early_env == nullptr || early_env[0] != '0')) {
+    const int64_t n_blocks = p.n * p.k / p.blocksize;
+    const bool nested = p.absmax == nullptr;
+    const capture_chain::ByteRange reads[] = {
+        {p.packed, size_t(p.n * p.k / 2)},
+        {p.values, 16 * sizeof(float)},
+        {p.absmax, size_t(n_blocks) * sizeof(float)},
+        {p.absmax_codes, size_t(n_blocks)},
+        {p.nested_absmax, nested ? size_t((n_blocks + p.nested_blocksize - 1) / p.nested_blocksize) * sizeof(float) : 0},
+        {p.nested_qmap, nested ? 256 * sizeof(float) : 0},
+        {p.offset, nested ? sizeof(float) : 0},
+    };
+    early = capture_chain::follows_own_launch(stream, reads);
+  }
+  const char* trace_env = std::getenv("LOWRANK_SKINNY_TRACE");
+  if (trace_env != nullptr && trace_env[0] == '1') std::fprintf(stderr, "lowrank skinny_tma: early_weights=%d\n", int(early));
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -414,12 +453,16 @@ bool launch(const Gemm4bitParams& p, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = pdl ? 1 : 0;
-  if (cudaLaunchKernelEx(&config, kernel, code_map, half_map, p, split_last) == cudaSuccess || !pdl) return true;
+  const capture_chain::ByteRange written(p.out, size_t(p.m * p.n) * 2);  // fp16 or bf16
+  if (cudaLaunchKernelEx(&config, kernel, code_map, half_map, p, split_last, early) == cudaSuccess || !pdl) {
+    if (pdl) capture_chain::record_launch(stream, written);
+    return true;
+  }
   // a runtime that refuses the attribute: launch as any kernel (an error here is the caller's check)
   (void)cudaGetLastError();
   config.numAttrs = 0;
-  cudaLaunchKernelEx(&config, kernel, code_map, half_map, p, split_last);
-  return true;
+  cudaLaunchKernelEx(&config, kernel, code_map, half_map, p, split_last, false);
+  return true;  // not recorded: a later launch that depends on this one reads after its wait
 }
 
 template <typename T, int RT>
