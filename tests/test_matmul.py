@@ -155,6 +155,19 @@ def test_cuda_skinny_kernel_split_last_round_is_bit_identical(cuda_device, monke
     _assert_within_rule(y, x, q, bias)
 
 
+def _capture(fn):
+    """fn() captured into a CUDA graph (after one warm-up call), replayed once; its output."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.parametrize("graph", [False, True])
 def test_cuda_skinny_kernel_chain_reads_each_previous_output(cuda_device, monkeypatch, graph):
     """On Hopper the bulk-copy kernel is launched with programmatic dependent launch: it may start
@@ -180,16 +193,7 @@ def test_cuda_skinny_kernel_chain_reads_each_previous_output(cuda_device, monkey
         torch.cuda.synchronize()
         expected = lowrank.matmul_4bit(expected, qs[i % 3], path="skinny") * 0.4
         torch.cuda.synchronize()
-    if graph:
-        chain()  # warm-up outside the capture
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = chain()
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-    else:
-        out = chain()
+    out = _capture(chain) if graph else chain()
     assert torch.equal(out, expected)
     monkeypatch.setenv("LOWRANK_SKINNY_PDL", "0")
     assert torch.equal(chain(), expected)
@@ -200,19 +204,6 @@ def _skinny_trace(capfd) -> list[int]:
     """The early_weights choices LOWRANK_SKINNY_TRACE=1 printed since the last call."""
     lines = capfd.readouterr().err.splitlines()
     return [int(line.rsplit("=", 1)[1]) for line in lines if line.startswith("lowrank skinny_tma: early_weights=")]
-
-
-def _capture(fn):
-    """fn() captured into a CUDA graph (after one warm-up call), replayed once; its output."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    out.zero_()
-    g.replay()
-    torch.cuda.synchronize()
-    return out
 
 
 @pytest.mark.parametrize("k", [2048, 8192])
