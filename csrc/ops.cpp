@@ -50,6 +50,10 @@ TORCH_LIBRARY(lowrank, m) {
   // from the packed 4-bit W0: a = lora_A float32 [r, in_features], b = lora_B float32
   // [out_features, r], row_scale = DoRA's v float32 [out_features] or None, scaling = s
   m.def("lora_merge_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, Tensor a, Tensor b, Tensor? row_scale, float scaling, ScalarType dtype) -> Tensor");
+  // The same merged weight from a float W0 (a bf16/fp16/fp32 nn.Linear base) [out_features,
+  // in_features], in W0's dtype: a, b, row_scale and scaling as above. CUDA: float16/bfloat16,
+  // in_features % 64 == 0, r <= 16 (tensor cores)
+  m.def("lora_merge_dense(Tensor weight, Tensor a, Tensor b, Tensor? row_scale, float scaling) -> Tensor");
   // DoRA's row norm from its expansion (lowrank/dora.py): w2 = ||W0||^2 per row float64 [out], p =
   // W0 A^T float32 [out, r], a = lora_A float32 [r, in], b = lora_B float32 [out, r] -> (n float32
   // [out], flagged bool [out]: rows whose error bound exceeds rtol)

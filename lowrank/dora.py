@@ -180,6 +180,15 @@ def base_row_sq_norm(weight, chunk_bytes: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _split_cross_applies(weight) -> bool:
+    """Whether the pass P = W0 A^T over a float base runs as a bf16 GEMM against a 3-way bf16 split of
+    A (lora_function._mm_f32: float32-exact products, float32 accumulation): a bf16 W0 on CUDA.
+    Its error is float32 accumulation's whatever TF32 says, so U_CROSS holds."""
+    from .lora_function import _split_mm_enabled
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == torch.bfloat16
+            and _split_mm_enabled(weight))
+
+
 def base_times_adapter(weight, lora_A: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
     """P^T = A W0^T, float32 [r, out]: the one pass over the base weight.
 
@@ -188,9 +197,10 @@ def base_times_adapter(weight, lora_A: torch.Tensor, chunk_bytes: int | None = N
     (matmul_4bit's float32 path would dequantize the whole weight into one [out, in] float32
     temporary, and its fused kernel rounds the code values to 16 bits, too coarse for the cross term:
     see U_CROSS).
-    float32/float64 weight: ``F.linear`` on the weight as it is. fp16/bf16 weight: float32 row
-    chunks of W0 (a [chunk, in] copy under ``chunk_bytes``), since rounding A to the weight's dtype
-    would cost the cross term its accuracy."""
+    float32/float64 weight: ``F.linear`` on the weight as it is. bf16 weight on CUDA: one bf16 GEMM
+    against A split into three bf16 parts (float32-exact products, ``_split_cross_applies``).
+    Other fp16/bf16 weights: float32 row chunks of W0 (a [chunk, in] copy under ``chunk_bytes``),
+    since rounding A to the weight's dtype would cost the cross term its accuracy."""
     out_features, in_features = _shape(weight)
     a = lora_A.detach()
     if isinstance(weight, QuantizedTensor):
@@ -210,6 +220,12 @@ def base_times_adapter(weight, lora_A: torch.Tensor, chunk_bytes: int | None = N
     if w.dtype in (torch.float32, torch.float64):
         return F.linear(a.to(w.dtype), w).float()
     a = a.float()
+    if _split_cross_applies(w):
+        # W0 A^T against A split into three bf16 parts: each product exact, accumulated in float32
+        # on the tensor cores, one read of W0 (H100, 14336 x 4096, r = 16: the float32 row chunks
+        # took 193 us to copy W0 to float32 and 217 us for the float32 GEMM)
+        from .lora_function import _mm_f32
+        return _mm_f32(w, a.t(), transpose=True)
     rows = _rows_per_chunk(in_features, 4, chunk_bytes)
     if rows >= out_features:
         return F.linear(a, w.float())
@@ -358,7 +374,7 @@ def dora_weight_norm_flagged(weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
         if base_sq_norm is None:
             base_sq_norm = base_row_sq_norm(weight, chunk_bytes)
         if cross_unit_roundoff is None:
-            cross_unit_roundoff = default_cross_unit_roundoff(weight.device)
+            cross_unit_roundoff = U_CROSS if _split_cross_applies(weight) else default_cross_unit_roundoff(weight.device)
         p = base_times_adapter(weight, lora_A, chunk_bytes).t()
         return ops.dora_norm(base_sq_norm.to(torch.float64), p, lora_A.detach().float(), lora_B.detach().float(),
                              scaling, cross_unit_roundoff, U_FP64, rtol)

@@ -11,6 +11,8 @@ matmul) and keeps only what the backward needs:
                 one cuBLAS GEMM against the merged weight W' = v (W0 + s B A) that
                 ops.lora_merge_4bit builds from the packed codes in one launch (each element
                 rounded once to x's dtype)
+              DoRA on a 16-bit float base, M > 16 on CUDA: the same with W' built from W0 by
+                ops.lora_merge_dense (no y *= v, no W v in backward)
               otherwise y = s h B^T (+ bias), then y += x W^T by cuBLAS with y as its C operand
                 (beta = 1); M <= 16 on a 4-bit base: the fused skinny kernel first, then
                 y += s h B^T
@@ -175,6 +177,38 @@ def _merge_applies(x2: torch.Tensor, quant, lora_A: torch.Tensor, dropout_p: flo
     return quant.shape[1] % 4 == 0 and lora_A.shape[0] <= MERGE_MAX_RANK and len(quant.shape) == 2
 
 
+# A float base (a bf16/fp16 nn.Linear) takes the merged weight too (ops.lora_merge_dense) under DoRA:
+# without it the forward ends in y *= v and the backward forms W v for dX, both mixed-dtype
+# products with the float32 v (a [14336, 4096] W *= v took 386 us on the H100; the DoRA layer on a
+# bf16 base ran 4.10 ms against QDoRA's 2.92 at M = 8192, 14336 x 4096). LoRA on a float base keeps
+# y = s h B^T + x W^T (C operand): the merge writes and reads an [out, in] copy it does not need.
+# LOWRANK_MERGE_DENSE=all merges for LoRA too (A/B), =0 never.
+def _dense_merge_applies(x2: torch.Tensor, weight, lora_A: torch.Tensor, dropout_p: float, dora: bool,
+                         backward: bool) -> bool:
+    """Whether both big GEMMs take W' = v (W0 + s B A) built from a float base ``weight`` by
+    ops.lora_merge_dense: DoRA (see LOWRANK_MERGE_DENSE), no dropout, W0 in x's dtype, on CUDA
+    float16/bfloat16 with in_features % 64 == 0, r <= 16 and M > SKINNY_MAX_M; without a backward
+    only from M >= in_features / 4 (below, y *= v costs less than writing and reading W')."""
+    if weight is None or dropout_p > 0 or os.environ.get("LOWRANK_MERGE", "1") == "0":
+        return False
+    mode = os.environ.get("LOWRANK_MERGE_DENSE", "dora")
+    if mode == "0" or (mode != "all" and not dora) or weight.dim() != 2 or weight.dtype != x2.dtype:
+        return False
+    n_out, k_in = weight.shape
+    r, m_rows = lora_A.shape[0], x2.shape[0]
+    if not backward and 4 * m_rows < k_in:
+        return False
+    if x2.is_cuda:
+        return (m_rows > SKINNY_MAX_M and x2.dtype in (torch.float16, torch.bfloat16) and k_in % 64 == 0
+                and r <= MERGE_MAX_RANK and n_out * k_in < 2**31)
+    return MERGE_ON_CPU and r <= MERGE_MAX_RANK
+
+
+def _merged_dense(weight: torch.Tensor, lora_A, lora_B, scaling: float, v) -> torch.Tensor:
+    """W' = round(v (W0 + s B A)) [out, in] in W0's dtype from a float W0, one launch on CUDA."""
+    return ops.lora_merge_dense(weight.detach(), lora_A.detach().float(), lora_B.detach().float(), v, scaling)
+
+
 def _merged(quant: QuantizedTensor, lora_A, lora_B, scaling: float, v, dtype) -> torch.Tensor:
     """W' = round(v (W0 + s B A)) [out, in] in ``dtype`` from the packed weight in one launch:
     each element rounded once (the low-rank sum is float32; v, when given, in float32 before the
@@ -312,10 +346,15 @@ class LoraFunction(torch.autograd.Function):
         # on the paths below (the merged weight included), saved for dm; then one GEMM more.
         dora_dropout = dora and keep is not None
         x_in, h_in, v_in = (xm, h_masked, v * inv_keep) if dora_dropout else (x2, h, v)
-        merged = _merge_applies(x2, quant, lora_A, 0.0 if dora_dropout else dropout_p)
+        merge_p = 0.0 if dora_dropout else dropout_p
+        if quant is not None:
+            merged = _merge_applies(x2, quant, lora_A, merge_p)
+        else:
+            merged = _dense_merge_applies(x2, weight, lora_A, merge_p, dora, any(ctx.needs_input_grad[:4]))
         if merged:
             # one GEMM against W' = v (W0 + s B A): the low-rank term and DoRA's v are in the weight
-            w = _merged(quant, lora_A, lora_B, scaling, v_in, cd)
+            w = (_merged(quant, lora_A, lora_B, scaling, v_in, cd) if quant is not None
+                 else _merged_dense(weight, lora_A, lora_B, scaling, v_in))
             y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
             del w
         elif quant is not None and x2.is_cuda and m_rows <= SKINNY_MAX_M:
@@ -396,7 +435,8 @@ class LoraFunction(torch.autograd.Function):
         # k = keep / (1 - p) and dY W'' = dY diag(v) W0 + s g A the dX of u without dropout
         lora_keep = None if ctx.dora_dropout else keep  # where the low-rank term alone is masked
         if ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
-            w = _merged(ctx.quant, lora_A, lora_B, s, v, cd)
+            w = (_merged(ctx.quant, lora_A, lora_B, s, v, cd) if ctx.quant is not None
+                 else _merged_dense(ctx.weight, lora_A, lora_B, s, v))
             grad_x = torch.mm(dy2, w)
             del w
         elif ctx.needs_input_grad[0]:

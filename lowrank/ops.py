@@ -397,6 +397,33 @@ def _(packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize, nes
     return packed.new_empty((out_features, in_features), dtype=dtype)
 
 
+# --- lora_merge_dense --------------------------------------------------------------------------
+
+def lora_merge_dense(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """The merged weight round(v (W0 + s B A)) [out_features, in_features] in ``weight``'s dtype from
+    a float W0 = ``weight`` (float32, float16 or bfloat16): ``a`` = lora_A float32 [r, in_features],
+    ``b`` = lora_B float32 [out_features, r], ``row_scale`` = DoRA's v float32 [out_features] or None.
+    Per element fma(w0, v, acc) rounded once, acc the low-rank sum (CPU: a float32 fma chain over
+    r terms of (s v B) * A; CUDA: split-bf16 tensor-core products, ~2^-15 of sum |s v B| |A|).
+    CUDA: float16/bfloat16, in_features % 64 == 0, r <= 16."""
+    return torch.ops.lowrank.lora_merge_dense(weight, a, b, row_scale, float(scaling))
+
+
+@torch.library.register_fake("lowrank::lora_merge_dense")
+def _(weight, a, b, row_scale, scaling):
+    torch._check(weight.dim() == 2 and weight.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"weight must be a float32, float16 or bfloat16 matrix, got {weight.dtype} {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    torch._check(a.dtype == torch.float32 and a.dim() == 2 and a.shape[1] == in_features,
+                 lambda: f"a (lora_A) must be float32 [r, in_features = {in_features}], got {a.dtype} {tuple(a.shape)}")
+    _check_lora_b(b, out_features, a)
+    if row_scale is not None:
+        torch._check(row_scale.dtype == torch.float32 and row_scale.shape == (out_features,),
+                     lambda: f"row_scale must be float32 [out_features = {out_features}]")
+    return weight.new_empty((out_features, in_features))
+
+
 # --- dora_row_norm_4bit ------------------------------------------------------------------------
 
 def dora_row_norm_4bit(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,

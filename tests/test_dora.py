@@ -640,3 +640,31 @@ def test_lora_layer_over_row_norm_status(device, monkeypatch):
     torch.testing.assert_close(g[1], g_ref[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g[2][keep], g_ref[2][keep], rtol=1e-4, atol=1e-5)
     assert g[2][7] != 0
+
+
+def test_bf16_cross_term_on_cuda_is_float32_accurate(cuda_device, monkeypatch):
+    """P = W0 A^T over a bf16 base on CUDA: one bf16 GEMM against A split into three bf16 parts,
+    within U_CROSS of ||W0_o|| ||A_k|| like a float32 pass, and the expansion keeps U_CROSS with
+    TF32 allowed (the split's products are exact whatever TF32 says)."""
+    torch.manual_seed(0)
+    w = (torch.randn(300, 512, device=cuda_device) * 0.05).bfloat16()
+    a = torch.randn(16, 512, device=cuda_device) * 0.1
+    b = torch.randn(300, 16, device=cuda_device) * 0.1
+    assert dora._split_cross_applies(w) and not dora._split_cross_applies(w.half())
+    p = dora.base_times_adapter(w, a)
+    assert p.shape == (16, 300) and p.dtype == torch.float32
+    ref = a.double() @ w.double().t()
+    bound = dora.U_CROSS * a.double().norm(dim=1)[:, None] * w.double().norm(dim=1)[None, :]
+    assert ((p.double() - ref).abs() <= bound).all()
+    units = []
+    real = ops.dora_norm
+    monkeypatch.setattr(ops, "dora_norm", lambda *args: units.append(args[5]) or real(*args))
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        n, flagged = dora.dora_weight_norm_flagged(w, a, b, 0.5)
+    finally:
+        matmul.allow_tf32 = saved
+    assert units == [dora.U_CROSS]
+    assert float(_rel_err(n, _direct(w.double(), a, b, 0.5)).max()) <= 1e-6 and not bool(flagged.any())

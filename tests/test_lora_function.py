@@ -395,6 +395,167 @@ def test_opcheck_lora_merge(device):
                                   _merge_args(q, a, b, v, 0.5, torch.bfloat16))
 
 
+# --- lora_merge_dense: W' = v (W0 + s B A) from a float base -------------------------------------
+
+@given(st.integers(1, 300), st.sampled_from([4, 64, 100, 128, 192, 1024]), st.integers(1, 32), st.booleans(),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.integers(0, 2**31 - 1))
+def test_lora_merge_dense_matches_float64(device, n, k, r, row_scale, dtype, seed):
+    mma = device == "cuda"  # the CUDA op is the split-bf16 kernel, for the shapes it takes
+    if mma and (dtype == torch.float32 or k % 64 or r > 16):
+        return  # refused on CUDA: test_lora_merge_dense_cuda_limits
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(device)
+    a = torch.randn(r, k, generator=g).to(device) * 0.1
+    b = torch.randn(n, r, generator=g).to(device) * 0.1
+    v = (torch.rand(n, generator=g) + 0.5).to(device) if row_scale else None
+    s = 0.75
+    out = ops.lora_merge_dense(w, a, b, v, s)
+    assert out.shape == (n, k) and out.dtype == dtype
+    w0, a64, b64 = w.double().cpu(), a.double().cpu(), b.double().cpu()
+    v64 = v.double().cpu()[:, None] if row_scale else torch.ones(n, 1, dtype=torch.float64)
+    ref = v64 * (w0 + s * b64 @ a64)
+    # float32 steps: s v and (s v) B (2 roundings of the terms), the r-term fma chain (<= r
+    # roundings of its partial sums), the fma with w0 v; then one rounding to dtype
+    low_rank = s * (v64 * b64.abs()) @ a64.abs()
+    f32 = 2.0 ** -24 * ((v64 * w0).abs() + (r + 3) * low_rank)
+    if mma:  # the rank-r product from 2-way split-bf16 mma (merge_mma.cu), ~2^-15
+        f32 = f32 + 2.0 ** -14 * low_rank
+    unit = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+    err = (out.cpu().double() - ref).abs()
+    assert (err <= f32 + unit * (ref.abs() + f32) + (2.0 ** -24 if dtype == torch.float16 else 0.0)).all()
+
+
+def test_lora_merge_dense_without_adapter_is_the_weight_times_v(device):
+    """B = 0: W' is W0 itself, and with DoRA's v each element w0 v rounded once (to float32, then to
+    the weight's dtype), on every backend: the low-rank sum is exactly +0."""
+    w = torch.randn(40, 256, device=device) * 0.05
+    a, b = torch.randn(16, 256, device=device), torch.zeros(40, 16, device=device)
+    v = torch.rand(40, device=device) + 0.5
+    for dtype in (torch.bfloat16, torch.float16) + ((torch.float32,) if device == "cpu" else ()):
+        wd = w.to(dtype)
+        assert torch.equal(ops.lora_merge_dense(wd, a, b, None, 2.0), wd)
+        assert torch.equal(ops.lora_merge_dense(wd, a, b, v, 2.0), (wd.float() * v[:, None]).to(dtype))
+
+
+def test_lora_merge_dense_rejects_bad_input(device):
+    w = torch.randn(8, 64, device=device, dtype=torch.bfloat16)
+    a, b = torch.randn(4, 64, device=device), torch.randn(8, 4, device=device)
+    with pytest.raises(RuntimeError, match="weight must be a float32, float16 or bfloat16 matrix"):
+        ops.lora_merge_dense(w.to(torch.int32), a, b, None, 1.0)
+    with pytest.raises(RuntimeError, match="weight must be a float32, float16 or bfloat16 matrix"):
+        ops.lora_merge_dense(w.reshape(-1), a, b, None, 1.0)
+    with pytest.raises(RuntimeError, match="a \\(lora_A\\) must be float32 \\[r, in_features = 64\\]"):
+        ops.lora_merge_dense(w, torch.randn(4, 63, device=device), b, None, 1.0)
+    with pytest.raises(RuntimeError, match="a \\(lora_A\\) must be float32"):
+        ops.lora_merge_dense(w, a.double(), b, None, 1.0)
+    with pytest.raises(RuntimeError, match="b \\(lora_B\\) must be float32 \\[out_features = 8, r = 4\\]"):
+        ops.lora_merge_dense(w, a, torch.randn(8, 5, device=device), None, 1.0)
+    with pytest.raises(RuntimeError, match="row_scale must be float32 \\[out_features = 8\\]"):
+        ops.lora_merge_dense(w, a, b, torch.ones(7, device=device), 1.0)
+    with pytest.raises(RuntimeError, match="row_scale must be float32"):
+        ops.lora_merge_dense(w, a, b, torch.ones(8, device=device, dtype=torch.float64), 1.0)
+
+
+def test_lora_merge_dense_rejects_another_device(cuda_device):
+    w = torch.randn(8, 64, device=cuda_device, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="a must be on"):
+        ops.lora_merge_dense(w, torch.randn(4, 64), torch.randn(8, 4, device=cuda_device), None, 1.0)
+
+
+def test_lora_merge_dense_cuda_limits(cuda_device):
+    a, b = torch.randn(4, 64, device=cuda_device), torch.randn(8, 4, device=cuda_device)
+    limits = "float16 or bfloat16 weight, in_features % 64 == 0, r <= 16"
+    with pytest.raises(RuntimeError, match=limits):
+        ops.lora_merge_dense(torch.randn(8, 64, device=cuda_device), a, b, None, 1.0)  # float32
+    with pytest.raises(RuntimeError, match=limits):
+        ops.lora_merge_dense(torch.randn(8, 96, device=cuda_device).bfloat16(), torch.randn(4, 96, device=cuda_device),
+                             b, None, 1.0)
+    with pytest.raises(RuntimeError, match=limits):
+        ops.lora_merge_dense(torch.randn(8, 64, device=cuda_device).half(), torch.randn(17, 64, device=cuda_device),
+                             torch.randn(8, 17, device=cuda_device), None, 1.0)
+
+
+def test_lora_merge_dense_reads_strided_and_misaligned_weights(device):
+    """A non-contiguous W0 (a transposed view) and one at an odd element offset give the contiguous
+    weight's W'."""
+    w = torch.randn(64, 48, device=device).bfloat16()
+    a, b = torch.randn(8, 64, device=device) * 0.1, torch.randn(48, 8, device=device) * 0.1
+    ref = ops.lora_merge_dense(w.t().contiguous(), a, b, None, 0.5)
+    assert torch.equal(ops.lora_merge_dense(w.t(), a, b, None, 0.5), ref)
+    flat = torch.empty(48 * 64 + 1, device=device, dtype=torch.bfloat16)
+    shifted = flat[1:].view(48, 64)
+    shifted.copy_(w.t())
+    assert torch.equal(ops.lora_merge_dense(shifted, a, b, None, 0.5), ref)
+
+
+def test_opcheck_lora_merge_dense(device):
+    w = torch.randn(24, 128, device=device, dtype=torch.bfloat16)
+    a, b = torch.randn(16, 128, device=device), torch.randn(24, 16, device=device)
+    for v in (None, torch.rand(24, device=device)):
+        torch.library.opcheck(torch.ops.lowrank.lora_merge_dense.default, (w, a, b, v, 0.5))
+
+
+def test_dense_merge_applies_where_it_pays(monkeypatch):
+    import lowrank.lora_function as lf
+    w = torch.randn(8, 64).bfloat16()
+    x, a = torch.randn(32, 64).bfloat16(), torch.randn(4, 64)
+    assert not lf._dense_merge_applies(x, w, a, 0.0, True, True)  # CPU: off unless forced
+    monkeypatch.setattr(lf, "MERGE_ON_CPU", True)
+    assert lf._dense_merge_applies(x, w, a, 0.0, True, True)
+    assert not lf._dense_merge_applies(x, w, a, 0.0, False, True)     # LoRA: the C operand path
+    assert not lf._dense_merge_applies(x, w, a, 0.1, True, True)      # dropout: x' != x
+    assert not lf._dense_merge_applies(x, None, a, 0.0, True, True)   # a 4-bit base: _merge_applies
+    assert not lf._dense_merge_applies(x.float(), w, a, 0.0, True, True)  # W0 not in x's dtype
+    assert not lf._dense_merge_applies(x, w, torch.randn(17, 64), 0.0, True, True)  # r > MERGE_MAX_RANK
+    assert not lf._dense_merge_applies(x[:8], w, a, 0.0, True, False)  # no backward, M < in / 4
+    assert lf._dense_merge_applies(x[:16], w, a, 0.0, True, False)
+    monkeypatch.setenv("LOWRANK_MERGE_DENSE", "all")
+    assert lf._dense_merge_applies(x, w, a, 0.0, False, True)
+    monkeypatch.setenv("LOWRANK_MERGE_DENSE", "0")
+    assert not lf._dense_merge_applies(x, w, a, 0.0, True, True)
+    monkeypatch.setenv("LOWRANK_MERGE_DENSE", "dora")
+    monkeypatch.setenv("LOWRANK_MERGE", "0")
+    assert not lf._dense_merge_applies(x, w, a, 0.0, True, True)
+
+
+def test_dense_merge_applies_on_cuda(cuda_device):
+    import lowrank.lora_function as lf
+    w = torch.randn(8, 64, device=cuda_device).bfloat16()
+    a = torch.randn(4, 64, device=cuda_device)
+    x = torch.randn(32, 64, device=cuda_device).bfloat16()
+    assert lf._dense_merge_applies(x, w, a, 0.0, True, True)
+    assert not lf._dense_merge_applies(x[:16], w, a, 0.0, True, True)  # M <= 16
+    assert not lf._dense_merge_applies(x.float(), w.float(), a, 0.0, True, True)  # float32: no kernel
+    w96, a96 = torch.randn(8, 96, device=cuda_device).bfloat16(), torch.randn(4, 96, device=cuda_device)
+    assert not lf._dense_merge_applies(torch.randn(32, 96, device=cuda_device).bfloat16(), w96, a96, 0.0, True, True)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(17, 40), st.sampled_from([64, 128]), st.sampled_from([16, 48]),
+       st.sampled_from([1, 4, 16]), st.booleans(), st.booleans())
+def test_dense_merged_path_matches_float64(device, seed, m, k, n, r, with_bias, dora):
+    """A float base's merged path (both GEMMs against W' = v (W0 + s B A) from ops.lora_merge_dense),
+    for LoRA and DoRA, forced on CPU (float32 here, which the CUDA kernel does not take: there the
+    unmerged path runs and is checked the same way)."""
+    import os
+    import lowrank.lora_function as lf
+    lf.MERGE_ON_CPU = True
+    old = os.environ.get("LOWRANK_MERGE_DENSE")
+    os.environ["LOWRANK_MERGE_DENSE"] = "all"
+    calls = []
+    real = lf._merged_dense
+    lf._merged_dense = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        _check_against_float64(device, seed, m, k, n, r, False, with_bias, dora)
+    finally:
+        lf.MERGE_ON_CPU = False
+        lf._merged_dense = real
+        if old is None:
+            os.environ.pop("LOWRANK_MERGE_DENSE")
+        else:
+            os.environ["LOWRANK_MERGE_DENSE"] = old
+    assert len(calls) == (2 if device == "cpu" else 0)
+
+
 def test_merge_applies_only_where_it_is_exact(monkeypatch):
     import lowrank.lora_function as lf
     q = lowrank.quantize_4bit(torch.randn(8, 64))
@@ -472,7 +633,26 @@ def test_bf16_layer_within_twice_peft_error(device, four_bit, use_dora, dropout)
     """Outputs and gradients (x, A, B, m) of LoraLinear in bf16 against a float64 evaluation of the
     same formula, within 2x the error of PEFT's layer (bf16 base, float32 adapters) on the same
     weights (+ a floor of 1e-3 of the reference's scale for exactly-zero errors); with dropout both
-    layers drop the same elements (PEFT's DoRA rule: the scaled base term sees x' too)."""
+    layers drop the same elements (PEFT's DoRA rule: the scaled base term sees x' too). On CUDA
+    (M = 96) DoRA over the bf16 base takes the merged weight of ops.lora_merge_dense."""
+    _check_bf16_layer(device, four_bit, use_dora, dropout)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_bf16_dense_merged_layer_within_twice_peft_error(device, use_dora, monkeypatch):
+    """The same check with the merged weight built from the bf16 base for LoRA and DoRA
+    (LOWRANK_MERGE_DENSE=all), forced on CPU too."""
+    import lowrank.lora_function as lf
+    monkeypatch.setattr(lf, "MERGE_ON_CPU", True)
+    monkeypatch.setenv("LOWRANK_MERGE_DENSE", "all")
+    calls = []
+    real = lf._merged_dense
+    monkeypatch.setattr(lf, "_merged_dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _check_bf16_layer(device, False, use_dora, 0.0)
+    assert len(calls) == 2  # the forward's W' and the backward's
+
+
+def _check_bf16_layer(device, four_bit, use_dora, dropout):
     peft = pytest.importorskip("peft")
     import copy
     from lowrank.lora_function import draw_seed

@@ -135,6 +135,32 @@ inline void check_lora_merge(const gemm::Weight4bit& w, const at::Tensor& a, con
   TORCH_CHECK(quant::is_supported_float(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
 }
 
+// lora_merge_dense: weight float [out, in] (float32, float16 or bfloat16), a float32 [r, in], b
+// float32 [out, r], row_scale float32 [out]
+inline void check_lora_merge_dense(const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
+                                   const std::optional<at::Tensor>& row_scale) {
+  constexpr const char* op = "lowrank::lora_merge_dense";
+  TORCH_CHECK(weight.dim() == 2 && quant::is_supported_float(weight.scalar_type()) && weight.size(0) >= 1 &&
+                  weight.size(1) >= 1,
+              op, ": weight must be a float32, float16 or bfloat16 matrix [out_features, in_features], got ",
+              weight.scalar_type(), " ", quant::shape(weight));
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(1) == k && a.size(0) >= 1, op,
+              ": a (lora_A) must be float32 [r, in_features = ", quant::num(k), "], got ", a.scalar_type(), " ",
+              quant::shape(a));
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 2 && b.size(0) == n && b.size(1) == a.size(0), op,
+              ": b (lora_B) must be float32 [out_features = ", quant::num(n), ", r = ", quant::num(a.size(0)),
+              "], got ", b.scalar_type(), " ", quant::shape(b));
+  quant::check_same_device(a, weight, op, "a");
+  quant::check_same_device(b, weight, op, "b");
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->dim() == 1 && row_scale->size(0) == n, op,
+                ": row_scale must be float32 [out_features = ", quant::num(n), "], got ", row_scale->scalar_type(),
+                " ", quant::shape(*row_scale));
+    quant::check_same_device(*row_scale, weight, op, "row_scale");
+  }
+}
+
 // dora_row_norm_4bit: the 4-bit weight and adapter; unit >= 0 and rtol > 0; magnitude float32 [out]
 inline void check_dora_row_norm(const gemm::Weight4bit& w, const at::Tensor& a, const at::Tensor& b, double unit,
                                 double rtol, const std::optional<at::Tensor>& magnitude) {

@@ -171,6 +171,55 @@ at::Tensor lora_merge_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   return out;
 }
 
+// W' = round(v (W0 + s B A)) from a float W0: per element fma(w0, v, acc) (v = 1 without a row
+// scale: w0 + acc), acc the float32 fma chain over j of (s v_o B[o, j]) A[j, i] from +0, rounded once
+// to float32 and once to T. The CUDA kernel (merge_mma.cu) computes acc with split-bf16 mma (~2^-15
+// of sum |s v B| |A|) and is not bit-identical to this.
+template <typename T>
+void lora_merge_dense_rows(const T* w, int64_t n_out, int64_t k_in, const float* av, const float* bv, const float* v,
+                           float s, int64_t r, T* out) {
+  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> bs_row(r);
+    for (int64_t o = n0; o < n1; ++o) {
+      const float vo = v != nullptr ? v[o] : 1.0f;
+      const float sv = v != nullptr ? s * vo : s;
+      for (int64_t j = 0; j < r; ++j) bs_row[j] = sv * bv[o * r + j];
+      for (int64_t i = 0; i < k_in; ++i) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < r; ++j) acc = std::fma(bs_row[j], av[j * k_in + i], acc);
+        out[o * k_in + i] = static_cast<T>(std::fma(static_cast<float>(w[o * k_in + i]), vo, acc));
+      }
+    }
+  });
+}
+
+at::Tensor lora_merge_dense_cpu(const at::Tensor& weight_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                                const std::optional<at::Tensor>& row_scale, double scaling) {
+  check_lora_merge_dense(weight_in, a_in, b_in, row_scale);
+  const at::Tensor w = weight_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor v = row_scale.has_value() ? row_scale->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(w);
+  const float* vp = v.defined() ? v.const_data_ptr<float>() : nullptr;
+  const float s = static_cast<float>(scaling);
+  const int64_t n = w.size(0), k = w.size(1), r = a.size(0);
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      lora_merge_dense_rows<float>(w.const_data_ptr<float>(), n, k, a.const_data_ptr<float>(),
+                                   b.const_data_ptr<float>(), vp, s, r, out.mutable_data_ptr<float>());
+      break;
+    case at::kHalf:
+      lora_merge_dense_rows<c10::Half>(w.const_data_ptr<c10::Half>(), n, k, a.const_data_ptr<float>(),
+                                       b.const_data_ptr<float>(), vp, s, r, out.mutable_data_ptr<c10::Half>());
+      break;
+    default:
+      lora_merge_dense_rows<c10::BFloat16>(w.const_data_ptr<c10::BFloat16>(), n, k, a.const_data_ptr<float>(),
+                                           b.const_data_ptr<float>(), vp, s, r,
+                                           out.mutable_data_ptr<c10::BFloat16>());
+      break;
+  }
+  return out;
+}
+
 // n_o = ||W0_o + s B_o A|| with every term and sum in float64 (W0 as dequantize_4bit's float32
 // values), one row at a time; flagged by the CUDA kernel's bound (the caller's unit), so the CPU op
 // flags the same rows for the same unit.
@@ -272,6 +321,7 @@ TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("lora_dy_products", &lowrank::lora::dy_products_cpu);
   m.impl("dora_row_norm_4bit", &lowrank::lora::dora_row_norm_4bit_cpu);
   m.impl("lora_merge_4bit", &lowrank::lora::lora_merge_4bit_cpu);
+  m.impl("lora_merge_dense", &lowrank::lora::lora_merge_dense_cpu);
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cpu);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cpu);
   m.impl("split_bf16x3", &lowrank::lora::split_bf16x3_cpu);

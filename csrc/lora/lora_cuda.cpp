@@ -283,6 +283,43 @@ at::Tensor lora_merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 
 static_assert(kMergeMmaMaxRank == 16, "the error message below names the limit");
 
+at::Tensor lora_merge_dense_cuda(const at::Tensor& weight_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                                 const std::optional<at::Tensor>& row_scale, double scaling) {
+  check_lora_merge_dense(weight_in, a_in, b_in, row_scale);
+  const int64_t n = weight_in.size(0), k = weight_in.size(1), r = a_in.size(0);
+  TORCH_CHECK((weight_in.scalar_type() == at::kHalf || weight_in.scalar_type() == at::kBFloat16) && k % 64 == 0 &&
+                  r <= kMergeMmaMaxRank && n * k <= kMergeMmaMaxElements,
+              "lowrank::lora_merge_dense: the CUDA kernel needs a float16 or bfloat16 weight, in_features % 64 == 0, "
+              "r <= 16 and out_features * in_features < 2^31, got ", weight_in.scalar_type(), ", in_features ",
+              quant::num(k), ", r ", quant::num(r), " and out_features ", quant::num(n),
+              " (lowrank.lora_function keeps the unmerged path there)");
+  const c10::cuda::CUDAGuard guard(weight_in.device());
+  at::Tensor w = weight_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 != 0) w = w.clone();  // 16-byte loads of W0
+  at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 != 0) a = a.clone();
+  if (reinterpret_cast<uintptr_t>(b.const_data_ptr()) % 16 != 0) b = b.clone();
+  const at::Tensor v = row_scale.has_value() ? row_scale->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({n, k}, w.options());
+  const at::Tensor fragments = at::empty({lora_merge_4bit_mma_fragment_bytes(n)}, a.options().dtype(at::kByte));
+  LoraMergeDenseParams p{};
+  p.w = w.const_data_ptr();
+  p.n = n;
+  p.k = k;
+  p.a = a.const_data_ptr<float>();
+  p.b = b.const_data_ptr<float>();
+  p.row_scale = v.defined() ? v.const_data_ptr<float>() : nullptr;
+  p.scaling = static_cast<float>(scaling);
+  p.r = int(r);
+  p.kind = w.scalar_type() == at::kHalf ? FloatKind::kFloat16 : FloatKind::kBFloat16;
+  p.out = out.mutable_data_ptr();
+  p.fragments = fragments.mutable_data_ptr();  // the caching allocator's blocks are 512-byte aligned
+  launch_lora_merge_dense(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_row_norm_4bit_cuda(
     const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
     const std::optional<at::Tensor>& nested_qmap, const std::optional<at::Tensor>& offset, const at::Tensor& values,
@@ -368,6 +405,7 @@ TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("lora_dy_products", &lowrank::lora::dy_products_cuda);
   m.impl("dora_row_norm_4bit", &lowrank::lora::dora_row_norm_4bit_cuda);
   m.impl("lora_merge_4bit", &lowrank::lora::lora_merge_4bit_cuda);
+  m.impl("lora_merge_dense", &lowrank::lora::lora_merge_dense_cuda);
   m.impl("lora_column_reduce", &lowrank::lora::column_reduce_cuda);
   m.impl("dora_cross_4bit", &lowrank::lora::dora_cross_4bit_cuda);
   m.impl("split_bf16x3", &lowrank::lora::split_bf16x3_cuda);

@@ -122,6 +122,26 @@ bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p);
 int64_t lora_merge_4bit_mma_fragment_bytes(int64_t n);  // the (s v) B fragments, any split up to 3
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream);
 
+// The merged weight W' = round_T(v (W0 + s B A)) [N, K] from a 16-bit W0 of the same type T (a float
+// base: the LoRA/DoRA layer's bf16 or fp16 nn.Linear), merge_mma.cu's tiles with W0's elements where
+// the 4-bit kernel dequantizes codes: per element fma(w0, v, (s v B) A) rounded once, the rank-r
+// product from 2-way split-bf16 mma (~2^-15 of sum |s v B| |A|, as the 4-bit mma kernel). Needs
+// r <= kMergeMmaMaxRank, K % 64 == 0, N K < 2^31 and w, a and b 16-byte aligned (the CUDA op checks).
+struct LoraMergeDenseParams {
+  const void* w;                // [N, K] T, row-major
+  int64_t n, k;
+  const float* a;               // [r, K] float32, row-major
+  const float* b;               // [N, r] float32, row-major
+  const float* row_scale;       // [N] float32 (DoRA's v) or nullptr
+  float scaling;
+  int r;
+  FloatKind kind;               // of w and out: fp16 or bf16
+  void* out;                    // [N, K] row-major
+  void* fragments;              // lora_merge_4bit_mma_fragment_bytes(N), 16-byte aligned
+};
+
+void launch_lora_merge_dense(const LoraMergeDenseParams& p, cudaStream_t stream);
+
 // DoRA's row norm n_o = ||W0_o + s B_o A|| straight from the packed weight (merge_mma.cu: the
 // merge's tiles with 3-way split mma, squared and summed per 64-column strip into `partial`
 // (dora_row_norm_partial_size floats: [K / 64, N], then [K / 64, 16] of A's squares), then added

@@ -25,6 +25,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "common/cuda_float.cuh"
 #include "lora/lora_launch.h"
 
@@ -81,8 +83,9 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a)[SPL
 // warp load of 512 contiguous bytes per part), the
 // fragment words a0..a3 of part s (a0 row g, j 4t, 4t + 1; a1 row g + 8; a2 row g, j 4t + 2, 4t + 3;
 // a3 row g + 8), the k index permuted as below; rows past N and j past r zero.
-template <int SPLIT>
-__global__ void lora_b_fragments(LoraMerge4bitParams p, uint4* frag) {
+// Params: LoraMerge4bitParams or LoraMergeDenseParams (n, r, b, row_scale, scaling).
+template <int SPLIT, typename Params>
+__global__ void lora_b_fragments(Params p, uint4* frag) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t tiles = (p.n + 15) / 16;
   if (i >= tiles * 32) return;
@@ -364,6 +367,133 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   }
 }
 
+// The dense base (a float nn.Linear): the same tiles, mma and stores as lora_merge_4bit_mma with
+// W0's elements loaded where that kernel dequantizes codes. Lane (g, t) loads 16 bytes (8 elements)
+// of rows g and g + 8 at strip columns 8t and 32 + 8t: word q of a load holds columns 2q (low half)
+// and 2q + 1, the columns of accumulators d[2 rr] and d[2 rr + 1] at n-tile 4 half + q. Per element
+// fma(w0, v, d) rounded once to float32 and once to T (v = 1 without a row scale: w0 + d).
+// Why: DoRA on a bf16 base ran its forward as y = s h B^T, y += x W^T (C operand), y *= v and its
+// backward with W v formed for dX; the two products with the float32 v are mixed-dtype PyTorch
+// kernels (a [14336, 4096] W *= v took 386 us on the H100), and the layer took 4.10 ms against
+// QDoRA's 2.92 on the same H100 (bench_lora, csrc de2e8e7).
+template <typename T>
+__device__ __forceinline__ float low_element(uint32_t w) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(w << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+}
+template <typename T>
+__device__ __forceinline__ float high_element(uint32_t w) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(w & 0xffff0000u);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int q) {
+  return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+}
+
+constexpr int kDenseSplit = 2;
+
+template <typename T, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_dense_mma(LoraMergeDenseParams p, const uint4* frag,
+                                                                             int64_t rows_per_cta) {
+  constexpr int SPLIT = kDenseSplit;
+  __shared__ __align__(16) float s_a[16][kStrip + 4];
+  __shared__ __align__(16) uint32_t s_afrag[8][32][4];  // per n-tile and lane: b0's two parts, b1's two
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  // int indices: N K < 2^31 (the CUDA op checks)
+  const int col0 = int(blockIdx.x) * kStrip;
+  const int row_cta = int(blockIdx.y) * int(rows_per_cta);
+  const int row_end = int(row_cta + rows_per_cta < p.n ? row_cta + rows_per_cta : p.n);
+  const int k = int(p.k), last_row = int(p.n) - 1;
+  const T* w = static_cast<const T*>(p.w);
+
+  for (int i = threadIdx.x; i < 16 * (kStrip / 4); i += kThreads) {
+    const int j = i / (kStrip / 4), c4 = i % (kStrip / 4);
+    const float4 v4 = j < p.r ? *reinterpret_cast<const float4*>(p.a + int64_t(j) * p.k + col0 + 4 * c4)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
+  }
+  struct Loads {
+    uint4 w[2][2];  // [row][half]
+    float v[2];
+    uint4 bfrag[SPLIT];
+  };
+  auto load = [&](int r0, Loads& l) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int o = min(r0 + g + 8 * rr, last_row);
+      const uint4* src = reinterpret_cast<const uint4*>(w + o * k + col0 + 8 * t);  // 16-byte aligned
+      l.w[rr][0] = __ldg(src);
+      l.w[rr][1] = __ldg(src + 4);  // 32 columns on
+      l.v[rr] = p.row_scale != nullptr ? p.row_scale[o] : 1.0f;
+    }
+    const uint4* f = frag + (r0 >> 4) * 32 * SPLIT + lane;  // r0: a multiple of 16
+#pragma unroll
+    for (int s = 0; s < SPLIT; ++s) l.bfrag[s] = f[32 * s];
+  };
+  const int first = row_cta + 16 * warp;
+  Loads cur;
+  if (first < row_end) load(first, cur);
+  __syncthreads();  // A's strip
+  if (warp == 0) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int c = 32 * (nt >> 2) + 8 * (g >> 1) + 2 * (nt & 3) + (g & 1);
+      uint32_t b0[SPLIT], b1[SPLIT];
+      split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
+      split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
+#pragma unroll
+      for (int s = 0; s < SPLIT; ++s) {
+        s_afrag[nt][lane][s] = b0[s];
+        s_afrag[nt][lane][SPLIT + s] = b1[s];
+      }
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+
+#pragma unroll 1
+  for (int r0 = first; r0 < row_end; r0 += kRowsPerRound) {
+    Loads next;
+    const int r_next = r0 + kRowsPerRound;
+    if (r_next < row_end) load(r_next, next);
+    uint32_t bs[SPLIT][4];
+#pragma unroll
+    for (int s = 0; s < SPLIT; ++s) {
+      bs[s][0] = cur.bfrag[s].x;
+      bs[s][1] = cur.bfrag[s].y;
+      bs[s][2] = cur.bfrag[s].z;
+      bs[s][3] = cur.bfrag[s].w;
+    }
+    uint32_t packed_out[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const uint4 words = *reinterpret_cast<const uint4*>(&s_afrag[nt][lane][0]);
+      const uint32_t a_b0[SPLIT] = {words.x, words.y}, a_b1[SPLIT] = {words.z, words.w};
+      mma_split<SPLIT>(d, bs, a_b0, a_b1);
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const uint32_t pair = word_of(cur.w[rr][nt >> 2], nt & 3);
+        const float w0 = __fmaf_rn(low_element<T>(pair), cur.v[rr], d[2 * rr]);
+        const float w1 = __fmaf_rn(high_element<T>(pair), cur.v[rr], d[2 * rr + 1]);
+        packed_out[rr][nt & 3] = Pack2<T>::pack(w0, w1);
+      }
+      if ((nt & 3) == 3) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int o = r0 + g + 8 * rr;
+          if (o < p.n) {
+            store16(out + int64_t(o) * p.k + col0 + 32 * (nt >> 2) + 8 * t, packed_out[rr][0], packed_out[rr][1],
+                    packed_out[rr][2], packed_out[rr][3]);
+          }
+        }
+      }
+    }
+    cur = next;
+  }
+}
+
 // n_o = sqrt(sum over strips of the partial sums) in float64, and the rows whose error bound
 // unit (t_o / n_o + 1) exceeds rtol, t_o = |s| sum_j |B_oj| ||A_j||; with a magnitude, v_o = m_o / n_o
 // and the status word (see DoraRowNormParams).
@@ -439,7 +569,8 @@ __global__ void __launch_bounds__(32 * kFinishWarps) dora_row_norm_finish(DoraRo
 // CTA's prologue (tables, A's strip and its split fragments: about two memory latencies) is paid
 // once per SM slot rather than per 256 rows. (With 256 rows per CTA, 4 tiles per warp, the
 // prologue was ~1/3 of a CTA's life; ncu: 91 us at 14336 x 4096, 6.8 waves.)
-int64_t rows_per_cta_for(int ctas_per_sm, const LoraMerge4bitParams& p) {
+template <typename Params>
+int64_t rows_per_cta_for(int ctas_per_sm, const Params& p) {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -481,6 +612,25 @@ void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, int* statu
   else launch_kernel<T, false, SPLIT, NORM, kMinBlocks>(p, norm_partial, status, stream);
 }
 
+// 5 CTAs per SM: the dense kernel holds two tiles' loads of W0 (16 registers each) where the
+// 4-bit one holds 2 words of codes.
+template <typename T>
+void launch_dense(const LoraMergeDenseParams& p, cudaStream_t stream) {
+  constexpr int kMinBlocks = 5;
+  const auto kernel = lora_merge_dense_mma<T, kMinBlocks>;
+  static const int ctas_per_sm = [kernel] {
+    int blocks = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
+    return blocks > 0 ? blocks : 1;
+  }();
+  uint4* frag = static_cast<uint4*>(p.fragments);
+  const int64_t frag_threads = (p.n + 15) / 16 * 32;
+  lora_b_fragments<kDenseSplit><<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p, frag);
+  const int64_t rows = rows_per_cta_for(ctas_per_sm, p);
+  const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + rows - 1) / rows));
+  kernel<<<grid, kThreads, 0, stream>>>(p, frag, rows);
+}
+
 }  // namespace
 
 bool lora_merge_4bit_mma_takes(const LoraMerge4bitParams& p) {
@@ -496,6 +646,11 @@ int64_t lora_merge_4bit_mma_fragment_bytes(int64_t n) { return (n + 15) / 16 * 3
 void launch_lora_merge_4bit_mma(const LoraMerge4bitParams& p, cudaStream_t stream) {
   if (p.out_kind == FloatKind::kBFloat16) launch_shaped<__nv_bfloat16, 2, false>(p, nullptr, nullptr, stream);
   else launch_shaped<__half, 2, false>(p, nullptr, nullptr, stream);
+}
+
+void launch_lora_merge_dense(const LoraMergeDenseParams& p, cudaStream_t stream) {
+  if (p.kind == FloatKind::kBFloat16) launch_dense<__nv_bfloat16>(p, stream);
+  else launch_dense<__half>(p, stream);
 }
 
 int64_t dora_row_norm_partial_size(int64_t n, int64_t k) { return k / kStrip * (n + 16); }
