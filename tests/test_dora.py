@@ -241,9 +241,10 @@ def test_norm_allocates_no_out_by_in_tensor(device, monkeypatch, kind):
         w2 = dora.base_row_sq_norm(base, chunk_bytes=chunk)
         n = dora.dora_weight_norm(base, A, B, s, base_sq_norm=w2, chunk_bytes=chunk)
     # nested double quantization dequantizes up to 64 * 256 elements before a chunk's first row;
-    # the [out, r] float64 terms of the expansion are allowed too (r = 8)
+    # the [out, r] float64 terms of the expansion are allowed too (r = 8), and a bf16 base's
+    # split-bf16 cross term on CUDA makes its [out, 3 r] float32 product
     slack = 64 * 256 * 4 if kind.endswith("-dq") else 0
-    allowed = max(chunk + slack, OUT * A.shape[0] * 8)
+    allowed = max(chunk + slack, OUT * A.shape[0] * 12)
     assert allowed < FULL // 8 and rec.largest <= allowed, (rec.largest, rec.op)
     assert float(_rel_err(n, _direct(w0, A, B, s)).max()) <= 1e-6
 
