@@ -76,6 +76,41 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const uint32_t (&a)[SPL
   mma_bf16_16816(d, a[0], b0[0], b1[0]);
 }
 
+// A's strip [16][kStrip] (rows j past r zero) into shared memory in coalesced 16-byte loads
+// (gathered straight into fragments, each warp load touched 32 sectors: ncu had L1/TEX at 74%).
+__device__ __forceinline__ void load_a_strip(float (&s_a)[16][kStrip + 4], const float* a, int r, int64_t k,
+                                             int col0) {
+  for (int i = threadIdx.x; i < 16 * (kStrip / 4); i += kThreads) {
+    const int j = i / (kStrip / 4), c4 = i % (kStrip / 4);
+    const float4 v4 = j < r ? *reinterpret_cast<const float4*>(a + int64_t(j) * k + col0 + 4 * c4)
+                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
+  }
+}
+
+// Lane (g, t)'s fragments of A for n-tile nt (the mma's B operand, K = j x N = column, the k index
+// permuted as below): b0 holds j = 4t, 4t + 1 and b1 j = 4t + 2, 4t + 3, both at in-tile column
+// g, i.e. strip column 32 (nt / 4) + 8 (g / 2) + 2 (nt % 4) + g % 2, split into SPLIT parts.
+template <int SPLIT>
+__device__ __forceinline__ void a_fragments(const float (&s_a)[16][kStrip + 4], int nt, int g, int t,
+                                            uint32_t (&b0)[SPLIT], uint32_t (&b1)[SPLIT]) {
+  const int c = 32 * (nt >> 2) + 8 * (g >> 1) + 2 * (nt & 3) + (g & 1);
+  split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
+  split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
+}
+
+// A tile's (s v) B fragments as the mma's A registers: bs[part][word].
+template <int SPLIT>
+__device__ __forceinline__ void unpack_bfrag(const uint4 (&bfrag)[SPLIT], uint32_t (&bs)[SPLIT][4]) {
+#pragma unroll
+  for (int s = 0; s < SPLIT; ++s) {
+    bs[s][0] = bfrag[s].x;
+    bs[s][1] = bfrag[s].y;
+    bs[s][2] = bfrag[s].z;
+    bs[s][3] = bfrag[s].w;
+  }
+}
+
 // The mma's A operand (s v_o) B[o, :] for every 16-row tile, split into SPLIT bf16 parts once per
 // call (lora_b_fragments) instead of per tile in every column strip's CTA: 64 strips at K = 4096
 // each split the same rows (4 split_pairs and 8 products per lane and tile, ~45 of the ~466
@@ -195,8 +230,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   if constexpr (NESTED) {
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
   }
-  // A's strip through shared memory in coalesced 16-byte loads (gathered straight into fragments,
-  // each warp load touched 32 sectors: ncu had L1/TEX at 74%)
+  // A's strip through shared memory (load_a_strip's loop, written out here: as a call, ptxas
+  // spilled a word of this 80-register kernel)
   for (int i = threadIdx.x; i < 16 * (kStrip / 4); i += kThreads) {
     const int j = i / (kStrip / 4), c4 = i % (kStrip / 4);
     const float4 v4 = j < p.r ? *reinterpret_cast<const float4*>(p.a + int64_t(j) * p.k + col0 + 4 * c4)
@@ -227,10 +262,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   if (!A_SMEM) {
 #pragma unroll
     for (int nt = 0; nt < (A_SMEM ? 1 : 8); ++nt) {
-      const int c = 32 * (nt >> 2) + 8 * (g >> 1) + 2 * (nt & 3) + (g & 1);
       uint32_t b0[SPLIT], b1[SPLIT];
-      split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
-      split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
+      a_fragments<SPLIT>(s_a, nt, g, t, b0, b1);
 #pragma unroll
       for (int s = 0; s < SPLIT; ++s) {
         a_reg[nt][s] = b0[s];
@@ -240,10 +273,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
   } else if (warp == 0) {
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      const int c = 32 * (nt >> 2) + 8 * (g >> 1) + 2 * (nt & 3) + (g & 1);
       uint32_t b0[SPLIT], b1[SPLIT];
-      split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
-      split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
+      a_fragments<SPLIT>(s_a, nt, g, t, b0, b1);
 #pragma unroll
       for (int s = 0; s < SPLIT; ++s) {
         s_afrag[nt][lane][s] = b0[s];
@@ -277,13 +308,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_4bit_mma(Lora
       }
     }
     uint32_t bs[SPLIT][4];
-#pragma unroll
-    for (int s = 0; s < SPLIT; ++s) {
-      bs[s][0] = cur.bfrag[s].x;
-      bs[s][1] = cur.bfrag[s].y;
-      bs[s][2] = cur.bfrag[s].z;
-      bs[s][3] = cur.bfrag[s].w;
-    }
+    unpack_bfrag<SPLIT>(cur.bfrag, bs);
     // each code byte's nibbles as byte offsets into s_values (value index * 4), one per byte of
     // the word: byte nt of the row's 8 is then one PRMT away from a lookup address
     uint32_t hi4[2][2], lo4[2][2];
@@ -407,12 +432,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_dense_mma(Lor
   const int k = int(p.k), last_row = int(p.n) - 1;
   const T* w = static_cast<const T*>(p.w);
 
-  for (int i = threadIdx.x; i < 16 * (kStrip / 4); i += kThreads) {
-    const int j = i / (kStrip / 4), c4 = i % (kStrip / 4);
-    const float4 v4 = j < p.r ? *reinterpret_cast<const float4*>(p.a + int64_t(j) * p.k + col0 + 4 * c4)
-                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    *reinterpret_cast<float4*>(&s_a[j][4 * c4]) = v4;
-  }
+  load_a_strip(s_a, p.a, p.r, p.k, col0);
   struct Loads {
     uint4 w[2][2];  // [row][half]
     float v[2];
@@ -438,10 +458,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_dense_mma(Lor
   if (warp == 0) {
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      const int c = 32 * (nt >> 2) + 8 * (g >> 1) + 2 * (nt & 3) + (g & 1);
       uint32_t b0[SPLIT], b1[SPLIT];
-      split_pair<SPLIT>(s_a[4 * t][c], s_a[4 * t + 1][c], b0);
-      split_pair<SPLIT>(s_a[4 * t + 2][c], s_a[4 * t + 3][c], b1);
+      a_fragments<SPLIT>(s_a, nt, g, t, b0, b1);
 #pragma unroll
       for (int s = 0; s < SPLIT; ++s) {
         s_afrag[nt][lane][s] = b0[s];
@@ -458,13 +476,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lora_merge_dense_mma(Lor
     const int r_next = r0 + kRowsPerRound;
     if (r_next < row_end) load(r_next, next);
     uint32_t bs[SPLIT][4];
-#pragma unroll
-    for (int s = 0; s < SPLIT; ++s) {
-      bs[s][0] = cur.bfrag[s].x;
-      bs[s][1] = cur.bfrag[s].y;
-      bs[s][2] = cur.bfrag[s].z;
-      bs[s][3] = cur.bfrag[s].w;
-    }
+    unpack_bfrag<SPLIT>(cur.bfrag, bs);
     uint32_t packed_out[2][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
