@@ -593,21 +593,34 @@ int64_t rows_per_cta_for(int ctas_per_sm, const Params& p) {
   return (rows + kRowsPerRound - 1) / kRowsPerRound * kRowsPerRound;
 }
 
-template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
-void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, int* status, cudaStream_t stream) {
-  constexpr bool kASmem = !NORM;  // see launch_shaped
-  const auto kernel = lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, MIN_BLOCKS, kASmem>;
-  static const int ctas_per_sm = [kernel] {  // one per instantiation (its registers decide)
+// CTAs of `Kernel` per SM, asked once per instantiation (its registers decide).
+template <auto Kernel>
+int cached_ctas_per_sm() {
+  static const int ctas = [] {
     int blocks = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, 0);
     return blocks > 0 ? blocks : 1;
   }();
+  return ctas;
+}
+
+// The (s v) B fragments (one small launch), then `Kernel` over one wave of column strips x row
+// chunks: Kernel(p, fragments, tail..., rows per CTA).
+template <int SPLIT, auto Kernel, typename Params, typename... Tail>
+void launch_with_fragments(const Params& p, cudaStream_t stream, Tail... tail) {
   uint4* frag = static_cast<uint4*>(p.fragments);
   const int64_t frag_threads = (p.n + 15) / 16 * 32;
   lora_b_fragments<SPLIT><<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p, frag);
-  const int64_t rows = rows_per_cta_for(ctas_per_sm, p);
+  const int64_t rows = rows_per_cta_for(cached_ctas_per_sm<Kernel>(), p);
   const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + rows - 1) / rows));
-  kernel<<<grid, kThreads, 0, stream>>>(p, frag, norm_partial, status, rows);
+  Kernel<<<grid, kThreads, 0, stream>>>(p, frag, tail..., rows);
+}
+
+template <typename T, bool NESTED, int SPLIT, bool NORM, int MIN_BLOCKS>
+void launch_kernel(const LoraMerge4bitParams& p, float* norm_partial, int* status, cudaStream_t stream) {
+  constexpr bool kASmem = !NORM;  // see launch_shaped
+  launch_with_fragments<SPLIT, lora_merge_4bit_mma<T, NESTED, SPLIT, NORM, MIN_BLOCKS, kASmem>>(p, stream, norm_partial,
+                                                                                               status);
 }
 
 // CTAs per SM the register cap allows: the merge 5 (96 registers, a word spilled; ncu 81 us at 14336 x 4096 against
@@ -624,23 +637,11 @@ void launch_shaped(const LoraMerge4bitParams& p, float* norm_partial, int* statu
   else launch_kernel<T, false, SPLIT, NORM, kMinBlocks>(p, norm_partial, status, stream);
 }
 
-// 5 CTAs per SM: the dense kernel holds two tiles' loads of W0 (16 registers each) where the
-// 4-bit one holds 2 words of codes.
+// 5 CTAs per SM (lora_merge_dense_mma<T, 5>): the dense kernel holds two tiles' loads of W0 (16
+// registers each) where the 4-bit one holds 2 words of codes.
 template <typename T>
 void launch_dense(const LoraMergeDenseParams& p, cudaStream_t stream) {
-  constexpr int kMinBlocks = 5;
-  const auto kernel = lora_merge_dense_mma<T, kMinBlocks>;
-  static const int ctas_per_sm = [kernel] {
-    int blocks = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
-    return blocks > 0 ? blocks : 1;
-  }();
-  uint4* frag = static_cast<uint4*>(p.fragments);
-  const int64_t frag_threads = (p.n + 15) / 16 * 32;
-  lora_b_fragments<kDenseSplit><<<unsigned((frag_threads + 255) / 256), 256, 0, stream>>>(p, frag);
-  const int64_t rows = rows_per_cta_for(ctas_per_sm, p);
-  const dim3 grid(unsigned(p.k / kStrip), unsigned((p.n + rows - 1) / rows));
-  kernel<<<grid, kThreads, 0, stream>>>(p, frag, rows);
+  launch_with_fragments<kDenseSplit, lora_merge_dense_mma<T, 5>>(p, stream);
 }
 
 }  // namespace
