@@ -23,8 +23,9 @@ matmul) and keeps only what the backward needs:
     DoRA under dropout (PEFT: the scaled base term sees x')
               y = x W^T + (v - 1) (x' W^T) + v s h B^T + bias = u + (x - x') W^T + bias,
               u = v (x' W^T + s h B^T): the paths above with x' as input, then one GEMM more
-    saved     x, h, the dropout seed (the mask is regenerated), and for DoRA the output y (u
-              under dropout; for dm) and v; for a 4-bit base only the packed weight
+    saved     x, h (not with the merged weight: the backward forms it), the dropout seed (the
+              mask is regenerated), and for DoRA the output y (u under dropout; for dm) and v; for a
+              4-bit base only the packed weight
     backward  g  = dY B_v                      [M, r] fp32 B_v = v * B for DoRA, B for LoRA
               (bf16 on CUDA, out % 64 == 0, r <= 16: g, dY^T h and DoRA's sum_M(dY * y) from one
               read of dY and y, ops.lora_dy_products)
@@ -32,6 +33,9 @@ matmul) and keeps only what the backward needs:
               dB = s v * (dY^T h),  dA = s g^T x',  DoRA: dm = sum_M(dY * y) / m, y bias-free.
               DoRA under dropout: dX = k (dY W'') + (1 - k) (dY W) with k = keep / (1 - p) and
               dY W'' the dX above (y = u, no mask); dY W by matmul_4bit's backward op.
+    merged weight on CUDA: the backward runs h, the dY products and dA on a second stream
+              while the merge and dX's GEMM (on a high-priority stream) run on theirs (see
+              _side_stream_applies)
     bf16 on CUDA: the adapter products (h, g, dY^T h, x'^T g) are cuBLAS GEMMs against a 3-way bf16
     split of their float32 side (float32-exact, ``_mm_f32``), and sum_M(dY * y) one streaming
     kernel; elsewhere the CUDA-core kernels lora_project / lora_column_reduce (one read of dY and y
@@ -118,11 +122,11 @@ def _project(x16: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
     return ops.lora_project(x16, b32.t().contiguous())
 
 
-def _dy_products_applies(dy2: torch.Tensor, h: torch.Tensor) -> bool:
+def _dy_products_applies(dy2: torch.Tensor, r: int) -> bool:
     """Whether the backward takes g, dY^T h and sum_M(dY * y) from one op (ops.lora_dy_products, one
     read of dY): bf16 on CUDA, out_features % 64 == 0, r <= 16 (its tensor-core kernel; elsewhere
     the op is PyTorch ops, no better than the separate products). LOWRANK_DY_FUSED=0 turns it off."""
-    return (dy2.is_cuda and dy2.dtype == torch.bfloat16 and dy2.shape[1] % 64 == 0 and 1 <= h.shape[1] <= 16
+    return (dy2.is_cuda and dy2.dtype == torch.bfloat16 and dy2.shape[1] % 64 == 0 and 1 <= r <= 16
             and os.environ.get("LOWRANK_DY_FUSED", "1") != "0")
 
 
@@ -271,6 +275,38 @@ def _base_grad_input(dy2, weight, quant, cd):
     return dy2 @ _base_weight(weight, None, cd)
 
 
+def _side_stream_applies(dy2: torch.Tensor) -> bool:
+    """Whether the merged weight's backward puts its adapter products (h = x A^T, the dY products,
+    dA) on a second stream and dX's GEMM on a high-priority one (LOWRANK_LORA_STREAMS=0 turns it
+    off; read per call): on CUDA, not while torch.compile traces.
+
+    Why (H100, bench_lora's QLoRA layer, M = 8192, 14336 x 4096, r = 16; scripts/ab_qdora_env.py,
+    one process, each call's ratio to a floor call of its round): 1.1386x -> 1.1157x the floor
+    (means of 4 runs of 50-80 rounds), QDoRA 1.1930x -> 1.1817x. The side stream's kernels take the
+    SMs that the merge and the GEMM leave, most of all the GEMM's last round of tiles (dX: 1024
+    tiles on 132 SMs, the 8th round 76% full). Tried and not kept
+    (benchmarks/results/experiments/lora_streams_2026-11-24.txt): the side chain on the 4 SMs that
+    cuBLAS leaves at cublasSetSmCountTarget(128) through all of the GEMM (there the dY products ran
+    at ~12 GB/s per SM against ~18 with the whole GPU: the GEMM's L2 traffic starves them), the
+    merge and the dY products capped to share every SM, the GEMM waiting for the dY products."""
+    if not dy2.is_cuda or os.environ.get("LOWRANK_LORA_STREAMS", "1") == "0":
+        return False
+    return not torch.compiler.is_compiling()
+
+
+_STREAMS: dict = {}
+
+
+def _stream(device: torch.device, high_priority: bool):
+    """The side stream (default priority) or the GEMM's high-priority stream of ``device``, made once."""
+    key = (device.index, high_priority)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        priority = min(torch.cuda.Stream.priority_range()) if high_priority else 0
+        stream = _STREAMS[key] = torch.cuda.Stream(device, priority=priority)
+    return stream
+
+
 class _AsyncFlag:
     """A device scalar (a bool, or an int of flag bits) read on the host later without draining the
     stream: copied to pinned memory when made and read after the long work queued since (the
@@ -329,10 +365,21 @@ class LoraFunction(torch.autograd.Function):
         keep = dropout_keep_mask(seed, x2.shape, dropout_p, x2.device, cd) if dropout_p > 0 else None
         inv_keep = 1.0 / (1.0 - dropout_p)
         xm = x2 * keep if keep is not None else x2  # times 0 or 1: exact
-        h_masked = _project(xm, lora_A.float().t())  # [M, r] float32: float32 adapters, x read once
-        h = h_masked * inv_keep if keep is not None else h_masked  # x' A^T
-        bias_c = None if bias is None else bias.to(cd)
         dora = magnitude is not None
+        dora_dropout = dora and keep is not None
+        merge_p = 0.0 if dora_dropout else dropout_p
+        if quant is not None:
+            merged = _merge_applies(x2, quant, lora_A, merge_p)
+        else:
+            merged = _dense_merge_applies(x2, weight, lora_A, merge_p, dora, any(ctx.needs_input_grad[:4]))
+        if merged and keep is None:
+            # the merged weight's forward needs no h: the backward forms it from x (on the side
+            # stream, beside the merge), and an inference call skips it (x read once less)
+            h_masked = h = None
+        else:
+            h_masked = _project(xm, lora_A.float().t())  # [M, r] float32: float32 adapters, x read once
+            h = h_masked * inv_keep if keep is not None else h_masked  # x' A^T
+        bias_c = None if bias is None else bias.to(cd)
         # DoRA: v = m / n with n detached (DoRA section 4.3), float32. y = v (x W^T + s h B^T): v
         # rounded to bf16 and folded into W would put one relative error on a whole column of y,
         # and dm = sum_M(dY y) / m adds that error coherently over M (the H100 run's dm error at 3x
@@ -344,13 +391,7 @@ class LoraFunction(torch.autograd.Function):
         # = u + (x - x') W0^T + bias with u = v (x' W0^T + s h B^T) = v / (1 - p) (x keep W0^T +
         # s (x keep A^T) B^T): the DoRA output without dropout of the masked x with v / (1 - p),
         # on the paths below (the merged weight included), saved for dm; then one GEMM more.
-        dora_dropout = dora and keep is not None
         x_in, h_in, v_in = (xm, h_masked, v * inv_keep) if dora_dropout else (x2, h, v)
-        merge_p = 0.0 if dora_dropout else dropout_p
-        if quant is not None:
-            merged = _merge_applies(x2, quant, lora_A, merge_p)
-        else:
-            merged = _dense_merge_applies(x2, weight, lora_A, merge_p, dora, any(ctx.needs_input_grad[:4]))
         if merged:
             # one GEMM against W' = v (W0 + s B A): the low-rank term and DoRA's v are in the weight
             w = (_merged(quant, lora_A, lora_B, scaling, v_in, cd) if quant is not None
@@ -417,27 +458,58 @@ class LoraFunction(torch.autograd.Function):
         g = dh = dot = None
         b32 = None
         m32 = magnitude.detach().float() if want_m else None
-        fused = need_g and (want_b or want_m) and _dy_products_applies(dy2, h)
-        if fused:
+        fused = need_g and (want_b or want_m) and _dy_products_applies(dy2, lora_A.shape[0])
+        grad_a = None
+        side = None
+        if fused and ctx.merged and ctx.needs_input_grad[0] and p == 0 and _side_stream_applies(dy2):
+            # h, the dY products and dA on the side stream; the merge (below) on the current one,
+            # dX's GEMM on a high-priority one (its tiles first, the side stream's kernels in what
+            # it leaves); joined after the GEMM
+            main, side = torch.cuda.current_stream(dy2.device), _stream(dy2.device, False)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                if h is None:
+                    h = _project(x2, lora_A.float().t())
+                g, grad_b, grad_m = ops.lora_dy_products(dy2, lora_B.float(), h, y_saved if want_m else None,
+                                                         v, s, m32)
+                grad_m = grad_m if want_m else None
+                if ctx.needs_input_grad[1]:
+                    grad_a = _reduce_rows(x2, g, scale=s, transpose=True).to(lora_A.dtype)
+        elif h is None and (want_b or want_m):  # the merged weight's forward left h to the backward
+            h = _project(x2, lora_A.float().t())
+        if side is None and fused:
             # g = dY (v B), dB = s v (dY^T h) and dm = sum_M(dY * y) / m in one read of dY (and y),
             # the partial sums and the scales in one more launch
             g, grad_b, grad_m = ops.lora_dy_products(dy2, lora_B.float(), h, y_saved if want_m else None,
                                                      v, s, m32)
             grad_m = grad_m if want_m else None
-        else:
+        elif side is None:
             grad_b = grad_m = None
         if not fused and (need_g or want_b):
             b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
         if not fused and need_g:
             g = _project(dy2, b32)
-        grad_x = grad_a = None
+        grad_x = None
         # DoRA under dropout: y = u(x') + (x - x') W0^T, so dX = k (dY W'') + (1 - k) (dY W0) with
         # k = keep / (1 - p) and dY W'' = dY diag(v) W0 + s g A the dX of u without dropout
         lora_keep = None if ctx.dora_dropout else keep  # where the low-rank term alone is masked
         if ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
             w = (_merged(ctx.quant, lora_A, lora_B, s, v, cd) if ctx.quant is not None
                  else _merged_dense(ctx.weight, lora_A, lora_B, s, v))
-            grad_x = torch.mm(dy2, w)
+            if side is not None:
+                gemm = _stream(dy2.device, True)
+                gemm.wait_stream(main)
+                with torch.cuda.stream(gemm):
+                    grad_x = torch.mm(dy2, w)
+                main.wait_stream(gemm)
+                main.wait_stream(side)
+                # made on other streams, used on this one (and every input of theirs is still
+                # referenced here, past the join: its memory is reused only after it)
+                for t in (grad_x, g, h, grad_b, grad_m, grad_a):
+                    if t is not None:
+                        t.record_stream(main)
+            else:
+                grad_x = torch.mm(dy2, w)
             del w
         elif ctx.needs_input_grad[0]:
             a_c = lora_A.to(cd)
@@ -468,7 +540,7 @@ class LoraFunction(torch.autograd.Function):
             grad_b = dh * v[:, None] if dora else dh
             grad_b = grad_b * s
         grad_b = grad_b.to(lora_B.dtype) if want_b else None
-        if ctx.needs_input_grad[1]:  # dA = s g^T x'
+        if ctx.needs_input_grad[1] and grad_a is None:  # dA = s g^T x'
             # x' = x keep / (1 - p): the masked x (exact) and 1 / (1 - p) in the float32 scale
             xm = x2 if keep is None else x2 * keep
             grad_a = _reduce_rows(xm, g, scale=s if keep is None else s / (1.0 - p), transpose=True).to(lora_A.dtype)

@@ -1056,13 +1056,13 @@ def test_opcheck_lora_dy_products(device):
 
 def test_dy_products_applies_where_its_kernel_runs():
     from lowrank.lora_function import _dy_products_applies
-    dy, h = torch.zeros(4, 128, dtype=torch.bfloat16), torch.zeros(4, 16)
-    assert not _dy_products_applies(dy, h)  # CPU: PyTorch ops, no better than the separate products
+    dy = torch.zeros(4, 128, dtype=torch.bfloat16)
+    assert not _dy_products_applies(dy, 16)  # CPU: PyTorch ops, no better than the separate products
     if torch.cuda.is_available():
-        assert _dy_products_applies(dy.cuda(), h.cuda())
-        assert not _dy_products_applies(dy.cuda()[:, :100], h.cuda())   # out % 64 != 0
-        assert not _dy_products_applies(dy.cuda(), h.cuda().repeat(1, 2))  # r = 32
-        assert not _dy_products_applies(dy.cuda().half(), h.cuda())
+        assert _dy_products_applies(dy.cuda(), 16)
+        assert not _dy_products_applies(dy.cuda()[:, :100], 16)   # out % 64 != 0
+        assert not _dy_products_applies(dy.cuda(), 32)  # r = 32
+        assert not _dy_products_applies(dy.cuda().half(), 16)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -1097,3 +1097,113 @@ def test_backward_through_the_fused_dy_products_matches_the_separate_products(mo
         # float32 sums in another order: ~1e-7 of the largest term
         err = float((grads[True][name] - ref).abs().max())
         assert err <= 1e-6 * float(ref.abs().max()) + 1e-30, (name, err)
+
+
+# --- the merged weight's backward: h formed there, adapter products on a side stream -------------------
+
+def test_merged_forward_leaves_h_to_the_backward(monkeypatch):
+    """With the merged weight (forced on CPU) the forward forms no h = x A^T: under no_grad none at
+    all (an inference call reads x once less), with grad once, in the backward; the gradients are
+    the float64 formula's (test_merged_weight_path_matches_float64 checks them over shapes)."""
+    import lowrank.lora_function as lf
+    monkeypatch.setattr(lf, "MERGE_ON_CPU", True)
+    calls = []
+    project = lf._project
+    monkeypatch.setattr(lf, "_project", lambda a, b: calls.append(tuple(a.shape)) or project(a, b))
+    _, q, w_base, x, a, b, _, _ = _problem(3, 24, 64, 48, 4, True, False, "cpu")
+    with torch.no_grad():
+        y0 = lora_forward(x, a, b, 2.0, quant=q)
+    assert calls == []
+    xx, aa, bb = (t.clone().requires_grad_() for t in (x, a, b))
+    y = lora_forward(xx, aa, bb, 2.0, quant=q)
+    assert calls == [] and torch.equal(y.detach(), y0)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y.backward(dy)
+    assert calls.count((24, 64)) == 1  # h once (the CPU backward projects dY too: g = dY B)
+    y64, leaves = _reference(x, w_base, a, b, None, 2.0)
+    y64.backward(dy.double())
+    for got, ref in zip((xx.grad, aa.grad, bb.grad), leaves):
+        assert float((got.double() - ref.grad).abs().max()) <= 1e-4 * float(ref.grad.abs().max())
+
+
+def test_side_stream_applies_only_on_cuda(monkeypatch):
+    from lowrank.lora_function import _side_stream_applies
+    assert not _side_stream_applies(torch.zeros(4, 64, dtype=torch.bfloat16))
+    if torch.cuda.is_available():
+        dy = torch.zeros(4, 64, dtype=torch.bfloat16, device="cuda")
+        assert _side_stream_applies(dy)
+        monkeypatch.setenv("LOWRANK_LORA_STREAMS", "0")
+        assert not _side_stream_applies(dy)
+
+
+def _merged_cuda_layer(device, four_bit, use_dora):
+    torch.manual_seed(21)
+    linear = torch.nn.Linear(256, 192, bias=True, device=device, dtype=torch.bfloat16)
+    base = lowrank.nn.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16) if four_bit else linear
+    base.requires_grad_(False)
+    layer = lowrank.nn.LoraLinear(base, r=16, lora_alpha=32, use_dora=use_dora)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.05)
+    return layer
+
+
+@pytest.mark.parametrize("four_bit, use_dora", [(True, False), (True, True), (False, True)])
+def test_merged_backward_on_side_streams_is_bit_identical(cuda_device, four_bit, use_dora, monkeypatch):
+    """The merged weight's backward with h, the dY products and dA on a side stream and dX's GEMM on
+    a high-priority stream (the CUDA default) gives the same bits as on one stream
+    (LOWRANK_LORA_STREAMS=0): the same kernels on the same inputs, ordered by the joins."""
+    import lowrank.lora_function as lf
+    layer = _merged_cuda_layer(cuda_device, four_bit, use_dora)
+    g = torch.Generator(device=cuda_device).manual_seed(5)
+    x0 = torch.randn(3, 48, 256, device=cuda_device, generator=g).bfloat16()
+    dy = torch.randn(3, 48, 192, device=cuda_device, generator=g).bfloat16()
+    streams = []
+    make_stream = lf._stream
+    monkeypatch.setattr(lf, "_stream", lambda dev, hi: streams.append(hi) or make_stream(dev, hi))
+    results = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("LOWRANK_LORA_STREAMS", on)
+        streams.clear()
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        y.backward(dy)
+        torch.cuda.synchronize()
+        assert sorted(streams) == ([] if on == "0" else [False, True])
+        results[on] = [y, x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    assert len(results["1"]) == (5 if use_dora else 4)
+    for got, ref in zip(results["1"], results["0"]):
+        assert torch.equal(got, ref)
+
+
+def test_merged_backward_on_side_streams_in_a_cuda_graph(cuda_device):
+    """A QLoRA layer's forward + backward captured in a CUDA graph with the side streams (they fork
+    from and join the capturing stream) replays to the eager step's bits."""
+    layer = _merged_cuda_layer(cuda_device, True, False)
+    g = torch.Generator(device=cuda_device).manual_seed(6)
+    x = torch.randn(96, 256, device=cuda_device, generator=g).bfloat16().requires_grad_()
+    dy = torch.randn(96, 192, device=cuda_device, generator=g).bfloat16()
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step():
+        for t in params + [x]:
+            t.grad = None
+        layer(x).backward(dy)
+
+    step()
+    eager = [x.grad.clone()] + [p.grad.clone() for p in params]
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    for t in params + [x]:
+        t.grad = None
+    with torch.cuda.graph(graph):
+        layer(x).backward(dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, ref in zip([x.grad] + [p.grad for p in params], eager):
+        assert torch.equal(got, ref)
