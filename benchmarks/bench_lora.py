@@ -17,8 +17,8 @@ QDoRA <= 3.0 ms (peft+bnb 11.09) and <= 450 MB (peft 3112). Judged three ways: b
 ("meets_target"), by the paired ratio to the floor (``paired_ratios``: floor, QLoRA and QDoRA
 calls interleaved round by round) times the 2.49 ms floor the targets were set against
 ("meets_target_paired": the GPU's clock steps within a block of calls), and by the ratio of the
-step's kernel busy time (the union of its kernels' intervals) to the floor's (``kernel_times``, torch.profiler) times that floor
-("meets_target_kernels").
+step's kernel busy time (the union of its kernels' intervals) to the floor's (``kernel_times``,
+torch.profiler) times that floor ("meets_target_kernels").
 
 Model step (--model): 4 Llama-3-8B-shaped decoder layers (hidden 4096, MLP 14336, 32 heads, 8 KV
 heads, vocab 32000), batch 4 x 2048, adapters r = 16 on all 7 projections, forward + backward of
