@@ -459,24 +459,14 @@ class LoraFunction(torch.autograd.Function):
         b32 = None
         m32 = magnitude.detach().float() if want_m else None
         fused = need_g and (want_b or want_m) and _dy_products_applies(dy2, lora_A.shape[0])
-        grad_a = grad_x = None
+        grad_a = None
         side = None
         if fused and ctx.merged and ctx.needs_input_grad[0] and p == 0 and _side_stream_applies(dy2):
             # h, the dY products and dA on the side stream; the merge (below) on the current one,
             # dX's GEMM on a high-priority one (its tiles first, the side stream's kernels in what
             # it leaves); joined after the GEMM
             main, side = torch.cuda.current_stream(dy2.device), _stream(dy2.device, False)
-            fork = torch.cuda.Event()
-            fork.record(main)
-            # the merge and the GEMM queued first: where the host is the bound (4096 x 4096), the
-            # GEMM is not held back by the side chain's launches
-            w = (_merged(ctx.quant, lora_A, lora_B, s, v, cd) if ctx.quant is not None
-                 else _merged_dense(ctx.weight, lora_A, lora_B, s, v))
-            gemm = _stream(dy2.device, True)
-            gemm.wait_stream(main)
-            with torch.cuda.stream(gemm):
-                grad_x = torch.mm(dy2, w)
-            side.wait_event(fork)
+            side.wait_stream(main)
             with torch.cuda.stream(side):
                 if h is None:
                     h = _project(x2, lora_A.float().t())
@@ -499,22 +489,27 @@ class LoraFunction(torch.autograd.Function):
             b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
         if not fused and need_g:
             g = _project(dy2, b32)
+        grad_x = None
         # DoRA under dropout: y = u(x') + (x - x') W0^T, so dX = k (dY W'') + (1 - k) (dY W0) with
         # k = keep / (1 - p) and dY W'' = dY diag(v) W0 + s g A the dX of u without dropout
         lora_keep = None if ctx.dora_dropout else keep  # where the low-rank term alone is masked
-        if side is not None:  # join: dX's GEMM and the side chain
-            main.wait_stream(gemm)
-            main.wait_stream(side)
-            # made on other streams, used on this one (and every input of theirs, w included, is
-            # still referenced here, past the join: its memory is reused only after it)
-            for t in (grad_x, g, h, grad_b, grad_m, grad_a):
-                if t is not None:
-                    t.record_stream(main)
-            del w
-        elif ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
+        if ctx.needs_input_grad[0] and ctx.merged:  # dX = dY W', W' = v (W0 + s B A) rebuilt
             w = (_merged(ctx.quant, lora_A, lora_B, s, v, cd) if ctx.quant is not None
                  else _merged_dense(ctx.weight, lora_A, lora_B, s, v))
-            grad_x = torch.mm(dy2, w)
+            if side is not None:
+                gemm = _stream(dy2.device, True)
+                gemm.wait_stream(main)
+                with torch.cuda.stream(gemm):
+                    grad_x = torch.mm(dy2, w)
+                main.wait_stream(gemm)
+                main.wait_stream(side)
+                # made on other streams, used on this one (and every input of theirs is still
+                # referenced here, past the join: its memory is reused only after it)
+                for t in (grad_x, g, h, grad_b, grad_m, grad_a):
+                    if t is not None:
+                        t.record_stream(main)
+            else:
+                grad_x = torch.mm(dy2, w)
             del w
         elif ctx.needs_input_grad[0]:
             a_c = lora_A.to(cd)
