@@ -48,6 +48,7 @@ relative error (2^-9 in bf16) on v (W0 + s B A) that the dequantization puts on 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -467,24 +468,19 @@ class LoraFunction(torch.autograd.Function):
             # it leaves); joined after the GEMM
             main, side = torch.cuda.current_stream(dy2.device), _stream(dy2.device, False)
             side.wait_stream(main)
-            with torch.cuda.stream(side):
-                if h is None:
-                    h = _project(x2, lora_A.float().t())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if h is None and (want_b or want_m):  # the merged weight's forward left h to the backward
+                h = _project(x2, lora_A.float().t())
+            if fused:
+                # g = dY (v B), dB = s v (dY^T h) and dm = sum_M(dY * y) / m in one read of dY (and
+                # y), the partial sums and the scales in one more launch
                 g, grad_b, grad_m = ops.lora_dy_products(dy2, lora_B.float(), h, y_saved if want_m else None,
                                                          v, s, m32)
                 grad_m = grad_m if want_m else None
-                if ctx.needs_input_grad[1]:
-                    grad_a = _reduce_rows(x2, g, scale=s, transpose=True).to(lora_A.dtype)
-        elif h is None and (want_b or want_m):  # the merged weight's forward left h to the backward
-            h = _project(x2, lora_A.float().t())
-        if side is None and fused:
-            # g = dY (v B), dB = s v (dY^T h) and dm = sum_M(dY * y) / m in one read of dY (and y),
-            # the partial sums and the scales in one more launch
-            g, grad_b, grad_m = ops.lora_dy_products(dy2, lora_B.float(), h, y_saved if want_m else None,
-                                                     v, s, m32)
-            grad_m = grad_m if want_m else None
-        elif side is None:
-            grad_b = grad_m = None
+            else:
+                grad_b = grad_m = None
+            if side is not None and ctx.needs_input_grad[1]:
+                grad_a = _reduce_rows(x2, g, scale=s, transpose=True).to(lora_A.dtype)
         if not fused and (need_g or want_b):
             b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
         if not fused and need_g:
