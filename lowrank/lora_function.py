@@ -277,19 +277,25 @@ def _base_grad_input(dy2, weight, quant, cd):
 
 
 def _side_stream_applies(dy2: torch.Tensor) -> bool:
-    """Whether the merged weight's backward puts its adapter products (h = x A^T, the dY products,
-    dA) on a second stream and dX's GEMM on a high-priority one (LOWRANK_LORA_STREAMS=0 turns it
-    off; read per call): on CUDA, not while torch.compile traces.
+    """Whether the merged weight's GEMMs run on a high-priority stream with the adapter products on
+    a second stream queued behind them (LOWRANK_LORA_STREAMS=0 turns it off; read per call): on
+    CUDA, not while torch.compile traces. Forward: h = x A^T after the GEMM. Backward: the dY
+    products beside the merge (h formed first when the forward did not), dA after dX's GEMM and
+    the merge. A kernel queued behind a GEMM on a lower-priority stream gets only the SMs the
+    GEMM's CTAs leave, i.e. its last round of tiles: the forward's (2912 tiles of 320 x 128 on
+    132 SMs at M = 8192, 14336 x 4096: the 23rd round 6% full) takes all of h, dX's (1024 tiles,
+    the 8th round 76% full) takes dA.
 
     Why (H100, bench_lora's QLoRA layer, M = 8192, 14336 x 4096, r = 16; scripts/ab_qdora_env.py,
-    one process, each call's ratio to a floor call of its round): 1.1386x -> 1.1157x the floor
-    (means of 4 runs of 50-80 rounds), QDoRA 1.1930x -> 1.1817x. The side stream's kernels take the
-    SMs that the merge and the GEMM leave, most of all the GEMM's last round of tiles (dX: 1024
-    tiles on 132 SMs, the 8th round 76% full). Tried and not kept
-    (benchmarks/results/experiments/lora_streams_2026-11-24.txt): the side chain on the 4 SMs that
-    cuBLAS leaves at cublasSetSmCountTarget(128) through all of the GEMM (there the dY products ran
-    at ~12 GB/s per SM against ~18 with the whole GPU: the GEMM's L2 traffic starves them), the
-    merge and the dY products capped to share every SM, the GEMM waiting for the dY products."""
+    one process, each call's ratio to a floor call of its round;
+    benchmarks/results/experiments/lora_streams_2026-11-24.txt): one stream 1.1385x the floor,
+    h, dY products and dA on the side stream in the backward 1.1157x (means of 4 runs; QDoRA
+    1.1930x -> 1.1817x); h in the forward's last round and dA waiting for the merge 1.1129x
+    against 1.1221x in one run (QDoRA 1.1632x against 1.1744x). Tried and not kept: the side
+    chain on the 4 SMs that cuBLAS leaves at cublasSetSmCountTarget(128) through all of the GEMM
+    (there the dY products ran at ~12 GB/s per SM against ~18 with the whole GPU), the merge and
+    the dY products capped to share every SM, the GEMM waiting for the dY products, dA beside the
+    merge (it slowed the merge, which gates dX's GEMM), dA through the dY products kernel on x."""
     if not dy2.is_cuda or os.environ.get("LOWRANK_LORA_STREAMS", "1") == "0":
         return False
     return not torch.compiler.is_compiling()
@@ -374,8 +380,8 @@ class LoraFunction(torch.autograd.Function):
         else:
             merged = _dense_merge_applies(x2, weight, lora_A, merge_p, dora, any(ctx.needs_input_grad[:4]))
         if merged and keep is None:
-            # the merged weight's forward needs no h: the backward forms it from x (on the side
-            # stream, beside the merge), and an inference call skips it (x read once less)
+            # the merged weight's GEMM needs no h: an inference call skips it (x read once less);
+            # with a backward to come, h is formed beside the GEMM below (or in the backward)
             h_masked = h = None
         else:
             h_masked = _project(xm, lora_A.float().t())  # [M, r] float32: float32 adapters, x read once
@@ -397,7 +403,25 @@ class LoraFunction(torch.autograd.Function):
             # one GEMM against W' = v (W0 + s B A): the low-rank term and DoRA's v are in the weight
             w = (_merged(quant, lora_A, lora_B, scaling, v_in, cd) if quant is not None
                  else _merged_dense(weight, lora_A, lora_B, scaling, v_in))
-            y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
+            want_h = h is None and (ctx.needs_input_grad[2] or (dora and ctx.needs_input_grad[3]))
+            if want_h and _side_stream_applies(x2):
+                # the GEMM on the high-priority stream, h = x A^T (for dB) queued after it on the side
+                # stream: its CTAs wait for the SMs that the GEMM's last round leaves (see
+                # _side_stream_applies)
+                main, gemm, side = (torch.cuda.current_stream(x2.device), _stream(x2.device, True),
+                                    _stream(x2.device, False))
+                gemm.wait_stream(main)
+                side.wait_stream(main)
+                with torch.cuda.stream(gemm):
+                    y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
+                with torch.cuda.stream(side):
+                    h = _project(x2, lora_A.float().t())
+                main.wait_stream(gemm)
+                main.wait_stream(side)
+                y.record_stream(main)
+                h.record_stream(main)
+            else:
+                y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
             del w
         elif quant is not None and x2.is_cuda and m_rows <= SKINNY_MAX_M:
             # few rows: the fused 4-bit kernel, then the small [M, out] updates
@@ -479,8 +503,6 @@ class LoraFunction(torch.autograd.Function):
                 grad_m = grad_m if want_m else None
             else:
                 grad_b = grad_m = None
-            if side is not None and ctx.needs_input_grad[1]:
-                grad_a = _reduce_rows(x2, g, scale=s, transpose=True).to(lora_A.dtype)
         if not fused and (need_g or want_b):
             b32 = lora_B.float() if v is None else lora_B.float() * v[:, None]
         if not fused and need_g:
@@ -497,6 +519,13 @@ class LoraFunction(torch.autograd.Function):
                 gemm.wait_stream(main)
                 with torch.cuda.stream(gemm):
                     grad_x = torch.mm(dy2, w)
+                if ctx.needs_input_grad[1]:
+                    # dA = s g^T x on the side stream once the merge is done too: queued behind dX's
+                    # GEMM, it runs in the GEMM's last round (beside the merge it slowed the merge,
+                    # and so the GEMM's start)
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        grad_a = _reduce_rows(x2, g, scale=s, transpose=True).to(lora_A.dtype)
                 main.wait_stream(gemm)
                 main.wait_stream(side)
                 # made on other streams, used on this one (and every input of theirs is still

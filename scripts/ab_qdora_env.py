@@ -58,10 +58,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--layer", default="lowrank-qdora")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--shape", default="14336,4096", help="out,in of the layer (bench_lora's two: 14336,4096 4096,4096)")
     args = ap.parse_args()
+    n_out, n_in = (int(v) for v in args.shape.split(","))
     variants = [parse_variant(v) for v in args.variant]
     keys = {k for _, env in variants for k in env}
-    layers, x, dy = bench_lora.bench_layers_ours(("bf16-frozen", args.layer))
+    layers, x, dy = bench_lora.bench_layers_ours(("bf16-frozen", args.layer), n=n_out, k=n_in)
     floor, layer = layers["bf16-frozen"], layers[args.layer]
 
     def step(mod):
@@ -95,8 +97,9 @@ def main():
         rows.append(row)
     torch.cuda.synchronize()
     times = {name: [row[name][0].elapsed_time(row[name][1]) for row in rows] for name in names}
-    result = {"gpu": torch.cuda.get_device_name(), "rounds": args.rounds, "variants": dict(variants)}
-    print(result["gpu"], f"{args.rounds} rounds, layer {args.layer}")
+    result = {"gpu": torch.cuda.get_device_name(), "rounds": args.rounds, "variants": dict(variants),
+              "shape": [n_out, n_in]}
+    print(result["gpu"], f"{args.rounds} rounds, layer {args.layer} {n_out} x {n_in}")
     for name in names:
         q = bench_lora._quantiles(times[name])
         result[name] = {"ms": q}

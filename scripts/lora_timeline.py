@@ -30,8 +30,10 @@ def main():
     ap.add_argument("--variant", action="append", required=True)
     ap.add_argument("--layer", default="lowrank-qlora")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--shape", default="14336,4096", help="out,in of the layer")
     args = ap.parse_args()
-    layers, x, dy = bench_lora.bench_layers_ours([args.layer])
+    n_out, n_in = (int(v) for v in args.shape.split(","))
+    layers, x, dy = bench_lora.bench_layers_ours([args.layer], n=n_out, k=n_in)
     layer = layers[args.layer]
 
     def step():

@@ -1149,9 +1149,10 @@ def _merged_cuda_layer(device, four_bit, use_dora):
 
 @pytest.mark.parametrize("four_bit, use_dora", [(True, False), (True, True), (False, True)])
 def test_merged_backward_on_side_streams_is_bit_identical(cuda_device, four_bit, use_dora, monkeypatch):
-    """The merged weight's backward with h, the dY products and dA on a side stream and dX's GEMM on
-    a high-priority stream (the CUDA default) gives the same bits as on one stream
-    (LOWRANK_LORA_STREAMS=0): the same kernels on the same inputs, ordered by the joins."""
+    """The merged weight's GEMMs on a high-priority stream with the adapter products on a side
+    stream (the CUDA default: h after the forward's GEMM, the dY products and dA in the backward)
+    give the same bits as one stream (LOWRANK_LORA_STREAMS=0), where h is formed in the backward:
+    the same kernels on the same inputs, ordered by the joins. h is formed once either way."""
     import lowrank.lora_function as lf
     layer = _merged_cuda_layer(cuda_device, four_bit, use_dora)
     g = torch.Generator(device=cuda_device).manual_seed(5)
@@ -1160,16 +1161,23 @@ def test_merged_backward_on_side_streams_is_bit_identical(cuda_device, four_bit,
     streams = []
     make_stream = lf._stream
     monkeypatch.setattr(lf, "_stream", lambda dev, hi: streams.append(hi) or make_stream(dev, hi))
+    projections = []
+    project = lf._project
+    monkeypatch.setattr(lf, "_project", lambda a, b: projections.append(tuple(a.shape)) or project(a, b))
     results = {}
     for on in ("0", "1"):
         monkeypatch.setenv("LOWRANK_LORA_STREAMS", on)
         streams.clear()
+        projections.clear()
         layer.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
         y = layer(x)
+        assert projections == ([] if on == "0" else [(144, 256)])  # h beside the forward's GEMM
         y.backward(dy)
         torch.cuda.synchronize()
-        assert sorted(streams) == ([] if on == "0" else [False, True])
+        assert projections == [(144, 256)]
+        # forward: the GEMM's and h's streams; backward: the side stream's and the GEMM's
+        assert sorted(streams) == ([] if on == "0" else [False, False, True, True])
         results[on] = [y, x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
     assert len(results["1"]) == (5 if use_dora else 4)
     for got, ref in zip(results["1"], results["0"]):
