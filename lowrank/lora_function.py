@@ -48,7 +48,6 @@ relative error (2^-9 in bf16) on v (W0 + s B A) that the dequantization puts on 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -276,10 +275,19 @@ def _base_grad_input(dy2, weight, quant, cd):
     return dy2 @ _base_weight(weight, None, cd)
 
 
-def _side_stream_applies(dy2: torch.Tensor) -> bool:
+# The smallest M * out * in whose merged-weight GEMMs take the streams below: 2^38, a GEMM of
+# ~0.7 ms on the H100 (bench_lora's 14336 x 4096 layer at M = 8192: 4.8e11). The streams cost host
+# time (stream switches, cuBLAS's handle moved between streams, the joins: a QLoRA step 1.46-1.51
+# ms of host time against 0.99-1.09 on one stream), which a 4096 x 4096 layer at M = 8192 (two
+# GEMMs of ~0.34 ms, host-bound already) pays in full: 1.65 ms per back-to-back step against 0.94.
+SIDE_STREAM_MIN_MNK = 2**38
+
+
+def _side_stream_applies(t: torch.Tensor, n_out: int, k_in: int) -> bool:
     """Whether the merged weight's GEMMs run on a high-priority stream with the adapter products on
-    a second stream queued behind them (LOWRANK_LORA_STREAMS=0 turns it off; read per call): on
-    CUDA, not while torch.compile traces. Forward: h = x A^T after the GEMM. Backward: the dY
+    a second stream queued behind them: on CUDA, not while torch.compile traces, for M * n_out *
+    k_in >= SIDE_STREAM_MIN_MNK (M = t's rows). LOWRANK_LORA_STREAMS (read per call): 0 never,
+    all at every size. Forward: h = x A^T after the GEMM. Backward: the dY
     products beside the merge (h formed first when the forward did not), dA after dX's GEMM and
     the merge. A kernel queued behind a GEMM on a lower-priority stream gets only the SMs the
     GEMM's CTAs leave, i.e. its last round of tiles: the forward's (2912 tiles of 320 x 128 on
@@ -296,12 +304,36 @@ def _side_stream_applies(dy2: torch.Tensor) -> bool:
     (there the dY products ran at ~12 GB/s per SM against ~18 with the whole GPU), the merge and
     the dY products capped to share every SM, the GEMM waiting for the dY products, dA beside the
     merge (it slowed the merge, which gates dX's GEMM), dA through the dY products kernel on x."""
-    if not dy2.is_cuda or os.environ.get("LOWRANK_LORA_STREAMS", "1") == "0":
+    mode = os.environ.get("LOWRANK_LORA_STREAMS", "1")
+    if not t.is_cuda or mode == "0":
+        return False
+    if mode != "all" and t.shape[0] * n_out * k_in < SIDE_STREAM_MIN_MNK:
         return False
     return not torch.compiler.is_compiling()
 
 
 _STREAMS: dict = {}
+
+
+class _OnStream:
+    """``torch.cuda.stream(stream)`` for a stream of the current device, ``back`` the current
+    stream to return to: two set_stream calls (~1 us each on the H100 machine's host, against
+    ~13 us for torch.cuda.stream's context, which looks the current stream up again). ``stream``
+    None is a no-op."""
+
+    __slots__ = ("stream", "back")
+
+    def __init__(self, stream, back):
+        self.stream, self.back = stream, back
+
+    def __enter__(self):
+        if self.stream is not None:
+            torch.cuda.set_stream(self.stream)
+
+    def __exit__(self, *exc):
+        if self.stream is not None:
+            torch.cuda.set_stream(self.back)
+        return False
 
 
 def _stream(device: torch.device, high_priority: bool):
@@ -404,7 +436,7 @@ class LoraFunction(torch.autograd.Function):
             w = (_merged(quant, lora_A, lora_B, scaling, v_in, cd) if quant is not None
                  else _merged_dense(weight, lora_A, lora_B, scaling, v_in))
             want_h = h is None and (ctx.needs_input_grad[2] or (dora and ctx.needs_input_grad[3]))
-            if want_h and _side_stream_applies(x2):
+            if want_h and _side_stream_applies(x2, n_out, k_in):
                 # the GEMM on the high-priority stream, h = x A^T (for dB) queued after it on the side
                 # stream: its CTAs wait for the SMs that the GEMM's last round leaves (see
                 # _side_stream_applies)
@@ -412,9 +444,9 @@ class LoraFunction(torch.autograd.Function):
                                     _stream(x2.device, False))
                 gemm.wait_stream(main)
                 side.wait_stream(main)
-                with torch.cuda.stream(gemm):
+                with _OnStream(gemm, main):
                     y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
-                with torch.cuda.stream(side):
+                with _OnStream(side, main):
                     h = _project(x2, lora_A.float().t())
                 main.wait_stream(gemm)
                 main.wait_stream(side)
@@ -486,13 +518,13 @@ class LoraFunction(torch.autograd.Function):
         fused = need_g and (want_b or want_m) and _dy_products_applies(dy2, lora_A.shape[0])
         grad_a = None
         side = None
-        if fused and ctx.merged and ctx.needs_input_grad[0] and p == 0 and _side_stream_applies(dy2):
+        if fused and ctx.merged and ctx.needs_input_grad[0] and p == 0 and _side_stream_applies(dy2, n_out, x2.shape[1]):
             # h, the dY products and dA on the side stream; the merge (below) on the current one,
             # dX's GEMM on a high-priority one (its tiles first, the side stream's kernels in what
             # it leaves); joined after the GEMM
             main, side = torch.cuda.current_stream(dy2.device), _stream(dy2.device, False)
             side.wait_stream(main)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        with _OnStream(side, main if side is not None else None):
             if h is None and (want_b or want_m):  # the merged weight's forward left h to the backward
                 h = _project(x2, lora_A.float().t())
             if fused:
@@ -517,14 +549,14 @@ class LoraFunction(torch.autograd.Function):
             if side is not None:
                 gemm = _stream(dy2.device, True)
                 gemm.wait_stream(main)
-                with torch.cuda.stream(gemm):
+                with _OnStream(gemm, main):
                     grad_x = torch.mm(dy2, w)
                 if ctx.needs_input_grad[1]:
                     # dA = s g^T x on the side stream once the merge is done too: queued behind dX's
                     # GEMM, it runs in the GEMM's last round (beside the merge it slowed the merge,
                     # and so the GEMM's start)
                     side.wait_stream(main)
-                    with torch.cuda.stream(side):
+                    with _OnStream(side, main):
                         grad_a = _reduce_rows(x2, g, scale=s, transpose=True).to(lora_A.dtype)
                 main.wait_stream(gemm)
                 main.wait_stream(side)

@@ -1126,14 +1126,21 @@ def test_merged_forward_leaves_h_to_the_backward(monkeypatch):
         assert float((got.double() - ref.grad).abs().max()) <= 1e-4 * float(ref.grad.abs().max())
 
 
-def test_side_stream_applies_only_on_cuda(monkeypatch):
-    from lowrank.lora_function import _side_stream_applies
-    assert not _side_stream_applies(torch.zeros(4, 64, dtype=torch.bfloat16))
-    if torch.cuda.is_available():
-        dy = torch.zeros(4, 64, dtype=torch.bfloat16, device="cuda")
-        assert _side_stream_applies(dy)
-        monkeypatch.setenv("LOWRANK_LORA_STREAMS", "0")
-        assert not _side_stream_applies(dy)
+def test_side_stream_applies_on_cuda_to_large_layers(monkeypatch):
+    """The streams' rule: CUDA only, M * out * in >= SIDE_STREAM_MIN_MNK (bench_lora's 14336 x 4096
+    layer at M = 8192 yes, its 4096 x 4096 one no), LOWRANK_LORA_STREAMS=all at any size, =0 never."""
+    import lowrank.lora_function as lf
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    t = torch.zeros(8192, 0)  # rows are all the rule reads of it
+    assert not lf._side_stream_applies(t, 14336, 4096)  # CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert 8192 * 14336 * 4096 >= lf.SIDE_STREAM_MIN_MNK > 8192 * 4096 * 4096
+    assert lf._side_stream_applies(t, 14336, 4096)
+    assert not lf._side_stream_applies(t, 4096, 4096)
+    monkeypatch.setenv("LOWRANK_LORA_STREAMS", "all")
+    assert lf._side_stream_applies(t, 4096, 4096) and lf._side_stream_applies(t[:4], 64, 64)
+    monkeypatch.setenv("LOWRANK_LORA_STREAMS", "0")
+    assert not lf._side_stream_applies(t, 14336, 4096)
 
 
 def _merged_cuda_layer(device, four_bit, use_dora):
@@ -1165,7 +1172,7 @@ def test_merged_backward_on_side_streams_is_bit_identical(cuda_device, four_bit,
     project = lf._project
     monkeypatch.setattr(lf, "_project", lambda a, b: projections.append(tuple(a.shape)) or project(a, b))
     results = {}
-    for on in ("0", "1"):
+    for on in ("0", "all"):  # a small layer: the streams forced
         monkeypatch.setenv("LOWRANK_LORA_STREAMS", on)
         streams.clear()
         projections.clear()
@@ -1179,14 +1186,15 @@ def test_merged_backward_on_side_streams_is_bit_identical(cuda_device, four_bit,
         # forward: the GEMM's and h's streams; backward: the side stream's and the GEMM's
         assert sorted(streams) == ([] if on == "0" else [False, False, True, True])
         results[on] = [y, x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
-    assert len(results["1"]) == (5 if use_dora else 4)
-    for got, ref in zip(results["1"], results["0"]):
+    assert len(results["all"]) == (5 if use_dora else 4)
+    for got, ref in zip(results["all"], results["0"]):
         assert torch.equal(got, ref)
 
 
-def test_merged_backward_on_side_streams_in_a_cuda_graph(cuda_device):
+def test_merged_backward_on_side_streams_in_a_cuda_graph(cuda_device, monkeypatch):
     """A QLoRA layer's forward + backward captured in a CUDA graph with the side streams (they fork
     from and join the capturing stream) replays to the eager step's bits."""
+    monkeypatch.setenv("LOWRANK_LORA_STREAMS", "all")  # a small layer: the streams forced
     layer = _merged_cuda_layer(cuda_device, True, False)
     g = torch.Generator(device=cuda_device).manual_seed(6)
     x = torch.randn(96, 256, device=cuda_device, generator=g).bfloat16().requires_grad_()
