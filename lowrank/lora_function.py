@@ -435,25 +435,25 @@ class LoraFunction(torch.autograd.Function):
             # one GEMM against W' = v (W0 + s B A): the low-rank term and DoRA's v are in the weight
             w = (_merged(quant, lora_A, lora_B, scaling, v_in, cd) if quant is not None
                  else _merged_dense(weight, lora_A, lora_B, scaling, v_in))
+            # with a backward to come (and the streams), the GEMM on the high-priority stream and
+            # h = x A^T (for dB) queued behind it on the side stream: h's CTAs wait for the SMs that
+            # the GEMM's last round leaves (see _side_stream_applies)
             want_h = h is None and (ctx.needs_input_grad[2] or (dora and ctx.needs_input_grad[3]))
+            main = gemm = side = None
             if want_h and _side_stream_applies(x2, n_out, k_in):
-                # the GEMM on the high-priority stream, h = x A^T (for dB) queued after it on the side
-                # stream: its CTAs wait for the SMs that the GEMM's last round leaves (see
-                # _side_stream_applies)
                 main, gemm, side = (torch.cuda.current_stream(x2.device), _stream(x2.device, True),
                                     _stream(x2.device, False))
                 gemm.wait_stream(main)
                 side.wait_stream(main)
-                with _OnStream(gemm, main):
-                    y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
+            with _OnStream(gemm, main):
+                y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
+            if side is not None:
                 with _OnStream(side, main):
                     h = _project(x2, lora_A.float().t())
                 main.wait_stream(gemm)
                 main.wait_stream(side)
                 y.record_stream(main)
                 h.record_stream(main)
-            else:
-                y = torch.addmm(bias_c, x_in, w.t()) if bias_c is not None and not dora else torch.mm(x_in, w.t())
             del w
         elif quant is not None and x2.is_cuda and m_rows <= SKINNY_MAX_M:
             # few rows: the fused 4-bit kernel, then the small [M, out] updates
@@ -518,13 +518,15 @@ class LoraFunction(torch.autograd.Function):
         fused = need_g and (want_b or want_m) and _dy_products_applies(dy2, lora_A.shape[0])
         grad_a = None
         side = None
-        if fused and ctx.merged and ctx.needs_input_grad[0] and p == 0 and _side_stream_applies(dy2, n_out, x2.shape[1]):
-            # h, the dY products and dA on the side stream; the merge (below) on the current one,
-            # dX's GEMM on a high-priority one (its tiles first, the side stream's kernels in what
-            # it leaves); joined after the GEMM
+        main = None
+        if (fused and ctx.merged and ctx.needs_input_grad[0] and p == 0
+                and _side_stream_applies(dy2, n_out, x2.shape[1])):
+            # h (unless the forward formed it) and the dY products on the side stream beside the
+            # merge (below, on the current one), dX's GEMM on a high-priority one, dA behind both
+            # on the side stream (in what the GEMM's last round leaves); joined after the GEMM
             main, side = torch.cuda.current_stream(dy2.device), _stream(dy2.device, False)
             side.wait_stream(main)
-        with _OnStream(side, main if side is not None else None):
+        with _OnStream(side, main):
             if h is None and (want_b or want_m):  # the merged weight's forward left h to the backward
                 h = _project(x2, lora_A.float().t())
             if fused:
