@@ -10,6 +10,8 @@ on two streams as the backward runs them (and one after the other).
     python scripts/probe_lora_bandwidth.py --once   # each pass once (for ncu)
 """
 import argparse
+import os
+import sys
 
 import torch
 
@@ -17,32 +19,15 @@ import lowrank
 from lowrank import ops
 from lowrank.lora_function import _merged
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import harness  # noqa: E402
+
 N, K, M, R = 14336, 4096, 8192, 16
 
 
-def graph_us(fn, calls=20, replays=15):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+def graph_us(fn) -> float:
+    """Device time per call in us: 20 calls per CUDA graph, median of 15 replays (harness.py)."""
+    return harness.time_cuda_graph(fn, [()], warmup=1, reps=15, min_calls=20)["median_ms"] * 1e3
 
 
 def main():
