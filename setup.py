@@ -40,7 +40,8 @@ def extension():
                             extra_compile_args={"cxx": cxx}, py_limited_api=False)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    return CUDAExtension("lowrank._C", sources(True), include_dirs=include_dirs,
+    # cuBLASLt: lowrank::mm_tuned calls it directly (csrc/gemm/mm_tuned_cuda.cpp)
+    return CUDAExtension("lowrank._C", sources(True), include_dirs=include_dirs, libraries=["cublasLt"],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 

@@ -5,6 +5,9 @@ only: the weight is frozen; for M <= 128 also the backward's dX = dY @ W alone, 
 bf16 dY @ W, lowrank.ops.matmul_4bit_grad_x by its rule, i.e. the skinny grad kernel at M <= 16 and
 the wgmma grad kernel above, and forced through dequantize + cuBLAS) of
   bf16            F.linear on a bf16 weight (the floor the 4-bit path is measured against)
+  bf16-tuned      M >= 2048: the same bf16 GEMMs through lowrank.ops.mm_tuned, the cuBLASLt
+                  algorithm timed fastest for the shape, which lowrank's dequantize path uses too:
+                  lowrank / bf16-tuned is the ratio without the algorithm choice
   lowrank         lowrank.matmul_4bit, dispatch rule "auto"
   lowrank-dequantize   the same, forced through dequantize + cuBLAS (M <= 16: what the fused
                   kernel saves)
@@ -191,6 +194,8 @@ def main():
                     "bf16": (lambda xx, ww: F.linear(xx, ww), [(wi,) for wi in ws], 2 * n * k),
                     "lowrank": (lambda xx, q: lowrank.matmul_4bit(xx, q), [(q,) for q in qs], q4_bytes),
                 }
+                if m >= 2048:  # the bf16 GEMM with the algorithm choice lowrank's dequantize path gets
+                    impls["bf16-tuned"] = (harness.tuned_linear, [(wi,) for wi in ws], 2 * n * k)
                 if m > 16:  # the fused GEMM forced (the backward's dY @ W dequantizes either way)
                     impls["lowrank-wgmma"] = (lambda xx, q: lowrank.matmul_4bit(xx, q, path="wgmma"),
                                               [(q,) for q in qs], q4_bytes)
@@ -245,6 +250,10 @@ def main():
                             a["median_ms"] / b["median_ms"] for a, b in zip(round_ms[row["impl"]], round_ms["bf16"]))
                     else:
                         row["vs_bf16"] = row["median_ms"] / base["median_ms"]
+                    if round_ms.get("bf16-tuned") and row["impl"] != "bf16-tuned":
+                        row["vs_bf16_tuned"] = statistics.median(
+                            a["median_ms"] / b["median_ms"]
+                            for a, b in zip(round_ms[row["impl"]], round_ms["bf16-tuned"]))
                     if row["impl"] == "lowrank-wgmma":
                         row["rel_error"], row["bf16_linear_rel_error"] = wgmma_err, plain_err
                     if row["impl"] == "lowrank":
@@ -257,6 +266,7 @@ def main():
                     print(f"{n:6d}x{k:<6d} M={m:<5d} {pass_name:16s} {row['impl']:18s} {row['us']:10.1f} us "
                           f"({row['timing']}; eager {row['eager_us']:.1f}) "
                           f"{row['vs_bf16']:6.2f}x bf16 {row['gbs']:7.0f} GB/s {row['tflops']:6.1f} TFLOP/s"
+                          + (f" ({row['vs_bf16_tuned']:.3f}x bf16-tuned)" if "vs_bf16_tuned" in row else "")
                           + (f"  target {'met' if row['meets_target'] else 'MISSED'}" if "meets_target" in row else ""))
             if m <= GRAD_X_ALONE_UP_TO_M:  # the backward's dX = dY @ W alone (graph-timed): its fused kernels
                 rows.extend(_grad_x_rows(n, k, m, ws, qs, q4_bytes))

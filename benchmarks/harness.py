@@ -78,6 +78,29 @@ def time_cuda_graph(fn, inputs: list, warmup: int = 3, reps: int = 30, min_calls
     return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps, "calls_per_graph": len(calls)}
 
 
+class _TunedLinear(torch.autograd.Function):
+    """x W^T with a frozen W, both GEMMs (forward, and dX = dY W) through lowrank.ops.mm_tuned."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        from lowrank import ops
+        ctx.save_for_backward(w)
+        return ops.mm_tuned(x, w, True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lowrank import ops
+        (w,) = ctx.saved_tensors
+        return ops.mm_tuned(dy.contiguous(), w, False), None
+
+
+def tuned_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for a frozen 16-bit w with both GEMMs on the cuBLASLt algorithm that lowrank's
+    layers get for the shape (lowrank.ops.mm_tuned): the bf16 baseline with the same algorithm
+    choice, beside F.linear's, so that a ratio can be read with and without it."""
+    return _TunedLinear.apply(x, w)
+
+
 def copy_ceiling_gbs(nbytes: int = 2**30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

@@ -67,6 +67,10 @@ TORCH_LIBRARY(lowrank, m) {
   // The backward of matmul_4bit: dy [..., out_features] @ W -> [..., in_features] in dy's dtype.
   // path: "auto" (the fused skinny kernel for bf16 dy of at most 16 rows on CUDA, else dequantize +
   // matmul), "skinny" or "dequantize".
+  // a [..., K] @ b^T (transpose_b, b [N, K]) or @ b (b [K, N]) (+ bias [N]) -> [..., N] in a's dtype,
+  // fp32 accumulation. CUDA, float16/bfloat16, large problems: the cuBLASLt algorithm that measured
+  // fastest for this shape on its first call (csrc/gemm/mm_tuned_cuda.cpp); otherwise the backend's matmul.
+  m.def("mm_tuned(Tensor a, Tensor b, bool transpose_b, Tensor? bias=None) -> Tensor");
   m.def("matmul_4bit_grad_x(Tensor dy, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_qmap, Tensor? offset, Tensor values, int blocksize, int nested_blocksize, int out_features, int in_features, str path) -> Tensor");
 }
 

@@ -266,6 +266,37 @@ def _(dy, packed, absmax, nested_absmax, nested_qmap, offset, values, blocksize,
     return x
 
 
+# --- mm_tuned ----------------------------------------------------------------------------------
+
+def mm_tuned(a: torch.Tensor, b: torch.Tensor, transpose_b: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a [..., K] @ b^T`` (transpose_b, b [N, K]: a linear layer's weight) or ``a @ b`` (b [K, N]),
+    plus ``bias [N]``, -> [..., N] in a's dtype, fp32 accumulation. No autograd formula: the layers
+    call it inside their own backward.
+
+    On CUDA, for float16/bfloat16 problems of M N K >= 2^34 with contiguous, 256-byte aligned
+    operands, the cuBLASLt algorithm that measured fastest for the shape on its first call (timed
+    once per shape against the plain matmul; csrc/gemm/mm_tuned_cuda.cpp has the rule and its
+    switches LOWRANK_GEMM_TUNE=0, LOWRANK_GEMM_ALGO=i, LOWRANK_GEMM_TUNE_TRACE=1); otherwise, and on
+    CPU, the backend's matmul (torch.nn.functional.linear / torch.matmul)."""
+    return torch.ops.lowrank.mm_tuned(a, b, transpose_b, bias)
+
+
+@torch.library.register_fake("lowrank::mm_tuned")
+def _(a, b, transpose_b, bias=None):
+    torch._check(a.dtype in _FLOATS, lambda: f"a must be float32, float16 or bfloat16, got {a.dtype}")
+    torch._check(b.dtype == a.dtype, lambda: f"b must have a's dtype {a.dtype}, got {b.dtype}")
+    torch._check(b.dim() == 2, lambda: f"b must be 2-D ({'[N, K]' if transpose_b else '[K, N]'}), got {tuple(b.shape)}")
+    k, n = (b.shape[1], b.shape[0]) if transpose_b else (b.shape[0], b.shape[1])
+    torch._check(a.dim() >= 1 and a.shape[-1] == k,
+                 lambda: f"a's last dimension must be K = {k}, got a of shape {tuple(a.shape)}")
+    torch._check(a.device == b.device, lambda: f"a must be on {b.device} like b, got {a.device}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == n and bias.dtype == a.dtype,
+                     lambda: f"bias must be [{n}] in a's dtype {a.dtype}, got {bias.dtype} {tuple(bias.shape)}")
+        torch._check(bias.device == b.device, lambda: f"bias must be on {b.device} like b, got {bias.device}")
+    return a.new_empty((*a.shape[:-1], n))
+
+
 # --- lora_column_reduce ------------------------------------------------------------------------
 
 def lora_column_reduce(dy: torch.Tensor, h: torch.Tensor,

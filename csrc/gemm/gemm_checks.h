@@ -95,6 +95,37 @@ inline void check_matmul_4bit_grad_x(const at::Tensor& dy, const Weight4bit& w) 
   quant::check_same_device(dy, w.packed, op, "dy");
 }
 
+// lowrank::mm_tuned: a [..., K] times b [N, K]^T (transpose_b) or b [K, N], plus bias [N] -> [..., N]
+// in a's dtype. a, b and bias share one float dtype and one device.
+inline void check_mm_tuned(const at::Tensor& a, const at::Tensor& b, bool transpose_b,
+                           const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "lowrank::mm_tuned";
+  TORCH_CHECK(quant::is_supported_float(a.scalar_type()), op, ": a must be float32, float16 or bfloat16, got ",
+              a.scalar_type());
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b must have a's dtype ", a.scalar_type(), ", got ",
+              b.scalar_type());
+  TORCH_CHECK(b.dim() == 2, op, ": b must be 2-D (", transpose_b ? "[N, K]" : "[K, N]", "), got ", shape(b));
+  const int64_t k = transpose_b ? b.size(1) : b.size(0);
+  const int64_t n = transpose_b ? b.size(0) : b.size(1);
+  TORCH_CHECK(a.dim() >= 1 && a.size(-1) == k, op, ": a's last dimension must be K = ", num(k), " (b ",
+              shape(b), transpose_b ? " is [N, K]" : " is [K, N]", "), got a of shape ", shape(a));
+  quant::check_same_device(a, b, op, "a");
+  if (bias.has_value()) {
+    const at::Tensor& c = *bias;
+    TORCH_CHECK(c.dim() == 1 && c.size(0) == n && c.scalar_type() == a.scalar_type(), op, ": bias must be [",
+                num(n), "] in a's dtype ", a.scalar_type(), ", got ", c.scalar_type(), " ", shape(c));
+    quant::check_same_device(c, b, op, "bias");
+  }
+}
+
+// mm_tuned's plain form (CPU, and CUDA calls the tuned path does not take): the backend's matmul.
+inline at::Tensor mm_plain(const at::Tensor& a, const at::Tensor& b, bool transpose_b,
+                           const std::optional<at::Tensor>& bias) {
+  if (transpose_b) return at::linear(a, b, bias);
+  at::Tensor out = at::matmul(a, b);
+  return bias.has_value() ? out.add_(*bias) : out;
+}
+
 // dx = dy @ dequantize(W): the weight dequantized in dy's dtype, then the backend's matmul.
 at::Tensor matmul_4bit_grad_x_dequantize(const at::Tensor& dy, const Weight4bit& w);
 

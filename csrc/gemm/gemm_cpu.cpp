@@ -29,6 +29,21 @@ at::Tensor dequantize_weight(const Weight4bit& w, at::ScalarType dtype) {
   return op.call(w.packed, w.absmax, w.values, w.blocksize, numel, dtype);
 }
 
+// lowrank::mm_tuned through the dispatcher: on CUDA its tuned cuBLASLt path, on CPU the plain matmul.
+at::Tensor mm_tuned_call(const at::Tensor& a, const at::Tensor& b, bool transpose_b,
+                         const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lowrank::mm_tuned", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool, const std::optional<at::Tensor>&)>();
+  return op.call(a, b, transpose_b, bias);
+}
+
+at::Tensor mm_tuned_cpu(const at::Tensor& a, const at::Tensor& b, bool transpose_b,
+                        const std::optional<at::Tensor>& bias) {
+  check_mm_tuned(a, b, transpose_b, bias);
+  return mm_plain(a, b, transpose_b, bias);
+}
+
 at::Tensor matmul_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_qmap,
                            const std::optional<at::Tensor>& offset, const at::Tensor& values, int64_t blocksize,
@@ -61,12 +76,12 @@ at::Tensor matmul_4bit_grad_x_cpu(const at::Tensor& dy, const at::Tensor& packed
 
 at::Tensor matmul_4bit_grad_x_dequantize(const at::Tensor& dy, const Weight4bit& w) {
   const at::Tensor weight = dequantize_weight(w, dy.scalar_type()).view({w.out_features, w.in_features});
-  return at::matmul(dy, weight);
+  return mm_tuned_call(dy, weight, /*transpose_b=*/false, std::nullopt);
 }
 
 at::Tensor matmul_4bit_dequantize(const at::Tensor& x, const Weight4bit& w, const std::optional<at::Tensor>& bias) {
   const at::Tensor weight = dequantize_weight(w, x.scalar_type()).view({w.out_features, w.in_features});
-  return at::linear(x, weight, bias);
+  return mm_tuned_call(x, weight, /*transpose_b=*/true, bias);
 }
 
 }  // namespace lowrank::gemm
@@ -74,4 +89,5 @@ at::Tensor matmul_4bit_dequantize(const at::Tensor& x, const Weight4bit& w, cons
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("matmul_4bit", &lowrank::gemm::matmul_4bit_cpu);
   m.impl("matmul_4bit_grad_x", &lowrank::gemm::matmul_4bit_grad_x_cpu);
+  m.impl("mm_tuned", &lowrank::gemm::mm_tuned_cpu);
 }
