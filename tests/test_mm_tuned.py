@@ -23,8 +23,9 @@ def _operands(m, n, k, dtype, device, transpose_b, bias, lead=None, seed=0):
 def _plain(a, b, transpose_b, bias):
     if transpose_b:
         return F.linear(a, b, bias)
-    out = a @ b
-    return out + bias if bias is not None else out
+    if bias is None:
+        return a @ b
+    return torch.addmm(bias, a.reshape(-1, a.shape[-1]), b).view(*a.shape[:-1], b.shape[1])
 
 
 @pytest.mark.parametrize("transpose_b", [True, False])
@@ -107,6 +108,28 @@ def test_cuda_mm_tuned_times_a_large_shape_once_and_keeps_its_choice(cuda_device
     assert "lowrank::mm_tuned" not in capfd.readouterr().err  # the choice is kept: no second timing
     assert torch.equal(first, second)
     _check_2x(first, a, b, True, None)
+
+
+def test_cuda_mm_tuned_timing_adds_no_memory(cuda_device, monkeypatch):
+    # the timing writes every candidate into the call's own output: a shape's first call (timed)
+    # peaks no higher than a later one, up to a cuBLASLt workspace (at most 1 MiB)
+    monkeypatch.delenv("LOWRANK_GEMM_ALGO", raising=False)
+    m, n, k = TUNED_SHAPE
+    a, b, c = _operands(m + 128, n, k, torch.bfloat16, cuda_device, True, True, seed=5)
+
+    def peak_mb():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = ops.mm_tuned(a, b, True, c)
+        torch.cuda.synchronize()
+        del out
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+    F.linear(a, b, c)  # cuBLAS's own workspace for this stream exists before the first measurement
+    first, later = peak_mb(), peak_mb()
+    assert later >= (m + 128) * n * 2 / 2**20  # the output itself
+    assert first <= later + 1.0, (first, later)
 
 
 def test_cuda_mm_tuned_off_is_the_plain_matmul(cuda_device, monkeypatch):

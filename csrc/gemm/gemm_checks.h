@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "quant/quant_checks.h"
 
@@ -122,8 +123,10 @@ inline void check_mm_tuned(const at::Tensor& a, const at::Tensor& b, bool transp
 inline at::Tensor mm_plain(const at::Tensor& a, const at::Tensor& b, bool transpose_b,
                            const std::optional<at::Tensor>& bias) {
   if (transpose_b) return at::linear(a, b, bias);
-  at::Tensor out = at::matmul(a, b);
-  return bias.has_value() ? out.add_(*bias) : out;
+  if (!bias.has_value()) return at::matmul(a, b);
+  std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end());
+  out_shape.back() = b.size(1);
+  return at::addmm(*bias, a.reshape({-1, a.size(-1)}), b).view(out_shape);
 }
 
 // dx = dy @ dequantize(W): the weight dequantized in dy's dtype, then the backend's matmul.
