@@ -261,46 +261,57 @@ at::Tensor mm_tuned_cuda(const at::Tensor& a, const at::Tensor& b, bool transpos
 
   std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end());
   out_shape.back() = n;
-  at::Tensor out = at::empty({m, n}, a.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const LtProblem problem(m, n, k, transpose_b, a.scalar_type(), bias.has_value() ? bias->const_data_ptr() : nullptr);
+  const void* bias_ptr = bias.has_value() ? bias->const_data_ptr() : nullptr;
 
   if (forced != nullptr) {  // the heuristic's algorithm i, no timing (tests, A/B)
+    cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+    const LtProblem problem(m, n, k, transpose_b, a.scalar_type(), bias_ptr);
     const int index = std::atoi(forced);
     const auto algos = problem.algorithms(handle);
     // (numbers go into messages as strings: quant_checks.h says why)
     TORCH_CHECK(index >= 0 && index < int(algos.size()), "lowrank::mm_tuned: LOWRANK_GEMM_ALGO=", forced,
                 " but cuBLASLt offers ", num(int64_t(algos.size())), " algorithms without split-K for this shape (0 .. ",
                 num(int64_t(algos.size()) - 1), ")");
+    at::Tensor out = at::empty({m, n}, a.options());
     problem.run(handle, algos[size_t(index)], a2, b, out, stream);
     return out.view(out_shape);
   }
 
+  // The output is allocated only where this function writes it (a kept plain matmul allocates its
+  // own: an [M, N] allocated before the choice was known stayed alive beside it, +64 MB at the
+  // LoRA layer's dX).
   const ShapeKey key{a.device().index(), int(a.scalar_type()), m, n, k, transpose_b, bias.has_value()};
-  Choice choice;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_choices.find(key);
-    if (it != g_choices.end()) {
-      choice = it->second;
-    } else {
-      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-      C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-      // no timing inside a graph capture (events cannot be waited for there), nor past the cap
-      if (capture != cudaStreamCaptureStatusNone || int(g_choices.size()) >= kMaxTunedShapes)
-        return mm_plain(a, b, transpose_b, bias);
-      const auto algos = problem.algorithms(handle);
-      if (!algos.empty()) choice = tune(handle, problem, algos, a2, b, transpose_b, bias, out, stream, key);
-      g_choices.emplace(key, choice);
-      if (choice.plain) {  // into the output the timing used: no second [M, N] alive
-        plain_into(out, a2, b, transpose_b, bias);
-        return out.view(out_shape);
-      }
-    }
+  std::unique_lock<std::mutex> lock(g_mutex);
+  auto it = g_choices.find(key);
+  if (it != g_choices.end()) {
+    const Choice choice = it->second;
+    lock.unlock();
+    if (choice.plain) return mm_plain(a, b, transpose_b, bias);
+    const LtProblem problem(m, n, k, transpose_b, a.scalar_type(), bias_ptr);
+    at::Tensor out = at::empty({m, n}, a.options());
+    problem.run(at::cuda::getCurrentCUDABlasLtHandle(), choice.algo, a2, b, out, stream);
+    return out.view(out_shape);
   }
-  if (choice.plain) return mm_plain(a, b, transpose_b, bias);
-  problem.run(handle, choice.algo, a2, b, out, stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  // no timing inside a graph capture (events cannot be waited for there), nor past the cap
+  if (capture != cudaStreamCaptureStatusNone || int(g_choices.size()) >= kMaxTunedShapes) {
+    lock.unlock();
+    return mm_plain(a, b, transpose_b, bias);
+  }
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const LtProblem problem(m, n, k, transpose_b, a.scalar_type(), bias_ptr);
+  const auto algos = problem.algorithms(handle);
+  at::Tensor out = at::empty({m, n}, a.options());  // the timing's scratch, then this call's output
+  Choice choice;
+  if (!algos.empty()) choice = tune(handle, problem, algos, a2, b, transpose_b, bias, out, stream, key);
+  g_choices.emplace(key, choice);
+  lock.unlock();
+  if (choice.plain)
+    plain_into(out, a2, b, transpose_b, bias);
+  else
+    problem.run(handle, choice.algo, a2, b, out, stream);
   return out.view(out_shape);
 }
 
