@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from probe_cublaslt_alpha_vector import HeuristicResult, check, load_cublaslt
+from probe_cublaslt_alpha_vector import HeuristicResult, check, open_cublaslt
 
 CUDA_R_32F, CUDA_R_16BF = 0, 14
 CUBLAS_COMPUTE_32F = 68
@@ -177,16 +177,7 @@ def main():
     ap.add_argument("--show", type=int, default=8)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.cuda.init()
-    torch.mm(torch.ones(8, 8, device="cuda"), torch.ones(8, 8, device="cuda"))  # loads cuBLAS(Lt)
-    lib, where = load_cublaslt()
-    for fn in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
-               "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate", "cublasLtMatmulPreferenceSetAttribute",
-               "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmul", "cublasLtMatmulAlgoConfigGetAttribute"):
-        getattr(lib, fn).restype = ctypes.c_int
-    lib.cublasLtGetVersion.restype = ctypes.c_size_t
-    handle = ctypes.c_void_p()
-    check(lib.cublasLtCreate(ctypes.byref(handle)), "create")
+    lib, where, handle = open_cublaslt()
     workspace = torch.empty(args.workspace_mib << 20, dtype=torch.uint8, device="cuda")
     report = {"library": where, "version": int(lib.cublasLtGetVersion()), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "rounds": args.rounds, "reps": args.reps, "cases": {}}

@@ -48,6 +48,21 @@ def load_cublaslt():
     raise RuntimeError("libcublasLt not found")
 
 
+def open_cublaslt():
+    """(library, its path, a cuBLASLt handle), with the return types of the functions used here set."""
+    torch.cuda.init()
+    torch.mm(torch.ones(8, 8, device="cuda"), torch.ones(8, 8, device="cuda"))  # loads cuBLAS(Lt)
+    lib, where = load_cublaslt()
+    for fn in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
+               "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate", "cublasLtMatmulPreferenceSetAttribute",
+               "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmul", "cublasLtMatmulAlgoConfigGetAttribute"):
+        getattr(lib, fn).restype = ctypes.c_int
+    lib.cublasLtGetVersion.restype = ctypes.c_size_t
+    handle = ctypes.c_void_p()
+    check(lib.cublasLtCreate(ctypes.byref(handle)), "create")
+    return lib, where, handle
+
+
 def check(status, what):
     if status != 0:
         raise RuntimeError(f"{what}: cublas status {status}")
@@ -110,16 +125,7 @@ def main():
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.cuda.init()
-    torch.mm(torch.ones(8, 8, device="cuda"), torch.ones(8, 8, device="cuda"))  # loads cuBLAS(Lt)
-    lib, where = load_cublaslt()
-    for fn in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
-               "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate", "cublasLtMatmulPreferenceSetAttribute",
-               "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmul"):
-        getattr(lib, fn).restype = ctypes.c_int
-    lib.cublasLtGetVersion.restype = ctypes.c_size_t
-    handle = ctypes.c_void_p()
-    check(lib.cublasLtCreate(ctypes.byref(handle)), "create")
+    lib, where, handle = open_cublaslt()
     m, n, k = args.m, args.n, args.k
     workspace = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
     report = {"library": where, "version": int(lib.cublasLtGetVersion()), "gpu": torch.cuda.get_device_name(),
