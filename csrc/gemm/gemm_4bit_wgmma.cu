@@ -49,6 +49,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "common/cuda_float.cuh"
 #include "gemm/gemm_launch.h"
@@ -67,6 +68,10 @@ constexpr int kThreads = 384;
 // lookup reads.
 constexpr int kTableRowBytes = 32;
 [[maybe_unused]] constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
+// float4 partial sums per thread in flight when a stream-K CTA adds the other CTAs' sums: 8 (32
+// registers), 4 beside the 128 accumulators of a 256-token tile (8 spilled 20 bytes there)
+template <int BT>
+constexpr int kPartialBatch = BT == 256 ? 4 : 8;
 
 // A CTA tile: ROWS weight rows (2 consumer warpgroups x ROWS / 128 blocks of 64 rows) x BT tokens.
 template <int ROWS, int BT>
@@ -548,7 +553,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // group's fragments for the next group's (wrong sums on the H100 whenever K > 64). `keep`
     // makes `prev` live until its group is known to be done, so the two groups' fragments sit in
     // different registers.
-    auto group = [&](int i, int h, bool first, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
+    // `first` (a segment's first k step: its first product overwrites the accumulators) is a
+    // compile-time constant, std::true_type / std::false_type: computed at run time, the
+    // predicate kept the iteration counter in vector registers (an R2UR pair before every wgmma
+    // to move its descriptor to uniform registers).
+    auto group = [&](int i, int h, auto first, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
       const int s = i % S;
       if (h == 0) mbar_wait(full_bar + 8 * s, (i / S) & 1);
       const int r_lo = 64 * (cw * B + h) + r_in_block;
@@ -560,7 +569,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4), first && j == 0 ? 0u : 1u);
+        wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4), bool(first) && j == 0 ? 0u : 1u);
       wgmma_commit();
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
@@ -606,18 +615,32 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (row_lo < p.n) bias_lo = to_float(bias[row_lo]);
           if (row_hi < p.n) bias_hi = to_float(bias[row_hi]);
         }
+        // The other CTAs' sums, in CTA order, kPartialBatch float4 per thread in flight: one load
+        // at a time put an L2 round trip per float4 and CTA on the finishing CTA's tail (BT / 8
+        // x (CTAs - 1) of them, 96 on 4096 x 14336 at M = 128).
 #pragma unroll
-        for (int j = 0; j < BT / 8; ++j) {
-          float4 others = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // the other CTAs' sums, in CTA order
+        for (int j0 = 0; j0 < BT / 8; j0 += kPartialBatch<BT>) {
+          float4 others[kPartialBatch<BT>];
+#pragma unroll
+          for (int u = 0; u < kPartialBatch<BT>; ++u) others[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
           for (int cta = first; cta <= last; ++cta) {
-            const float4 v = __ldcg(slot(cta) + ((cw * B + h) * (BT / 8) + j) * 128 + tid);
-            others.x += v.x, others.y += v.y, others.z += v.z, others.w += v.w;
+            const float4* src = slot(cta) + ((cw * B + h) * (BT / 8) + j0) * 128 + tid;
+            float4 v[kPartialBatch<BT>];
+#pragma unroll
+            for (int u = 0; u < kPartialBatch<BT>; ++u) v[u] = __ldcg(src + u * 128);
+#pragma unroll
+            for (int u = 0; u < kPartialBatch<BT>; ++u)
+              others[u].x += v[u].x, others[u].y += v[u].y, others[u].z += v[u].z, others[u].w += v[u].w;
           }
-          const int tok = 8 * j + 2 * t;
-          stage[tok * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j] + others.x + bias_lo);
-          stage[(tok + 1) * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j + 1] + others.y + bias_lo);
-          stage[tok * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 2] + others.z + bias_hi);
-          stage[(tok + 1) * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 3] + others.w + bias_hi);
+#pragma unroll
+          for (int u = 0; u < kPartialBatch<BT>; ++u) {
+            const int j = j0 + u;
+            const int tok = 8 * j + 2 * t;
+            stage[tok * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j] + others[u].x + bias_lo);
+            stage[(tok + 1) * kOutPitch + r_in_block] = from_float<T>(acc[h][4 * j + 1] + others[u].y + bias_lo);
+            stage[tok * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 2] + others[u].z + bias_hi);
+            stage[(tok + 1) * kOutPitch + r_in_block + 8] = from_float<T>(acc[h][4 * j + 3] + others[u].w + bias_hi);
+          }
         }
       }
       asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
@@ -659,18 +682,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     // wgmma (C7515), 2172 against 1664 us at 28672 x 8192, M = 2048.
     int i = 0;
     for (int kt = g0 % k_tiles;; kt = 0) {
-      const int begin = i, end = min(n_iter, i + (k_tiles - kt));
+      const int end = min(n_iter, i + (k_tiles - kt));  // a segment has at least one k step
+      constexpr std::true_type kFirst{};
+      constexpr std::false_type kLater{};
       if constexpr (B == 2) {
-        for (; i < end; ++i) {
-          group(i, 0, i == begin, frag_a, frag_b);
-          group(i, 1, i == begin, frag_b, frag_a);
+        group(i, 0, kFirst, frag_a, frag_b);
+        group(i, 1, kFirst, frag_b, frag_a);
+        for (++i; i < end; ++i) {
+          group(i, 0, kLater, frag_a, frag_b);
+          group(i, 1, kLater, frag_b, frag_a);
         }
       } else {
         // two k steps per trip, one buffer each, as straight-line code (a branch between the
         // buffers cost 22% at 28672 x 8192, M = 2048); after the wait below both are free again
+        const int begin = i;
         for (; i + 1 < end; i += 2) {
           group(i, 0, i == begin, frag_a, frag_b);
-          group(i + 1, 0, false, frag_b, frag_a);
+          group(i + 1, 0, kLater, frag_b, frag_a);
         }
         if (i < end) {
           group(i, 0, i == begin, frag_a, frag_b);
@@ -792,7 +820,7 @@ WgmmaPlan plan_gemm_4bit_wgmma(const Gemm4bitParams& p) {
     tiles = tiles_of();
   }
   const int64_t iters = tiles * k_tiles;
-  int64_t ctas = short_grid ? wgmma_stream_k_ctas(tiles, k_tiles, p.sms) : tiles;
+  int64_t ctas = short_grid ? wgmma_stream_k_ctas(tiles, k_tiles, p.sms) : wgmma_medium_grid_ctas(tiles, k_tiles, p.sms);
   // LOWRANK_WGMMA_STREAM_K=0 turns the cut off, =<n> cuts into n CTAs (tests, A/B; read per launch)
   if (const char* env = std::getenv("LOWRANK_WGMMA_STREAM_K"); env != nullptr && env[0] != '\0') {
     const int64_t forced = std::strtoll(env, nullptr, 10);

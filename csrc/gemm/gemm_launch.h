@@ -96,16 +96,30 @@ constexpr int64_t kWgmmaSmallWeight = int64_t(4096) * 4096;
 constexpr int64_t wgmma_max_auto_m(int64_t n, int64_t k) { return n * k <= kWgmmaSmallWeight ? 2048 : 1024; }
 // CTAs of a short wgmma grid (fewer tiles than half the SMs): up to one per SM with the tiles x
 // k steps cut evenly among them (stream-K; gemm_4bit_wgmma.cu), each CTA at least
-// kWgmmaMinStepsPerCta k steps; when that leaves no more CTAs than tiles, one per tile. With
-// fewer steps a CTA mostly fills and drains its pipeline and gathers partial sums: 4096 x 4096
-// at M = 17-256 (7.75-15.5 steps per CTA) took 33-46 us against the dequantize path's 25-33,
-// where 4096 x 14336 (27-54 steps) took 50-88 us against 104-118 (H100, graph-timed).
-constexpr int64_t kWgmmaMinStepsPerCta = 32;
+// kWgmmaMinStepsPerCta k steps; when that leaves no more CTAs than tiles, one per tile. 4096 x
+// 14336 at M = 17 / 64 / 128 / 256 (H100, graph-timed, 2026-11-25): 39.9 / 40.0 / 52.4 / 66.0 us
+// with 132 CTAs (27-54 steps each) against 42.5 / 42.0 / 53.5 / 75.3 with 112 (32 steps, the
+// bound before). 4096 x 4096 (16-32 tiles x 64 steps) keeps the dequantize path: 24 steps give
+// 42 CTAs, under the dispatch rule's half of the SMs; with 132 CTAs (7.75 steps) M = 17 / 64 ran
+// 23.2 against 25.4 / 25.7 us there, but M = 128 / 256 32.2 / 33.6 against 28.7 / 32.5.
+constexpr int64_t kWgmmaMinStepsPerCta = 24;
 constexpr int64_t wgmma_stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t sms) {
   if (tiles >= sms) return tiles;
   const int64_t by_steps = tiles * k_tiles / kWgmmaMinStepsPerCta;
   const int64_t ctas = by_steps < sms ? by_steps : sms;
   return ctas > tiles ? ctas : tiles;
+}
+// CTAs of a grid of at least half but at most 90% as many tiles as SMs: one per SM (stream-K)
+// when each CTA still gets at least kWgmmaMinStepsPerCtaMedium k steps, else one per tile (with
+// more tiles the even cut saves too little to pay for itself: 128 tiles on 132 SMs, 3%). A CTA whose range
+// cuts a tile pays a fixed cost (its partial sums out, or the other CTAs' sums in), which a long
+// range hides: 28672 x 8192 at M = 17 / 64 (112 tiles, 108.6 steps per CTA) 106.6 / 108.5 us
+// against 114.4 / 114.2 one CTA per tile, M = 128 146.8 against 146.2; 14336 x 4096 at M = 17 /
+// 64 / 128 (112 tiles, 54 steps) 39.1 / 37.5 / 45.0 against 33.0-34.3 / 33.1-33.5 / 38.5-39.0.
+constexpr int64_t kWgmmaMinStepsPerCtaMedium = 64;
+constexpr int64_t wgmma_medium_grid_ctas(int64_t tiles, int64_t k_tiles, int64_t sms) {
+  if (10 * tiles > 9 * sms) return tiles;
+  return tiles * k_tiles >= sms * kWgmmaMinStepsPerCtaMedium ? sms : tiles;
 }
 // How a call runs: the CTA tile, the grid, and the workspace a stream-K grid needs (fp32 partial
 // sums and a flag per CTA); error says why it cannot (a bad LOWRANK_WGMMA_* setting).
