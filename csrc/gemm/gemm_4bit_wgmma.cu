@@ -820,7 +820,7 @@ WgmmaPlan plan_gemm_4bit_wgmma(const Gemm4bitParams& p) {
     tiles = tiles_of();
   }
   const int64_t iters = tiles * k_tiles;
-  int64_t ctas = short_grid ? wgmma_stream_k_ctas(tiles, k_tiles, p.sms) : wgmma_medium_grid_ctas(tiles, k_tiles, p.sms);
+  int64_t ctas = short_grid ? wgmma_stream_k_ctas(tiles, k_tiles, p.sms, plan.tokens) : wgmma_medium_grid_ctas(tiles, k_tiles, p.sms);
   // LOWRANK_WGMMA_STREAM_K=0 turns the cut off, =<n> cuts into n CTAs (tests, A/B; read per launch)
   if (const char* env = std::getenv("LOWRANK_WGMMA_STREAM_K"); env != nullptr && env[0] != '\0') {
     const int64_t forced = std::strtoll(env, nullptr, 10);
