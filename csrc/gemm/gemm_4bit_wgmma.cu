@@ -553,10 +553,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // group's fragments for the next group's (wrong sums on the H100 whenever K > 64). `keep`
     // makes `prev` live until its group is known to be done, so the two groups' fragments sit in
     // different registers.
-    // `first` (a segment's first k step: its first product overwrites the accumulators) is a
-    // compile-time constant, std::true_type / std::false_type: computed at run time, the
-    // predicate kept the iteration counter in vector registers (an R2UR pair before every wgmma
-    // to move its descriptor to uniform registers).
+    // `first`: a segment's first k step, whose first product overwrites the accumulators. With
+    // 256-row tiles it is a compile-time constant (std::true_type / std::false_type, the first
+    // step peeled out of the loop): computed at run time, the predicate kept the iteration
+    // counter in vector registers, an R2UR pair before every wgmma to move its descriptor to
+    // uniform registers. 128-row tiles pass a bool: peeled, the 128 x 256 kernel spilled 20 bytes.
     auto group = [&](int i, int h, auto first, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
       const int s = i % S;
       if (h == 0) mbar_wait(full_bar + 8 * s, (i / S) & 1);

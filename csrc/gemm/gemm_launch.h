@@ -99,11 +99,12 @@ constexpr int64_t wgmma_max_auto_m(int64_t n, int64_t k) { return n * k <= kWgmm
 // kWgmmaMinStepsPerCta k steps; when that leaves no more CTAs than tiles, one per tile. 4096 x
 // 14336 at M = 17 / 64 / 128 / 256 (H100, graph-timed, 2026-11-25): 39.9 / 40.0 / 52.4 / 66.0 us
 // with 132 CTAs (27-54 steps each) against 42.5 / 42.0 / 53.5 / 75.3 with 112 (32 steps, the
-// bound before). 4096 x 4096 (16-32 tiles x 64 steps) keeps the dequantize path: 24 steps give
-// 42 CTAs, under the dispatch rule's half of the SMs, except with 64-token tiles (M <= 64), which
-// take 8 steps per CTA at least: with 132 CTAs (7.75 steps) M = 17 / 64 ran 23.2 against 25.4 /
-// 25.7 us for the dequantize path, but M = 128 / 256 (128- and 256-token tiles) 32.2 / 33.6
-// against 28.7 / 32.5. A weight of 1024 x 4096 (4 tiles, 256 steps) stays on the dequantize path.
+// bound before). 64-token tiles (M <= 64) take 8 steps per CTA at least: 4096 x 4096 (16 tiles
+// x 64 steps) then gets 128 CTAs and the wgmma path, 23.0 / 22.7 / 22.6 us at M = 17 / 32 / 64
+// against 25.6 / 25.3 / 25.7 for the dequantize path. With 128- and 256-token tiles the cut did
+// not pay there (132 CTAs at M = 128 / 256: 32.2 / 33.6 against 28.7 / 32.5), so 24 steps give it
+// 42 CTAs, under the dispatch rule's half of the SMs, and the dequantize path. A weight of 1024 x
+// 4096 (4 tiles, 256 steps: 32 CTAs) keeps the dequantize path at every M.
 constexpr int64_t kWgmmaMinStepsPerCta = 24;
 constexpr int64_t kWgmmaMinStepsPerCta64 = 8;  // 64-token tiles
 constexpr int64_t wgmma_stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t sms, int64_t tokens) {
