@@ -178,6 +178,12 @@ __device__ __forceinline__ void advance(Cursor& c, const KernelArgs& p, int k_ti
   }
 }
 
+// A value that is a bool or std::true_type / std::false_type, as a bool (its `value` read
+// directly: integral_constant's conversion is a host function without --expt-relaxed-constexpr).
+__device__ __forceinline__ bool truth(bool b) { return b; }
+template <bool V>
+__device__ __forceinline__ constexpr bool truth(std::integral_constant<bool, V>) { return V; }
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void flag_release(unsigned* flag) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(flag), "r"(1u) : "memory");
@@ -570,7 +576,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4), bool(first) && j == 0 ? 0u : 1u);
+        wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4), truth(first) && j == 0 ? 0u : 1u);
       wgmma_commit();
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
