@@ -296,8 +296,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr bool kImm = decltype(imm)::value;
     // the warp's chunk of a slab for x (past K in a part-full last slab: the last chunk, unused)
     auto x_chunk = [&](int slab) { return min(slab * kSlabChunks + cs, n_chunks - 1); };
-    uint4 x_cur[TILES_M][2];
-    skinny::load_x_chunk<T, TILES_M>(x, x_off, x_chunk(0), x_cur);
+    // x of the warp's chunk, by halves: half h (x words 4h..4h+3 of each x tile) is reloaded with
+    // the next slab's chunk as soon as this slab's lookups and mma of that half have been issued,
+    // so no second buffer is held across a slab. With a buffer for the next chunk copied forward
+    // after each slab: 16 register moves per slab at M = 16; two buffers taken in turn (the slab
+    // loop unrolled by two) spilled at 96 registers.
+    auto load_x_half = [&](int slab, int h, uint4(&v)[TILES_M]) {
+#pragma unroll
+      for (int j = 0; j < TILES_M; ++j) v[j] = skinny::load_x16(x + x_off[j] + uint32_t(x_chunk(slab)) * 64u + 8u * h);
+    };
+    uint4 x_half[2][TILES_M];
+    load_x_half(0, 0, x_half[0]);
+    load_x_half(0, 1, x_half[1]);
     int s = 0;                 // ring slot of the next stage
     uint32_t full_parity = 0;  // and the phase to wait for
     // one tile: RA (<= RT) row tiles of 16 from tile_row (RA = 1: a half tile)
@@ -325,20 +335,31 @@ __global__ void __launch_bounds__(kThreads, 1)
           abs_lo[r] = s_abs[r * kRowsPerTile * kAbsPitch];
           abs_hi[r] = s_abs[(r * kRowsPerTile + 8) * kAbsPitch];
         }
-        // x of the warp's next chunk (next slab, or slab 0 of the next tile), loaded before this
-        // chunk's lookups so its L1 latency is hidden behind them
-        uint4 x_next[TILES_M][2];
-        skinny::load_x_chunk<T, TILES_M>(x, x_off, x_chunk(slab + 1 < n_slabs ? slab + 1 : 0), x_next);
-        if (slab * kSlabChunks + cs < n_chunks) {
+        // per half: every row tile's lookups and mma, then that half of x for the warp's next chunk
+        // (next slab, or slab 0 of the next tile), whose L1/L2 latency the other half hides
+        const int next = slab + 1 < n_slabs ? slab + 1 : 0;
+        const bool live = slab * kSlabChunks + cs < n_chunks;
+        float chunk[RA][TILES_M][4];
 #pragma unroll
-          for (int r = 0; r < RA; ++r) {
-            float chunk[TILES_M][4];
-            skinny::chunk_mma<T, TILES_M, kImm>(chunk, lo[r], hi[r], x_cur, table, lane4);
-            skinny::scale_add<TILES_M>(acc[r], chunk, abs_lo[r], abs_hi[r]);
+        for (int r = 0; r < RA; ++r)
+#pragma unroll
+          for (int j = 0; j < TILES_M; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) chunk[r][j][i] = 0.0f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (live) {
+#pragma unroll
+            for (int r = 0; r < RA; ++r)
+              skinny::half_chunk_mma<T, TILES_M, kImm>(chunk[r], h == 0 ? lo[r].x : lo[r].y, h == 0 ? hi[r].x : hi[r].y,
+                                                       x_half[h], table, lane4);
           }
+          load_x_half(next, h, x_half[h]);
         }
+        if (live) {
 #pragma unroll
-        for (int j = 0; j < TILES_M; ++j) x_cur[j][0] = x_next[j][0], x_cur[j][1] = x_next[j][1];
+          for (int r = 0; r < RA; ++r) skinny::scale_add<TILES_M>(acc[r], chunk[r], abs_lo[r], abs_hi[r]);
+        }
         __syncwarp();
         if (lane == 0) mbar_arrive(empty_bar + 8 * s);
         if (++s == S) s = 0, full_parity ^= 1;

@@ -104,9 +104,25 @@ __device__ __forceinline__ void load_x_chunk(const T* x, const uint32_t (&x_off)
   }
 }
 
-// One chunk of 16 weight rows x 64 k: lane (g, t) holds 8 packed bytes of rows g (lo) and g + 8
-// (hi) at byte 8 t of the chunk; chunk[j] = the unscaled products with x tile j (4 k-steps of 16:
-// step s feeds bytes 2s and 2s + 1, the same k permutation for the weight and x).
+// Half of one chunk of 16 weight rows x 64 k: lane (g, t) holds 8 packed bytes of rows g and g + 8
+// at byte 8 t of the chunk, of which this half takes word `lo` / `hi` (4 bytes each); xv[j] =
+// the x words of the half for x tile j. chunk[j] += the unscaled products (2 k-steps of 16: step
+// s feeds bytes 2s and 2s + 1 of the word, the same k permutation for the weight and x).
+template <typename T, int TILES_M, bool IMM>
+__device__ __forceinline__ void half_chunk_mma(float (&chunk)[TILES_M][4], uint32_t lo, uint32_t hi,
+                                               const uint4 (&xv)[TILES_M], const char* table, uint32_t lane4) {
+  const uint32_t a00 = pair_word<0, IMM>(table, lo, lane4), a01 = pair_word<0, IMM>(table, hi, lane4);
+  const uint32_t a02 = pair_word<1, IMM>(table, lo, lane4), a03 = pair_word<1, IMM>(table, hi, lane4);
+  const uint32_t a10 = pair_word<2, IMM>(table, lo, lane4), a11 = pair_word<2, IMM>(table, hi, lane4);
+  const uint32_t a12 = pair_word<3, IMM>(table, lo, lane4), a13 = pair_word<3, IMM>(table, hi, lane4);
+#pragma unroll
+  for (int j = 0; j < TILES_M; ++j) {
+    mma_16816<T>(chunk[j], a00, a01, a02, a03, xv[j].x, xv[j].y);
+    mma_16816<T>(chunk[j], a10, a11, a12, a13, xv[j].z, xv[j].w);
+  }
+}
+
+// One whole chunk (both halves; x as two uint4 per x tile) into fresh sums.
 template <typename T, int TILES_M, bool IMM>
 __device__ __forceinline__ void chunk_mma(float (&chunk)[TILES_M][4], uint2 lo_row, uint2 hi_row,
                                           const uint4 (&xv)[TILES_M][2], const char* table, uint32_t lane4) {
@@ -116,18 +132,11 @@ __device__ __forceinline__ void chunk_mma(float (&chunk)[TILES_M][4], uint2 lo_r
     for (int i = 0; i < 4; ++i) chunk[j][i] = 0.0f;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const uint32_t lo = half == 0 ? lo_row.x : lo_row.y;
-    const uint32_t hi = half == 0 ? hi_row.x : hi_row.y;
-    const uint32_t a00 = pair_word<0, IMM>(table, lo, lane4), a01 = pair_word<0, IMM>(table, hi, lane4);
-    const uint32_t a02 = pair_word<1, IMM>(table, lo, lane4), a03 = pair_word<1, IMM>(table, hi, lane4);
-    const uint32_t a10 = pair_word<2, IMM>(table, lo, lane4), a11 = pair_word<2, IMM>(table, hi, lane4);
-    const uint32_t a12 = pair_word<3, IMM>(table, lo, lane4), a13 = pair_word<3, IMM>(table, hi, lane4);
-    const int s0 = 2 * half, s1 = 2 * half + 1;
+    uint4 xh[TILES_M];
 #pragma unroll
-    for (int j = 0; j < TILES_M; ++j) {
-      mma_16816<T>(chunk[j], a00, a01, a02, a03, x_word(xv[j], 2 * s0), x_word(xv[j], 2 * s0 + 1));
-      mma_16816<T>(chunk[j], a10, a11, a12, a13, x_word(xv[j], 2 * s1), x_word(xv[j], 2 * s1 + 1));
-    }
+    for (int j = 0; j < TILES_M; ++j) xh[j] = xv[j][half];
+    half_chunk_mma<T, TILES_M, IMM>(chunk, half == 0 ? lo_row.x : lo_row.y, half == 0 ? hi_row.x : hi_row.y, xh,
+                                    table, lane4);
   }
 }
 
