@@ -80,17 +80,6 @@ __device__ __forceinline__ uint4 load_x16(const void* ptr) {
   return v;
 }
 
-// Word j (0..7) of 16 x elements held as two uint4.
-__device__ __forceinline__ uint32_t x_word(const uint4 (&v)[2], int j) {
-  const uint4& h = v[j >> 2];
-  switch (j & 3) {
-    case 0: return h.x;
-    case 1: return h.y;
-    case 2: return h.z;
-    default: return h.w;
-  }
-}
-
 // 16 elements of each of the lane's x rows at chunk c: offsets x_off[j] (row 8 j + g, clamped to
 // M - 1: the mma columns of rows past M are never stored, t * 16 elements into the chunk).
 template <typename T, int TILES_M>
