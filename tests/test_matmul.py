@@ -523,6 +523,19 @@ def test_cuda_wgmma_kernel_model_shape():
 
 
 @needs_hopper
+def test_cuda_auto_cuts_64_token_tiles_for_short_grids_at_medium_m():
+    """4096 x 4096 at M = 65-128: 128-token tiles, even cut by k, make 42 CTAs (under half the
+    SMs), so the rule takes 128 x 64 tiles cut into up to one CTA per SM (the wgmma path: the same
+    bits as path="wgmma"); 1024 x 4096 (42 CTAs that way too) stays on the dequantize path."""
+    for n, m, wgmma in ((4096, 65, True), (4096, 128, True), (1024, 128, False)):
+        q = _quantized(n, 4096, "nf4", 64, True, "cuda", 41)
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        y = lowrank.matmul_4bit(x, q)
+        assert torch.equal(y, lowrank.matmul_4bit(x, q, path="wgmma" if wgmma else "dequantize"))
+        _assert_within_rule(y, x, q, None)
+
+
+@needs_hopper
 def test_cuda_wgmma_kernel_reads_a_strided_x():
     q = _quantized(48, 256, "nf4", 64, False, "cuda", 2)
     big = torch.randn(40, 512, device="cuda", dtype=torch.bfloat16)

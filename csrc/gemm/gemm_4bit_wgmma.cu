@@ -826,8 +826,20 @@ WgmmaPlan plan_gemm_4bit_wgmma(const Gemm4bitParams& p) {
     plan.rows = 256;
     tiles = tiles_of();
   }
-  const int64_t iters = tiles * k_tiles;
   int64_t ctas = short_grid ? wgmma_stream_k_ctas(tiles, k_tiles, p.sms, plan.tokens) : wgmma_medium_grid_ctas(tiles, k_tiles, p.sms);
+  // A short grid of 128-token tiles still under half the SMs once cut (4096 x 4096 at M = 65-128)
+  // takes two 64-token tiles per 128 rows instead (wgmma_short_grid_64_ctas).
+  if (short_grid && !forced_tile && plan.tokens == 128 && 2 * ctas < p.sms) {
+    const int64_t tiles_64 = ((p.n + 127) / 128) * ((p.m + 63) / 64);
+    const int64_t ctas_64 = wgmma_short_grid_64_ctas(tiles_64, k_tiles, p.sms);
+    if (2 * ctas_64 >= p.sms) {
+      plan.rows = 128;
+      plan.tokens = 64;
+      tiles = tiles_64;
+      ctas = ctas_64;
+    }
+  }
+  const int64_t iters = tiles * k_tiles;
   // LOWRANK_WGMMA_STREAM_K=0 turns the cut off, =<n> cuts into n CTAs (tests, A/B; read per launch)
   if (const char* env = std::getenv("LOWRANK_WGMMA_STREAM_K"); env != nullptr && env[0] != '\0') {
     const int64_t forced = std::strtoll(env, nullptr, 10);

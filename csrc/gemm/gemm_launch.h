@@ -103,13 +103,26 @@ constexpr int64_t wgmma_max_auto_m(int64_t n, int64_t k) { return n * k <= kWgmm
 // x 64 steps) then gets 128 CTAs and the wgmma path, 23.0 / 22.7 / 22.6 us at M = 17 / 32 / 64
 // against 25.6 / 25.3 / 25.7 for the dequantize path. With 128- and 256-token tiles the cut did
 // not pay there (132 CTAs at M = 128 / 256: 32.2 / 33.6 against 28.7 / 32.5), so 24 steps give it
-// 42 CTAs, under the dispatch rule's half of the SMs, and the dequantize path. A weight of 1024 x
+// 42 CTAs, under the dispatch rule's half of the SMs: the dequantize path at M = 129-256, 64-token
+// tiles at M = 65-128 (wgmma_short_grid_64_ctas). A weight of 1024 x
 // 4096 (4 tiles, 256 steps: 32 CTAs) keeps the dequantize path at every M.
 constexpr int64_t kWgmmaMinStepsPerCta = 24;
 constexpr int64_t kWgmmaMinStepsPerCta64 = 8;  // 64-token tiles
 constexpr int64_t wgmma_stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t sms, int64_t tokens) {
   if (tiles >= sms) return tiles;
   const int64_t by_steps = tiles * k_tiles / (tokens <= 64 ? kWgmmaMinStepsPerCta64 : kWgmmaMinStepsPerCta);
+  const int64_t ctas = by_steps < sms ? by_steps : sms;
+  return ctas > tiles ? ctas : tiles;
+}
+// M = 65-128 where 128-token tiles, even cut by k, leave more than half the SMs idle (4096 x 4096:
+// 16 tiles of 256 rows x 64 steps make 42 CTAs of 24 steps): 128 x 64 tiles (two token tiles), cut
+// into up to one CTA per SM of kWgmmaMinStepsPerCta steps at least, which gives 4096 x 4096 132
+// CTAs of 31 steps: 26.3 / 25.4 / 25.6 us at M = 65 / 96 / 128 against 26.8 / 26.3 / 28.9 for the
+// dequantize path (H100, graph-timed, 2026-11-25; 256 x 64 tiles 26.3 / 26.4 / 26.6). 1024 x 4096
+// (16 tiles: 42 CTAs) stays on the dequantize path, which was faster there (13.4-13.6 us against
+// 16.7 with 128 CTAs of 8 steps).
+constexpr int64_t wgmma_short_grid_64_ctas(int64_t tiles, int64_t k_tiles, int64_t sms) {
+  const int64_t by_steps = tiles * k_tiles / kWgmmaMinStepsPerCta;
   const int64_t ctas = by_steps < sms ? by_steps : sms;
   return ctas > tiles ? ctas : tiles;
 }
