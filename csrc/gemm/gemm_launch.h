@@ -108,11 +108,14 @@ constexpr int64_t wgmma_max_auto_m(int64_t n, int64_t k) { return n * k <= kWgmm
 // 4096 (4 tiles, 256 steps: 32 CTAs) keeps the dequantize path at every M.
 constexpr int64_t kWgmmaMinStepsPerCta = 24;
 constexpr int64_t kWgmmaMinStepsPerCta64 = 8;  // 64-token tiles
-constexpr int64_t wgmma_stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t sms, int64_t tokens) {
-  if (tiles >= sms) return tiles;
-  const int64_t by_steps = tiles * k_tiles / (tokens <= 64 ? kWgmmaMinStepsPerCta64 : kWgmmaMinStepsPerCta);
+// Up to one CTA per SM, each with min_steps k steps at least, and never fewer CTAs than tiles.
+constexpr int64_t stream_k_ctas_of(int64_t tiles, int64_t k_tiles, int64_t sms, int64_t min_steps) {
+  const int64_t by_steps = tiles * k_tiles / min_steps;
   const int64_t ctas = by_steps < sms ? by_steps : sms;
   return ctas > tiles ? ctas : tiles;
+}
+constexpr int64_t wgmma_stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t sms, int64_t tokens) {
+  return stream_k_ctas_of(tiles, k_tiles, sms, tokens <= 64 ? kWgmmaMinStepsPerCta64 : kWgmmaMinStepsPerCta);
 }
 // M = 65-128 where 128-token tiles, even cut by k, leave more than half the SMs idle (4096 x 4096:
 // 16 tiles of 256 rows x 64 steps make 42 CTAs of 24 steps): 128 x 64 tiles (two token tiles), cut
@@ -122,9 +125,7 @@ constexpr int64_t wgmma_stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t sm
 // (16 tiles: 42 CTAs) stays on the dequantize path, which was faster there (13.4-13.6 us against
 // 16.7 with 128 CTAs of 8 steps).
 constexpr int64_t wgmma_short_grid_64_ctas(int64_t tiles, int64_t k_tiles, int64_t sms) {
-  const int64_t by_steps = tiles * k_tiles / kWgmmaMinStepsPerCta;
-  const int64_t ctas = by_steps < sms ? by_steps : sms;
-  return ctas > tiles ? ctas : tiles;
+  return stream_k_ctas_of(tiles, k_tiles, sms, kWgmmaMinStepsPerCta);
 }
 // CTAs of a grid of at least half but at most 90% as many tiles as SMs: one per SM (stream-K)
 // when each CTA still gets at least kWgmmaMinStepsPerCtaMedium k steps, else one per tile (with
