@@ -22,6 +22,18 @@ def copies_for(nbytes: int) -> int:
     return max(1, -(-L2_ROTATION_BYTES // max(nbytes, 1)))
 
 
+def time_calls_us(fn, reps: int) -> float:
+    """Microseconds per call of fn(), reps calls queued between two CUDA events (one round of an
+    interleaved A/B: the caller rotates the variants and takes medians)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000.0 / reps
+
+
 def time_cuda(fn, inputs: list, warmup: int = 5, reps: int = 50) -> dict:
     """Median / min milliseconds of fn(*inputs[i % len(inputs)]) timed with CUDA events.
 

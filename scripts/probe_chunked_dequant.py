@@ -15,21 +15,16 @@ Variants, interleaved over rounds (CUDA events, median us):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 
 import torch
 
-import lowrank
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import harness  # noqa: E402
 
-
-def timed(fn, reps=1):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000.0 / reps
+import lowrank  # noqa: E402
 
 
 def main():
@@ -96,7 +91,7 @@ def main():
                 names = list(variants)
                 names = names[r % len(names):] + names[:r % len(names)]
                 for name in names:
-                    times[name].append(timed(variants[name], 3))
+                    times[name].append(harness.time_calls_us(variants[name], 3))
             med = {name: statistics.median(v) for name, v in times.items()}
             line = " ".join(f"{name} {t:7.1f}" for name, t in med.items())
             print(f"{n}x{k} M={m}: {line} | full/bf16 {med['full'] / med['bf16']:.3f} "

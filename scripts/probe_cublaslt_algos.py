@@ -19,11 +19,15 @@ import ctypes
 import json
 import random
 import statistics
+import os
 import sys
 
 import torch
 
 from probe_cublaslt_alpha_vector import HeuristicResult, check, open_cublaslt
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import harness  # noqa: E402
 
 CUDA_R_32F, CUDA_R_16BF = 0, 14
 CUBLAS_COMPUTE_32F = 68
@@ -96,16 +100,6 @@ class LtGemm:
             ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(workspace.numel()), stream), "matmul")
 
 
-def time_once(fn, reps):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / reps
-
-
 def probe_case(lib, handle, name, m, n, k, which, args, workspace):
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -143,7 +137,7 @@ def probe_case(lib, handle, name, m, n, k, which, args, workspace):
     for _ in range(args.rounds):
         rng.shuffle(order)
         for key in order:
-            times[key].append(time_once(entries[key], args.reps))
+            times[key].append(harness.time_calls_us(entries[key], args.reps))
     med = {key: statistics.median(v) for key, v in times.items()}
     base = med["torch.mm"]
     # each round's time over torch.mm's in the same round: the clock drifts between rounds (power)
