@@ -53,14 +53,17 @@ def main():
                 try:
                     fn = lambda q: lowrank.matmul_4bit(x, q, path="wgmma")  # noqa: E731
                     inputs = [(q,) for q in qs]
+                    yv = fn(qs[0]).float()
+                    ev = ((yv - ref).norm() / ref.norm()).item()
                     t = harness.time_cuda_graph(fn, inputs) if m <= 512 else harness.time_cuda(fn, inputs, reps=30)
                 except RuntimeError as error:  # a setting this shape cannot take
                     t = {"median_ms": float("nan")}
+                    ev = float("nan")
                     print(f"  {variant}: {str(error).splitlines()[0]}")
                 finally:
                     for key in settings:
                         del os.environ[key]
-                forced.append(f"{variant.replace('LOWRANK_WGMMA_', '')} {t['median_ms'] * 1e3:7.1f}")
+                forced.append(f"{variant.replace('LOWRANK_WGMMA_', '')} {t['median_ms'] * 1e3:7.1f} (err {ev:.2e})")
             tf = 2 * m * n * k / (times["wgmma"] * 1e-6) / 1e12
             print(f"{n:6d}x{k:<6d} M={m:<5d} bf16 {times['bf16']:8.1f}  wgmma {times['wgmma']:8.1f} "
                   f"({times['wgmma'] / times['bf16']:5.2f}x bf16, {tf:5.0f} TFLOP/s)  dequant {times['dequant']:8.1f} "

@@ -376,6 +376,21 @@ def _wgmma_kernel(kernel):
     return _env("LOWRANK_WGMMA_KERNEL", kernel)
 
 
+EIGHTHS = lowrank.Codebook.from_values([i / 8 for i in range(-8, 8)], name="eighths")
+
+
+def _exactly_scaled(n, k, device, seed):
+    """A weight the register wgmma kernel reproduces exactly: values in eighths (exact in fp16 and
+    bf16, so its unscaled pair table holds them exactly) and one -1 per 64-block times a power of
+    two from 2^-4 to 2^3 that varies by block, so each block's absmax is that power (exact in
+    T, no low part) and values * absmax round once, as the dequantize kernel's do."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(-8, 8, (n, k // 64, 64), generator=g).float() / 8
+    v[:, :, 0] = -1.0
+    scale = 2.0 ** torch.randint(-4, 4, (n, k // 64, 1), generator=g).float()
+    return lowrank.quantize_4bit((v * scale).reshape(n, k).to(device), EIGHTHS, 64, False)
+
+
 @given(m=st.sampled_from([1, 17, 63, 64, 65, 100, 128, 129, 255, 256, 257, 300, 600]),
        n=st.sampled_from([8, 120, 128, 136, 264, 520, 1040]), k=st.sampled_from([64, 128, 192, 512, 1024, 4096]),
        quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from([64, 128, 256]),
@@ -413,8 +428,9 @@ def test_cuda_wgmma_ss_kernel_matches_reference_and_the_register_kernel(m, n, k,
     """The kernel with dequantizing warpgroups, 128 x 128 tiles (three of them taking the k steps
     in turn, 6 stages) and 128 x 256 (one, 4 stages): partial token and row tiles, pipelines
     shorter and longer than the ring (1 to 64 k steps), both absmax forms. Its wgmma are the
-    register kernel's for the same tile (m64nNk16 over the same k steps, the same A values, now
-    from shared memory), so the outputs are the same bits."""
+    register kernel's for the same tile (m64nNk16 over the same k steps), so on a weight whose
+    values and absmax are exact in T (where both kernels' A values are the dequantized weight's)
+    the outputs are the same bits."""
     if k % blocksize:
         blocksize = 64
     q = _quantized(n, k, quant_type, blocksize, double_quant, "cuda", seed)
@@ -429,7 +445,13 @@ def test_cuda_wgmma_ss_kernel_matches_reference_and_the_register_kernel(m, n, k,
             y_rs = lowrank.matmul_4bit(x, q, bias, path="wgmma")
     assert y.shape == (m, n) and y.dtype == dtype
     _assert_within_rule(y, x, q, bias)
-    assert torch.equal(y, y_rs)
+    _assert_within_rule(y_rs, x, q, bias)
+    exact = _exactly_scaled(n, k, "cuda", seed)
+    with _stream_k("0"), _wgmma_tile(f"128x{tokens}"):
+        with _wgmma_kernel("ss"):
+            y = lowrank.matmul_4bit(x, exact, bias, path="wgmma")
+        with _wgmma_kernel("rs"):
+            assert torch.equal(y, lowrank.matmul_4bit(x, exact, bias, path="wgmma"))
 
 
 @pytest.mark.parametrize("tile, kernel", [(t, "rs") for t in WGMMA_TILES] + [("128x128", "ss"), ("128x256", "ss")])
@@ -440,10 +462,18 @@ def test_cuda_wgmma_ss_kernel_matches_reference_and_the_register_kernel(m, n, k,
 def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype, double_quant, tile, kernel):
     """x = rows of the identity: y[i, n] = W[n, i] is one product with 1.0, exact in fp32, so y must
     equal the dequantize kernel's weight bit for bit. This pins every element's place in the
-    fragments (or the swizzled A tile), the swizzled x tile and the staged output, and the
-    dequantization's rounding, for every CTA tile and both kernels."""
+    fragments (or the swizzled A tile), the swizzled x tile and the staged output for every CTA
+    tile and both kernels. The ss kernel dequantizes as the dequantize kernel does (any weight);
+    the register kernel rounds values[code] to T before scaling, so its weight is one whose values
+    and absmax are exact in T (_exactly_scaled; the absmax unnested), which also pins each row's
+    and k step's absmax."""
     n = 392  # 128-row tiles: three full and one of 8 rows; 256-row tiles: one full, one partial
-    q = _quantized(n, k, "nf4", 64, double_quant, "cuda", 21)
+    if kernel == "rs":
+        if double_quant:
+            pytest.skip("the register kernel's exact case has an unnested absmax")
+        q = _exactly_scaled(n, k, "cuda", 21)
+    else:
+        q = _quantized(n, k, "nf4", 64, double_quant, "cuda", 21)
     x = torch.eye(m, k, device="cuda", dtype=dtype)
     # the ss kernel takes whole tiles only (these small grids are otherwise cut by k)
     with _wgmma_tile(tile), _wgmma_kernel(kernel), _stream_k("0" if kernel == "ss" else None):
@@ -469,7 +499,8 @@ def test_cuda_wgmma_stream_k_cuts_match_one_cta_per_tile(m, extra):
         y = lowrank.matmul_4bit(x, q, path="wgmma")
         assert torch.equal(y, lowrank.matmul_4bit(x, q, path="wgmma"))
         eye = torch.eye(m, k, device="cuda", dtype=torch.bfloat16)
-        assert torch.equal(lowrank.matmul_4bit(eye, q, path="wgmma"), q.dequantize(torch.bfloat16)[:, :m].t())
+        exact = _exactly_scaled(392, k, "cuda", 23)
+        assert torch.equal(lowrank.matmul_4bit(eye, exact, path="wgmma"), exact.dequantize(torch.bfloat16)[:, :m].t())
     _assert_within_rule(y, x, q, None)
     with _stream_k("0"):
         one_per_tile = lowrank.matmul_4bit(x, q, path="wgmma")
@@ -511,6 +542,7 @@ def test_cuda_wgmma_kernel_model_shape():
     """A model-sized weight with many k steps (the stage ring wraps 16-32 times) and a raster with
     more token tiles than one group."""
     q = _quantized(4096, 4096, "nf4", 64, True, "cuda", 0)
+    exact = _exactly_scaled(4096, 4096, "cuda", 0)
     for m in (17, 128, 2304):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         _assert_within_rule(lowrank.matmul_4bit(x, q, path="wgmma"), x, q, None)
@@ -518,8 +550,10 @@ def test_cuda_wgmma_kernel_model_shape():
             with _wgmma_tile("128x128" if m == 128 else "128x256"), _stream_k("0"):
                 with _wgmma_kernel("ss"):
                     y = lowrank.matmul_4bit(x, q, path="wgmma")
+                    y_exact = lowrank.matmul_4bit(x, exact, path="wgmma")
+                _assert_within_rule(y, x, q, None)
                 with _wgmma_kernel("rs"):
-                    assert torch.equal(y, lowrank.matmul_4bit(x, q, path="wgmma"))
+                    assert torch.equal(y_exact, lowrank.matmul_4bit(x, exact, path="wgmma"))
 
 
 @needs_hopper
@@ -585,17 +619,17 @@ def test_cuda_wgmma_path_refuses_other_gpus():
 
 @needs_hopper
 def test_cuda_auto_takes_the_wgmma_kernel_by_the_rule():
-    """docs/design.md's rule: wgmma for 16 < M <= 1024 (2048 for weights of at most 4096 x 4096
-    elements) when its grid (cut by k when there are fewer tiles than SMs) fills half the SMs,
-    else dequantize + cuBLAS (the same bits as the forced path in each case)."""
+    """docs/design.md's rule: wgmma for 16 < M <= 2048 when its grid (cut by k when there are fewer
+    tiles than SMs) fills half the SMs, else dequantize + cuBLAS (the same bits as the forced path
+    in each case)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = 128 * sms  # one row tile per SM: any M up to 2048 fills the GPU
-    q = _quantized(n, 256, "nf4", 64, True, "cuda", 7)  # a small weight (n x 256 <= 4096 x 4096)
+    q = _quantized(n, 256, "nf4", 64, True, "cuda", 7)
     for m, expected in ((17, "wgmma"), (300, "wgmma"), (2048, "wgmma"), (2049, "dequantize"), (16, "skinny")):
         x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(lowrank.matmul_4bit(x, q), lowrank.matmul_4bit(x, q, path=expected)), (m, expected)
-    large = _quantized(n, 1024, "nf4", 64, True, "cuda", 10)  # n x 1024 > 4096 x 4096: bound 1024
-    for m, expected in ((1024, "wgmma"), (1025, "dequantize")):
+    large = _quantized(n, 1024, "nf4", 64, True, "cuda", 10)  # the same bound for a larger weight
+    for m, expected in ((2048, "wgmma"), (2049, "dequantize")):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(lowrank.matmul_4bit(x, large), lowrank.matmul_4bit(x, large, path=expected)), (m, expected)
     small = _quantized(1024, 256, "nf4", 64, True, "cuda", 8)  # 4 tiles x 4 k steps: too little to cut

@@ -10,34 +10,37 @@
 //   loaded by the copy engine (TMA) in the 128-byte swizzle wgmma reads. The tokens are wgmma's N
 //   (64, 128 or 256 per CTA by M), the weight rows its M: one or two 64-row blocks per consumer
 //   warpgroup, 128 or 256 rows per CTA (the rule is wgmma_rows_per_cta in gemm_launch.h).
-// - Numerics equal the dequantize path: each element is values[code] * absmax in fp32, rounded
-//   once to x's 16-bit type (the dequantize kernel's exact operations, so W is bit-identical to
-//   lowrank.dequantize_4bit's), then accumulated in fp32 by the tensor cores.
+// - Numerics: each element is values[code] rounded to x's 16-bit type (the skinny kernels' pair
+//   table), times the absmax in fp32, rounded once to that type, then accumulated in fp32 by the
+//   tensor cores. That is the dequantize path's weight except for the first rounding (error 2.70e-3
+//   against 2.32e-3 relative to fp32 on 28672 x 8192; the rule's bound is 2x). Where values and
+//   absmax are exact in the type the two weights are the same bits (tests: _exactly_scaled).
 // - Warp roles: warpgroup 0 produces: per 64-wide k step, one thread issues the TMA copies of the
 //   x tile and the codes tile, and each of its 128 threads decodes one weight row's absmax (loads
-//   issued 4 steps ahead) and writes that row's scaled code table (values[i] * absmax rounded to
-//   x's type, 32 bytes); with 256-row tiles each thread does two rows. Warpgroups 1 and 2
-//   consume: dequantize their rows one 64-row block at a time, issue wgmma.
+//   issued 4 steps ahead) into the stage as two T2 words, hi = T(absmax) and lo = T(absmax - hi);
+//   with 256-row tiles each thread does two rows. Warpgroups 1 and 2 consume: dequantize their
+//   rows one 64-row block at a time, issue wgmma. They first build the pair table (64 KB).
 //   Registers move to the consumers with setmaxnreg (56 / 224: 128 x 56 + 256 x 224 = 384 x 168).
-// - Lookups in registers: a consumer thread reads its two rows' tables (4 x 16 bytes) once per
-//   k step and dequantizes by byte permutes, 12 instructions per 4 elements, no shared-memory
-//   access per element. The first version looked each code up in a 16-entry float table in
-//   shared memory and multiplied by absmax in the consumer: ncu L1/TEX 73-75% busy (the lookups
-//   were ~40% of the shared-memory wavefronts beside wgmma's reads of x); 28672 x 8192 M = 128
-//   155 -> 145 us, M = 2048 1779 -> 1736 us with the tables.
+// - Lookups (stage_fragments): a fragment register is two elements of one row, i.e. one code byte,
+//   i.e. one word of the pair table: a byte permute puts the byte beside the lane's offset, one
+//   shared load reads it (the table has a column per lane: no bank conflicts), and two packed
+//   multiply-adds scale it (pair * hi + pair * lo). That is 4 instructions per 2 elements, on three
+//   pipes (ALU, LSU, FMA). The kernel before (2026-11-24) built per-row scaled 16-entry tables in
+//   the producer and looked them up by byte permutes, 12 ALU instructions per 4 elements: ncu at
+//   M = 128 showed the ALU pipe 53% and the tensor pipe 52% busy, not overlapping. 28672 x 8192,
+//   H100, graph-timed, before -> after: M = 17 106 -> 88 us, M = 64 107 -> 89, M = 128 141 -> 131;
+//   14336 x 4096 M = 17 / 64 / 128: 35 / 33 / 39 -> 30 / 28 / 33; eager at M = 2048: 1632-1687 ->
+//   1371-1549 (bf16 1205-1484 in the same runs). A version with unscaled fragments and the absmax
+//   applied in fp32 to per-k-step fresh accumulators (the skinny kernels' numerics) was tried
+//   first: its FFMA per accumulator and step (64 per thread at 128 tokens) and 128 fresh registers
+//   made it slower from M = 128 on and limited tiles to 128 tokens (experiments file of the day).
 // - The fragments of step s + 1 are built while step s's wgmma group is in flight; wgmma reads
 //   its register A operand asynchronously, so the two steps' fragments are kept apart (`keep`).
-// - What bounds it (H100, 28672 x 8192). Variants compiled beside the kernel, same process:
-//   M = 2048 ran 1490 us, 1428 with the lookups replaced by a mask, 1108 with no wgmma at all.
-//   That looked like the tile loads out of L2, but two CTAs of a cluster sharing each x tile by
-//   TMA multicast (half the L2 reads of x; branch wip/cluster-multicast) gained nothing: M = 128
-//   151.5 against 154.5 us, M = 2048 1751 against 1682, same run. What each SM takes in per
-//   multiply-add does matter: 256-row CTAs read each x tile for twice the rows, and at M = 17 / 64
-//   ran 112.6 / 114.3 us against ~124 for 128 rows. ncu at M = 128 (256 x 128 tile): the ALU
-//   pipe, where the byte permutes of the lookups run at 16 lanes per clock, is the busiest
-//   (44%), issue slots 34% busy. The lookups cost 3 instructions per weight element per token
-//   tile, which is why 256-token tiles win above M = 128 (each fragment feeds 256 tokens):
-//   M = 2048 1459 us against 2049 us for 256 rows x 128 tokens.
+// - Earlier findings that still shape it (the byte-permute kernel, 28672 x 8192): 256-row CTAs
+//   read each x tile for twice the rows (M = 17 / 64: 112.6 / 114.3 us against ~124 for 128
+//   rows); 256-token tiles win above M = 128 because each fragment feeds 256 tokens (M = 2048:
+//   1459 against 2049 us for 256 rows x 128 tokens); sharing x tiles between two CTAs of a
+//   cluster by TMA multicast gained nothing (branch wip/cluster-multicast).
 // Epilogue: the accumulators (+ bias in fp32) are rounded to x's type into a shared staging tile
 // per consumer ([tokens][64 rows], rows padded to 72 elements: the 2-byte stores of a warp land in
 // distinct banks) placed in the x stages once both consumers' groups are done, then stored as
@@ -54,6 +57,7 @@
 #include "common/cuda_float.cuh"
 #include "gemm/gemm_launch.h"
 #include "gemm/hopper.cuh"
+#include "gemm/skinny_common.cuh"
 #include "gemm/wgmma_common.cuh"
 #include "gemm/wgmma_rs.cuh"
 
@@ -63,10 +67,9 @@ namespace {
 constexpr int kTileK = kWgmmaTileK;
 constexpr int kCodeRowBytes = kTileK / 2;  // 32
 constexpr int kThreads = 384;
-// A weight row's scaled code table for one k step: its 16 values bf16/fp16(values[i] * absmax),
-// split into the 16 low bytes and the 16 high bytes (4 + 4 words), the form the byte-permute
-// lookup reads.
-constexpr int kTableRowBytes = 32;
+// A weight row's absmax for one k step as the fragments' multipliers: T2 (hi, hi) and T2 (lo, lo)
+// with hi = T(absmax), lo = T(absmax - hi) (scale_pair).
+constexpr int kAbsRowBytes = 8;
 [[maybe_unused]] constexpr int kAbsmaxLookahead = 4;  // k steps between the producer's absmax loads and their use
 // float4 partial sums per thread in flight when a stream-K CTA adds the other CTAs' sums: 8 (32
 // registers), 4 beside the 128 accumulators of a 256-token tile (8 spilled 20 bytes there)
@@ -79,19 +82,23 @@ struct Tile {
   static constexpr int kBlocks = ROWS / 128;  // 64-row blocks per consumer warpgroup (its wgmma M)
   static constexpr int kXBytes = BT * kTileK * 2;  // one TMA box, 128-byte rows
   static constexpr int kCodeBytes = ROWS * kCodeRowBytes;
-  static constexpr int kTableBytes = ROWS * kTableRowBytes;
-  static constexpr int kStageBytes = kXBytes + kCodeBytes + kTableBytes;
-  static constexpr int kStages = (200 * 1024) / kStageBytes < 8 ? (200 * 1024) / kStageBytes : 8;
+  static constexpr int kAbsBytes = ROWS * kAbsRowBytes;
+  static constexpr int kStageBytes = kXBytes + kCodeBytes + kAbsBytes;
+  // what the pair table, the alignment, the static arrays and the barriers leave for stages
+  static constexpr int kRingBytes = 227 * 1024 - skinny::kPairTableBytes - 1024 - 2048;
+  static constexpr int kStages = kRingBytes / (kStageBytes + 16) < 8 ? kRingBytes / (kStageBytes + 16) : 8;
   static constexpr int kOutBytes = BT * kOutPitch * 2;  // per 64-row block, in the x stages once they are done
-  static constexpr int kXOff = 0;  // 1024-aligned: the swizzle pattern repeats every 1024 bytes
+  static constexpr int kPairOff = 0;  // the skinny kernels' unscaled pair table (skinny_common.cuh), 64 KB
+  static constexpr int kXOff = kPairOff + skinny::kPairTableBytes;  // 1024-aligned: the swizzle repeats every 1024 bytes
   static constexpr int kCodeOff = kXOff + kStages * kXBytes;
-  static constexpr int kTableOff = kCodeOff + kStages * kCodeBytes;
-  static constexpr int kBarOff = kTableOff + kStages * kTableBytes;
+  static constexpr int kAbsOff = kCodeOff + kStages * kCodeBytes;
+  static constexpr int kBarOff = kAbsOff + kStages * kAbsBytes;
   static constexpr int kBytes = kBarOff + 2 * kStages * 8;
   static constexpr int kAlloc = kBytes + 1024;  // the dynamic base is aligned up to 1024 in the kernel
   static_assert(ROWS == 128 || ROWS == 256, "one or two 64-row blocks per consumer");
   static_assert(2 * kBlocks * kOutBytes <= kStages * kXBytes, "the output staging reuses the x stages");
-  static_assert(kAlloc + 16 * 4 + 256 * 4 <= 227 * 1024, "shared memory per CTA");
+  static_assert(kAlloc + 256 * 4 <= 227 * 1024, "shared memory per CTA");
+  static_assert(kXOff % 1024 == 0, "x stages on the swizzle's 1024-byte period");
 };
 
 struct KernelArgs {
@@ -195,65 +202,85 @@ __device__ __forceinline__ unsigned flag_acquire(const unsigned* flag) {
 }
 #endif
 
-// A consumer thread's A fragments for one 64-row block and one k step, from stage s: the codes
-// of its two rows (r_lo, r_hi = r_lo + 8) and their scaled tables, looked up by byte permutes.
-// `gather` picks byte t of two words into the low 16 bits (the two code bytes of one fragment row
-// per k16 step). Shared by the per-tile and the stream-K kernel.
-template <typename Cfg>
-__device__ __forceinline__ void stage_fragments(const uint8_t* smem, int s, int r_lo, int r_hi, uint32_t gather,
-                                                uint32_t (&cur)[4][4]) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// pair * scale.x + (pair * scale.y) on packed T2: values[code] in T times the absmax in fp32 (hi +
+// lo carries 16 of its bits), rounded once to T by the fused multiply-add.
+template <typename T>
+__device__ __forceinline__ uint32_t scale_pair(uint32_t pair, uint2 scale) {
+  using T2 = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
+  const T2 v = *reinterpret_cast<const T2*>(&pair);
+  const T2 hi = *reinterpret_cast<const T2*>(&scale.x);
+  const T2 lo = *reinterpret_cast<const T2*>(&scale.y);
+  const T2 r = __hfma2(v, hi, __hmul2(v, lo));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// A consumer thread's A fragments for one 64-row block and one k step, from stage s: k16 step j
+// holds code bytes 8 j + t (a[j][0] row lo, a[j][1] row hi) and 8 j + t + 4 (a[j][2], a[j][3]) of
+// the rows' 32 bytes, i.e. byte t of words 2 j and 2 j + 1. Each byte is one word of the pair
+// table (the two elements' values in T): one byte permute makes its offset in this lane's column
+// (the byte beside lane * 4; `sel` = 0x5504 | t << 4), one shared load reads it (bank = lane: no
+// conflicts); then scale_pair by the row's absmax words. Shared by the per-tile and the stream-K
+// kernel.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void stage_fragments(const uint8_t* smem, uint32_t pair_table, int s, int r_lo, int r_hi,
+                                                uint32_t lane4, uint32_t sel, uint32_t (&cur)[4][4]) {
   const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
-  const uint8_t* tables = smem + Cfg::kTableOff + s * Cfg::kTableBytes;
+  const uint2* absmax = reinterpret_cast<const uint2*>(smem + Cfg::kAbsOff + s * Cfg::kAbsBytes);
   const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
   const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
   const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
   const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
-  const uint4 tlo_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes);
-  const uint4 thi_lo = *reinterpret_cast<const uint4*>(tables + r_lo * kTableRowBytes + 16);
-  const uint4 tlo_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes);
-  const uint4 thi_hi = *reinterpret_cast<const uint4*>(tables + r_hi * kTableRowBytes + 16);
+  const uint2 scale_lo = absmax[r_lo], scale_hi = absmax[r_hi];
   const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
   const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
-  // k16 step j: element pairs (2t, 2t+1) are byte t of word 2j, pairs (2t+8, 2t+9) byte t of 2j+1
+  auto pair = [&](uint32_t word) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(pair_table + __byte_perm(word, lane4, sel)));
+    return v;
+  };
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    lookup4(__byte_perm(wl[2 * j], wl[2 * j + 1], gather), tlo_lo, thi_lo, cur[j][0], cur[j][2]);
-    lookup4(__byte_perm(wh[2 * j], wh[2 * j + 1], gather), tlo_hi, thi_hi, cur[j][1], cur[j][3]);
+    cur[j][0] = pair(wl[2 * j]);
+    cur[j][1] = pair(wh[2 * j]);
+    cur[j][2] = pair(wl[2 * j + 1]);
+    cur[j][3] = pair(wh[2 * j + 1]);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    cur[j][0] = scale_pair<T>(cur[j][0], scale_lo);
+    cur[j][2] = scale_pair<T>(cur[j][2], scale_lo);
+    cur[j][1] = scale_pair<T>(cur[j][1], scale_hi);
+    cur[j][3] = scale_pair<T>(cur[j][3], scale_hi);
   }
 }
+#endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// One producer step, the same in the per-tile and the stream-K kernel: the scaled tables of
+// One producer step, the same in the per-tile and the stream-K kernel: the absmax words of
 // thread r's rows (r + 128 b) from the step's absmax (codes c[b][0], scales f[b][0]), written once
 // stage s (of the CTA's step `step`) is free; thread 0 issues the stage's copies of x (tokens from
 // token0) and the codes (rows from row0) at k step kt, the others arrive.
 template <typename T, typename Cfg, bool NESTED>
 __device__ __forceinline__ void produce_step(uint8_t* smem, uint32_t smem_base, int s, int step,
                                              const uint32_t (&c)[Cfg::kBlocks][4], const float (&f)[Cfg::kBlocks][4],
-                                             const float4* s_values, const float* s_qmap, float offset, int r,
+                                             const float* s_qmap, float offset, int r,
                                              uint32_t full_bar, uint32_t empty_bar, const CUtensorMap* x_map,
                                              const CUtensorMap* code_map, int kt, int token0, int row0) {
   constexpr int B = Cfg::kBlocks;
-  float values[16];  // from shared memory per step: 16 registers fewer held across the loop
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const float4 v = s_values[q];
-    values[4 * q] = v.x, values[4 * q + 1] = v.y, values[4 * q + 2] = v.z, values[4 * q + 3] = v.w;
-  }
-  uint4 lo[B], hi[B];
+  uint2 words[B];
 #pragma unroll
   for (int b = 0; b < B; ++b) {
+    // a rounded product, then a rounded sum, exactly as dequantize_4bit_nested
     const float absmax = NESTED ? __fadd_rn(__fmul_rn(s_qmap[c[b][0]], f[b][0]), offset) : f[b][0];
-    build_table<T>(values, absmax, lo[b], hi[b]);
+    const float hi = to_float(from_float<T>(absmax));
+    const float lo = to_float(from_float<T>(absmax - hi));
+    words[b] = make_uint2(Pack2<T>::pack(hi, hi), Pack2<T>::pack(lo, lo));
   }
   mbar_wait(empty_bar + 8 * s, ((step / Cfg::kStages) & 1) ^ 1);
 #pragma unroll
-  for (int b = 0; b < B; ++b) {
-    uint4* table =
-        reinterpret_cast<uint4*>(smem + Cfg::kTableOff + s * Cfg::kTableBytes + (r + 128 * b) * kTableRowBytes);
-    table[0] = lo[b];
-    table[1] = hi[b];
-  }
+  for (int b = 0; b < B; ++b)
+    reinterpret_cast<uint2*>(smem + Cfg::kAbsOff + s * Cfg::kAbsBytes)[r + 128 * b] = words[b];
   if (r == 0) {
     mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
     tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, x_map, kt * kTileK, token0, full_bar + 8 * s);
@@ -274,7 +301,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int B = Cfg::kBlocks;
   extern __shared__ uint8_t smem_raw[];
   __shared__ float s_qmap[256];
-  __shared__ float4 s_values[4];
   // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
   // addresses (ld.shared, not generic loads)
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -288,7 +314,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (NESTED)
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
-  if (threadIdx.x < 16) reinterpret_cast<float*>(s_values)[threadIdx.x] = p.values[threadIdx.x];
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(full_bar + 8 * s, 128);  // the 128 producer threads (one with the tx bytes)
@@ -330,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 4; ++i) load(b, i, c[b][i], f[b][i]);
     for (int kt = 0; kt < k_tiles; ++kt) {
       const int s = kt % S;
-      produce_step<T, Cfg, NESTED>(smem, smem_base, s, kt, c, f, s_values, s_qmap, offset, r, full_bar,
+      produce_step<T, Cfg, NESTED>(smem, smem_base, s, kt, c, f, s_qmap, offset, r, full_bar,
                                    empty_bar, &x_map, &code_map, kt, token0, row0);
 #pragma unroll
       for (int b = 0; b < B; ++b) {
@@ -348,9 +373,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int r_in_block = 16 * warp + g;  // this thread's rows within each 64-row block: + 0 and + 8
-    // byte t of two words into the low 16 bits: the two code bytes of one fragment row per k16 step
-    const uint32_t gather = uint32_t(t) | (uint32_t(t + 4) << 4);
+    // (lane * 4, byte t of a code word, 0, 0): the pair of byte t in this lane's column of the table
+    const uint32_t sel = 0x5504u | (uint32_t(t) << 4);
+    const uint32_t lane4 = uint32_t(lane) * 4u;
+    const uint32_t pair_table = smem_base + Cfg::kPairOff;
     const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
+    skinny::build_pair_table<T>(reinterpret_cast<uint32_t*>(smem + Cfg::kPairOff), p.values, threadIdx.x - 128, 256);
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers' part of the table is written
 
     float acc[B][BT / 2];
 #pragma unroll
@@ -370,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (h == 0) mbar_wait(full_bar + 8 * s, (kt / S) & 1);
       const int r_lo = 64 * (cw * B + h) + r_in_block;
       const int r_hi = r_lo + 8;
-      stage_fragments<Cfg>(smem, s, r_lo, r_hi, gather, cur);
+      stage_fragments<T, Cfg>(smem, pair_table, s, r_lo, r_hi, lane4, sel, cur);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       wgmma_fence();
@@ -457,7 +486,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int B = Cfg::kBlocks;
   extern __shared__ uint8_t smem_raw[];
   __shared__ float s_qmap[256];
-  __shared__ float4 s_values[4];
   // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
   // addresses (ld.shared, not generic loads)
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -472,7 +500,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (NESTED)
     for (int i = threadIdx.x; i < 256; i += kThreads) s_qmap[i] = p.nested_qmap[i];
-  if (threadIdx.x < 16) reinterpret_cast<float*>(s_values)[threadIdx.x] = p.values[threadIdx.x];
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(full_bar + 8 * s, 128);  // the 128 producer threads (one with the tx bytes)
@@ -518,7 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     Cursor at = cursor_at<ROWS, BT>(p, g0, k_tiles);  // the copies' position
     for (int i = 0; i < n_iter; ++i) {
       const int s = i % S;
-      produce_step<T, Cfg, NESTED>(smem, smem_base, s, i, c, f, s_values, s_qmap, offset, r, full_bar,
+      produce_step<T, Cfg, NESTED>(smem, smem_base, s, i, c, f, s_qmap, offset, r, full_bar,
                                    empty_bar, &x_map, &code_map, at.kt, at.token0, at.row0);
       advance<ROWS, BT>(at, p, k_tiles);
 #pragma unroll
@@ -539,9 +566,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int r_in_block = 16 * warp + g;  // this thread's rows within each 64-row block: + 0 and + 8
-    // byte t of two words into the low 16 bits: the two code bytes of one fragment row per k16 step
-    const uint32_t gather = uint32_t(t) | (uint32_t(t + 4) << 4);
+    // (lane * 4, byte t of a code word, 0, 0): the pair of byte t in this lane's column of the table
+    const uint32_t sel = 0x5504u | (uint32_t(t) << 4);
+    const uint32_t lane4 = uint32_t(lane) * 4u;
+    const uint32_t pair_table = smem_base + Cfg::kPairOff;
     const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
+    skinny::build_pair_table<T>(reinterpret_cast<uint32_t*>(smem + Cfg::kPairOff), p.values, threadIdx.x - 128, 256);
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers' part of the table is written
 
     // Written only by wgmma (see store_tile): a segment's first product overwrites them
     // (accumulate = 0).
@@ -569,7 +600,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (h == 0) mbar_wait(full_bar + 8 * s, (i / S) & 1);
       const int r_lo = 64 * (cw * B + h) + r_in_block;
       const int r_hi = r_lo + 8;
-      stage_fragments<Cfg>(smem, s, r_lo, r_hi, gather, cur);
+      stage_fragments<T, Cfg>(smem, pair_table, s, r_lo, r_hi, lane4, sel, cur);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       wgmma_fence();

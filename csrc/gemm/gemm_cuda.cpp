@@ -91,9 +91,9 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
     TORCH_CHECK(plan.error == nullptr, "lowrank::matmul_4bit: ", plan.error);
   }
   if (chosen == MatmulPath::kAuto) {
-    // The rule (docs/design.md): skinny for M <= 16; the wgmma GEMM for 16 < M <= 1024 (2048 for
-    // weights of at most 4096 x 4096) when its grid (cut by k when there are fewer tiles than SMs)
-    // fills at least half the SMs; otherwise dequantize + cuBLAS.
+    // The rule (docs/design.md): skinny for M <= 16; the wgmma GEMM for 16 < M <= 2048 when its
+    // grid (cut by k when there are fewer tiles than SMs) fills at least half the SMs; otherwise
+    // dequantize + cuBLAS.
     if (skinny_no == nullptr)
       chosen = MatmulPath::kSkinny;
     else if (wgmma_no == nullptr && m <= wgmma_max_auto_m(out_features, in_features) && 2 * plan.ctas >= p.sms)

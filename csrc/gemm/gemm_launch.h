@@ -86,14 +86,13 @@ constexpr int64_t wgmma_rows_per_cta(int64_t m, int64_t n, int64_t sms) {
   return 2 * waves_256 <= waves_128 ? 256 : 128;
 }
 // The dispatch rule's bound on M (docs/design.md): above it cuBLAS on a dequantized weight is
-// faster. H100, eager, interleaved rounds (bench_matmul.py), wgmma against dequantize + cuBLAS,
-// us: M = 1024: 28672 x 8192 792 / 863, 4096 x 14336 187 / 215, 14336 x 4096 212 / 215, 4096 x
-// 4096 55 / 66; M = 2048: 1707 / 1593, 371 / 362, 422 / 390, 108 / 147. So 1024, except for
-// weights of at most 4096 x 4096 elements, where the dequantize path's fixed cost (its own
-// launch and a temporary, ~40 us of 147) outweighs the GEMM's: 2048 (M = 8192: 6.50 against
-// 5.56 ms on 28672 x 8192).
-constexpr int64_t kWgmmaSmallWeight = int64_t(4096) * 4096;
-constexpr int64_t wgmma_max_auto_m(int64_t n, int64_t k) { return n * k <= kWgmmaSmallWeight ? 2048 : 1024; }
+// faster. H100, wgmma kernel with pair-table lookups (2026-11-25), eager, wgmma against dequantize
+// + cuBLAS, us: M = 1024: 28672 x 8192 886 / 966, 14336 x 4096 213 / 218, 4096 x 14336 167 / 209,
+// 4096 x 4096 66 / 88; M = 2048: 1371-1549 / 1541-1552, 357-449 / 400-423, 332-370 / 388-399,
+// 103 / 109 (two runs; the one loss, 14336 x 4096 in the second, within eager timing's spread at
+// this size); M = 4096: 3072 / 2932, 897 / 749, 803 / 760, 224 / 211. So 2048 for every weight.
+constexpr int64_t kWgmmaMaxAutoM = 2048;
+constexpr int64_t wgmma_max_auto_m(int64_t /*n*/, int64_t /*k*/) { return kWgmmaMaxAutoM; }
 // CTAs of a short wgmma grid (fewer tiles than half the SMs): up to one per SM with the tiles x
 // k steps cut evenly among them (stream-K; gemm_4bit_wgmma.cu), each CTA at least
 // kWgmmaMinStepsPerCta k steps; when that leaves no more CTAs than tiles, one per tile. 4096 x
