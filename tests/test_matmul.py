@@ -454,10 +454,11 @@ def test_cuda_wgmma_ss_kernel_matches_reference_and_the_register_kernel(m, n, k,
             assert torch.equal(y, lowrank.matmul_4bit(x, exact, bias, path="wgmma"))
 
 
-@pytest.mark.parametrize("tile, kernel", [(t, "rs") for t in WGMMA_TILES] + [("128x128", "ss"), ("128x256", "ss")])
+# the register kernel's exact case has an unnested absmax (a nested one is decoded to any fp32)
+@pytest.mark.parametrize("tile, kernel, double_quant", [(t, "rs", False) for t in WGMMA_TILES]
+                         + [(t, "ss", dq) for t in ("128x128", "128x256") for dq in (False, True)])
 @pytest.mark.parametrize("m, k", [(64, 64), (128, 128), (256, 256), (256, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("double_quant", [False, True])
 @needs_hopper
 def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype, double_quant, tile, kernel):
     """x = rows of the identity: y[i, n] = W[n, i] is one product with 1.0, exact in fp32, so y must
@@ -469,8 +470,6 @@ def test_cuda_wgmma_kernel_reproduces_the_dequantized_weight_exactly(m, k, dtype
     and k step's absmax."""
     n = 392  # 128-row tiles: three full and one of 8 rows; 256-row tiles: one full, one partial
     if kernel == "rs":
-        if double_quant:
-            pytest.skip("the register kernel's exact case has an unnested absmax")
         q = _exactly_scaled(n, k, "cuda", 21)
     else:
         q = _quantized(n, k, "nf4", 64, double_quant, "cuda", 21)
