@@ -21,7 +21,7 @@
 //   with 256-row tiles each thread does two rows. Warpgroups 1 and 2 consume: dequantize their
 //   rows one 64-row block at a time, issue wgmma. They first build the pair table (64 KB).
 //   Registers move to the consumers with setmaxnreg (56 / 224: 128 x 56 + 256 x 224 = 384 x 168).
-// - Lookups (stage_fragments): a fragment register is two elements of one row, i.e. one code byte,
+// - Lookups (build_fragments): a fragment register is two elements of one row, i.e. one code byte,
 //   i.e. one word of the pair table: a byte permute puts the byte beside the lane's offset, one
 //   shared load reads it (the table has a column per lane: no bank conflicts), and two packed
 //   multiply-adds scale it (pair * hi + pair * lo). That is 4 instructions per 2 elements, on three
@@ -36,6 +36,18 @@
 //   made it slower from M = 128 on and limited tiles to 128 tokens (experiments file of the day).
 // - The fragments of step s + 1 are built while step s's wgmma group is in flight; wgmma reads
 //   its register A operand asynchronously, so the two steps' fragments are kept apart (`keep`).
+// - The consumer loop is latency-bound, not memory-bound (ncu, 28672 x 8192, M = 128, also at
+//   boost clocks: the consumers almost never wait on a full stage, the producer mostly waits for
+//   free ones; 2 consumer warps per scheduler issue once every ~6-8 cycles). So (2026-11-26) the
+//   lookups take the table's window offset as an immediate (no IADD per lookup), the codes tile
+//   comes in the 32-byte swizzle (conflict-free 16-byte loads), each group's codes are read one
+//   group ahead by volatile loads placed after the previous group's wgmma, and the stage index
+//   stays in uniform registers: 250 -> ~208 instructions per consumer warp and k step at 256 x 128
+//   tiles. Same-run A/B against the kernel before, graph-timed, us: 14336 x 4096 M = 17 / 64 / 128
+//   / 256 26.1 / 24.8 / 31.0 / 52.3 against 27.9-30.1 / 27.5-27.8 / 32.5-32.9 / 56.4-59.3; 28672 x
+//   8192 M = 128 / 256 122.6-129.9 / 216-224 against 130.2-132.0 / 227-233, M = 17 / 64 unchanged
+//   (88-94); 4096 x 14336 M = 128 / 256 49.4 / 65.2 against 50.6-51.0 / 68.8-69.5
+//   (benchmarks/results/experiments/wgmma_latency_2026-11-26.txt).
 // - Earlier findings that still shape it (the byte-permute kernel, 28672 x 8192): 256-row CTAs
 //   read each x tile for twice the rows (M = 17 / 64: 112.6 / 114.3 us against ~124 for 128
 //   rows); 256-token tiles win above M = 128 because each fragment feeds 256 tokens (M = 2048:
@@ -84,8 +96,8 @@ struct Tile {
   static constexpr int kCodeBytes = ROWS * kCodeRowBytes;
   static constexpr int kAbsBytes = ROWS * kAbsRowBytes;
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kAbsBytes;
-  // what the pair table, the alignment, the static arrays and the barriers leave for stages
-  static constexpr int kRingBytes = 227 * 1024 - skinny::kPairTableBytes - 1024 - 2048;
+  // what the pair table, the nested qmap and the barriers leave for stages
+  static constexpr int kRingBytes = 227 * 1024 - skinny::kPairTableBytes - 1024 - 1024;
   static constexpr int kStages = kRingBytes / (kStageBytes + 16) < 8 ? kRingBytes / (kStageBytes + 16) : 8;
   static constexpr int kOutBytes = BT * kOutPitch * 2;  // per 64-row block, in the x stages once they are done
   static constexpr int kPairOff = 0;  // the skinny kernels' unscaled pair table (skinny_common.cuh), 64 KB
@@ -93,11 +105,17 @@ struct Tile {
   static constexpr int kCodeOff = kXOff + kStages * kXBytes;
   static constexpr int kAbsOff = kCodeOff + kStages * kCodeBytes;
   static constexpr int kBarOff = kAbsOff + kStages * kAbsBytes;
-  static constexpr int kBytes = kBarOff + 2 * kStages * 8;
-  static constexpr int kAlloc = kBytes + 1024;  // the dynamic base is aligned up to 1024 in the kernel
+  static constexpr int kQmapOff = kBarOff + 2 * kStages * 8;  // the nested absmax's 256 code values (fp32)
+  static constexpr int kBytes = kQmapOff + 256 * 4;
+  // No static shared arrays: the dynamic base is the start of the CTA's shared window after the
+  // 1 KB the system reserves (window offset 0x400, 1024-aligned), where the pair table's lookups
+  // expect it (build_fragments; checked in the kernel).
+  static constexpr int kAlloc = kBytes;
   static_assert(ROWS == 128 || ROWS == 256, "one or two 64-row blocks per consumer");
   static_assert(2 * kBlocks * kOutBytes <= kStages * kXBytes, "the output staging reuses the x stages");
-  static_assert(kAlloc + 256 * 4 <= 227 * 1024, "shared memory per CTA");
+  static_assert(kAlloc <= 227 * 1024, "shared memory per CTA");
+  static_assert(kPairOff == 0 && skinny::kTableWindowOffset == kWgmmaReservedSmem,
+                "the table at the window offset the lookups take as an immediate");
   static_assert(kXOff % 1024 == 0, "x stages on the swizzle's 1024-byte period");
 };
 
@@ -127,7 +145,7 @@ using hopper::smem_addr;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 using hopper::mbar_arrive;
-using hopper::mbar_arrive_expect_tx;
+using hopper::mbar_expect_tx;
 using hopper::mbar_init;
 using hopper::mbar_wait;
 using hopper::tma_load_2d;
@@ -215,28 +233,68 @@ __device__ __forceinline__ uint32_t scale_pair(uint32_t pair, uint2 scale) {
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-// A consumer thread's A fragments for one 64-row block and one k step, from stage s: k16 step j
-// holds code bytes 8 j + t (a[j][0] row lo, a[j][1] row hi) and 8 j + t + 4 (a[j][2], a[j][3]) of
-// the rows' 32 bytes, i.e. byte t of words 2 j and 2 j + 1. Each byte is one word of the pair
-// table (the two elements' values in T): one byte permute makes its offset in this lane's column
-// (the byte beside lane * 4; `sel` = 0x5504 | t << 4), one shared load reads it (bank = lane: no
-// conflicts); then scale_pair by the row's absmax words. Shared by the per-tile and the stream-K
-// kernel.
-template <typename T, typename Cfg>
-__device__ __forceinline__ void stage_fragments(const uint8_t* smem, uint32_t pair_table, int s, int r_lo, int r_hi,
-                                                uint32_t lane4, uint32_t sel, uint32_t (&cur)[4][4]) {
+// One 64-row block's codes and absmax words for one k step, as a consumer thread reads them: the
+// 32 code bytes of its rows lo and hi = lo + 8 and their absmax multipliers.
+// Read one group ahead of their use (load_codes after the previous group's fragments are built,
+// before its wgmma wait), so that the shared loads' latency hides behind that wait: the profile
+// of 2026-11-26 (28672 x 8192, M = 128) had the first byte permute of each group waiting on its
+// code loads in ~6% of the consumers' samples.
+struct GroupCodes {
+  uint4 lo_a, lo_b, hi_a, hi_b;
+  uint2 scale_lo, scale_hi;
+};
+
+// The codes tile arrives in the 32-byte swizzle (address bit 4 ^= bit 7): rows 4-7 of every 8 have
+// their 16-byte halves swapped, so that the 8 rows a warp's LDS.128 reads (rows g, 32 bytes
+// apart) fall in distinct banks: unswizzled, rows g and g + 4 shared banks (2 wavefronts per
+// load). `swap` = bit 2 of the thread's rows (g >> 2 & 1; the same for r_lo and r_hi = r_lo + 8).
+template <typename Cfg>
+__device__ __forceinline__ void load_codes(const uint8_t* smem, int s, int r_lo, uint32_t swap, GroupCodes& c) {
   const uint8_t* codes = smem + Cfg::kCodeOff + s * Cfg::kCodeBytes;
   const uint2* absmax = reinterpret_cast<const uint2*>(smem + Cfg::kAbsOff + s * Cfg::kAbsBytes);
-  const uint4 lo_a = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes);
-  const uint4 lo_b = *reinterpret_cast<const uint4*>(codes + r_lo * kCodeRowBytes + 16);
-  const uint4 hi_a = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes);
-  const uint4 hi_b = *reinterpret_cast<const uint4*>(codes + r_hi * kCodeRowBytes + 16);
-  const uint2 scale_lo = absmax[r_lo], scale_hi = absmax[r_hi];
-  const uint32_t wl[8] = {lo_a.x, lo_a.y, lo_a.z, lo_a.w, lo_b.x, lo_b.y, lo_b.z, lo_b.w};
-  const uint32_t wh[8] = {hi_a.x, hi_a.y, hi_a.z, hi_a.w, hi_b.x, hi_b.y, hi_b.z, hi_b.w};
+  const uint32_t first = 16u * swap, second = 16u - first;
+  // volatile: kept after the wgmma issue that precedes them in the source. As plain loads, ptxas
+  // hoisted them, and the byte permutes waiting on them, between a group's four wgmma: the permutes
+  // stalled on the loads' latency with three wgmma of the group not yet issued.
+  auto load16 = [](const uint8_t* ptr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(smem_addr(ptr)));
+    return v;
+  };
+  auto load8 = [](const uint2* ptr) {
+    uint2 v;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(smem_addr(ptr)));
+    return v;
+  };
+  c.lo_a = load16(codes + r_lo * kCodeRowBytes + first);
+  c.lo_b = load16(codes + r_lo * kCodeRowBytes + second);
+  c.hi_a = load16(codes + (r_lo + 8) * kCodeRowBytes + first);
+  c.hi_b = load16(codes + (r_lo + 8) * kCodeRowBytes + second);
+  c.scale_lo = load8(absmax + r_lo);
+  c.scale_hi = load8(absmax + r_lo + 8);
+}
+
+// A consumer thread's A fragments for one 64-row block and one k step: k16 step j holds code
+// bytes 8 j + t (a[j][0] row lo, a[j][1] row hi) and 8 j + t + 4 (a[j][2], a[j][3]) of the rows'
+// 32 bytes, i.e. byte t of words 2 j and 2 j + 1. Each byte is one word of the pair table (the two
+// elements' values in T): one byte permute makes its offset in this lane's column (the byte
+// beside lane * 4; `sel` = 0x5504 | t << 4), one shared load reads it at that offset + the
+// table's window offset as an immediate (bank = lane: no conflicts; the table sits at the start
+// of the CTA's shared window, checked at the kernel's start), then scale_pair by the row's absmax
+// words. Through a register base the SASS added one IADD per lookup (32 of ~250 instructions per
+// consumer warp and k step at 256 x 128 tiles). Shared by the per-tile and the stream-K kernel.
+template <typename T>
+__device__ __forceinline__ void build_fragments(const GroupCodes& c, uint32_t lane4, uint32_t sel,
+                                                uint32_t (&cur)[4][4]) {
+  const uint32_t wl[8] = {c.lo_a.x, c.lo_a.y, c.lo_a.z, c.lo_a.w, c.lo_b.x, c.lo_b.y, c.lo_b.z, c.lo_b.w};
+  const uint32_t wh[8] = {c.hi_a.x, c.hi_a.y, c.hi_a.z, c.hi_a.w, c.hi_b.x, c.hi_b.y, c.hi_b.z, c.hi_b.w};
   auto pair = [&](uint32_t word) {
     uint32_t v;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(pair_table + __byte_perm(word, lane4, sel)));
+    asm volatile("ld.shared.u32 %0, [%1+%2];"
+                 : "=r"(v)
+                 : "r"(__byte_perm(word, lane4, sel)), "n"(skinny::kTableWindowOffset));
     return v;
   };
 #pragma unroll
@@ -248,19 +306,34 @@ __device__ __forceinline__ void stage_fragments(const uint8_t* smem, uint32_t pa
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    cur[j][0] = scale_pair<T>(cur[j][0], scale_lo);
-    cur[j][2] = scale_pair<T>(cur[j][2], scale_lo);
-    cur[j][1] = scale_pair<T>(cur[j][1], scale_hi);
-    cur[j][3] = scale_pair<T>(cur[j][3], scale_hi);
+    cur[j][0] = scale_pair<T>(cur[j][0], c.scale_lo);
+    cur[j][2] = scale_pair<T>(cur[j][2], c.scale_lo);
+    cur[j][1] = scale_pair<T>(cur[j][1], c.scale_hi);
+    cur[j][3] = scale_pair<T>(cur[j][3], c.scale_hi);
   }
 }
+
 #endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The copies of one stage, by thread 0: x (tokens from token0) and the codes (rows from row0) at
+// k step kt, the bytes announced on the stage's full barrier (thread 0 arrives after, with the
+// other producer threads).
+template <typename Cfg>
+__device__ __forceinline__ void issue_copies(uint32_t smem_base, int s, uint32_t full_bar, const CUtensorMap* x_map,
+                                             const CUtensorMap* code_map, int kt, int token0, int row0) {
+  mbar_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
+  tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, x_map, kt * kTileK, token0, full_bar + 8 * s);
+  tma_load_2d(smem_base + Cfg::kCodeOff + s * Cfg::kCodeBytes, code_map, kt * kCodeRowBytes, row0, full_bar + 8 * s);
+}
+
 // One producer step, the same in the per-tile and the stream-K kernel: the absmax words of
 // thread r's rows (r + 128 b) from the step's absmax (codes c[b][0], scales f[b][0]), written once
-// stage s (of the CTA's step `step`) is free; thread 0 issues the stage's copies of x (tokens from
-// token0) and the codes (rows from row0) at k step kt, the others arrive.
+// stage s (of the CTA's step `step`) is free; thread 0 issues the stage's copies, then every
+// thread arrives. Tried on 2026-11-26 and slower at M <= 64 (28672 x 8192 M = 17, same run): the
+// copies issued before the absmax decode, the decode after the wait for the free stage (96.7
+// against 89.4 us); the first kStages stages' copies all issued at the kernel's start (91.8
+// against 87.8).
 template <typename T, typename Cfg, bool NESTED>
 __device__ __forceinline__ void produce_step(uint8_t* smem, uint32_t smem_base, int s, int step,
                                              const uint32_t (&c)[Cfg::kBlocks][4], const float (&f)[Cfg::kBlocks][4],
@@ -281,13 +354,8 @@ __device__ __forceinline__ void produce_step(uint8_t* smem, uint32_t smem_base, 
 #pragma unroll
   for (int b = 0; b < B; ++b)
     reinterpret_cast<uint2*>(smem + Cfg::kAbsOff + s * Cfg::kAbsBytes)[r + 128 * b] = words[b];
-  if (r == 0) {
-    mbar_arrive_expect_tx(full_bar + 8 * s, Cfg::kXBytes + Cfg::kCodeBytes);
-    tma_load_2d(smem_base + Cfg::kXOff + s * Cfg::kXBytes, x_map, kt * kTileK, token0, full_bar + 8 * s);
-    tma_load_2d(smem_base + Cfg::kCodeOff + s * Cfg::kCodeBytes, code_map, kt * kCodeRowBytes, row0, full_bar + 8 * s);
-  } else {
-    mbar_arrive(full_bar + 8 * s);
-  }
+  if (r == 0) issue_copies<Cfg>(smem_base, s, full_bar, x_map, code_map, kt, token0, row0);
+  mbar_arrive(full_bar + 8 * s);
 }
 #endif
 
@@ -299,12 +367,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Cfg = Tile<ROWS, BT>;
   constexpr int S = Cfg::kStages;
   constexpr int B = Cfg::kBlocks;
-  extern __shared__ uint8_t smem_raw[];
-  __shared__ float s_qmap[256];
-  // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
-  // addresses (ld.shared, not generic loads)
-  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  extern __shared__ __align__(1024) uint8_t smem[];
+  float* s_qmap = reinterpret_cast<float*>(smem + Cfg::kQmapOff);
   const uint32_t smem_base = smem_addr(smem);
+  // The lookups take the pair table's window offset as an immediate (build_fragments); the
+  // launcher checks that the device reserves 1 KB, so this holds unless the layout rules change.
+  if (smem_base != skinny::kTableWindowOffset + Cfg::kPairOff) __trap();
   const uint32_t full_bar = smem_base + Cfg::kBarOff;  // + 8 s
   const uint32_t empty_bar = full_bar + 8 * S;
 
@@ -376,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (lane * 4, byte t of a code word, 0, 0): the pair of byte t in this lane's column of the table
     const uint32_t sel = 0x5504u | (uint32_t(t) << 4);
     const uint32_t lane4 = uint32_t(lane) * 4u;
-    const uint32_t pair_table = smem_base + Cfg::kPairOff;
+    const uint32_t swap = (uint32_t(g) >> 2) & 1u;  // load_codes
     const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
     skinny::build_pair_table<T>(reinterpret_cast<uint32_t*>(smem + Cfg::kPairOff), p.values, threadIdx.x - 128, 256);
     asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers' part of the table is written
@@ -387,38 +455,49 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < BT / 2; ++i) acc[h][i] = 0.0f;
 
-    // One wgmma group = one k step of one 64-row block h: dequantize into `cur` while the previous
-    // group (reading `prev`) is in flight, issue this group, wait for the previous one; the first
-    // group of a step gives the previous step's stage back (every group of that step is done).
-    // wgmma reads its A registers asynchronously, after the issuing instruction, and the compiler
-    // does not know that: it reused the registers of an in-flight group's fragments for the next
-    // group's (wrong sums on the H100 whenever K > 64). `keep` makes `prev` live until its group
-    // is known to be done, so the two groups' fragments sit in different registers.
+    // One wgmma group = one k step of one 64-row block h: build the fragments into `cur` from the
+    // codes read one group ahead, issue this group, read the next group's codes, wait for the
+    // previous group (reading `prev`); the first group of a step gives the previous step's stage
+    // back (every group of that step is done). wgmma reads its A registers asynchronously, after
+    // the issuing instruction, and the compiler does not know that: it reused the registers of an
+    // in-flight group's fragments for the next group's (wrong sums on the H100 whenever K > 64).
+    // `keep` makes `prev` live until its group is known to be done, so the two groups' fragments
+    // sit in different registers.
+    GroupCodes codes;
+    mbar_wait(full_bar, 0);  // the first group's codes
+    load_codes<Cfg>(smem, 0, 64 * (cw * B) + r_in_block, swap, codes);
     auto group = [&](int kt, int h, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
-      const int s = kt % S;
-      if (h == 0) mbar_wait(full_bar + 8 * s, (kt / S) & 1);
-      const int r_lo = 64 * (cw * B + h) + r_in_block;
-      const int r_hi = r_lo + 8;
-      stage_fragments<T, Cfg>(smem, pair_table, s, r_lo, r_hi, lane4, sel, cur);
+      build_fragments<T>(codes, lane4, sel, cur);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       wgmma_fence();
+      const int s = kt % S;  // the stage index in uniform registers (as is kt)
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
 #pragma unroll
       for (int j = 0; j < 4; ++j) wgmma_rs<BT, T>(acc[h], cur[j], desc + uint64_t((32 * j) >> 4), 1u);
       wgmma_commit();
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+      // the next group's codes: block h + 1 of this step, or block 0 of the next step
+      if (h + 1 < B) {
+        load_codes<Cfg>(smem, s, 64 * (cw * B + h + 1) + r_in_block, swap, codes);
+      } else if (kt + 1 < p.k / kTileK) {
+        const int next = (kt + 1) % S;
+        mbar_wait(full_bar + 8 * next, ((kt + 1) / S) & 1);
+        load_codes<Cfg>(smem, next, 64 * (cw * B) + r_in_block, swap, codes);
+      }
       wgmma_wait<1>();  // the previous group is done: its fragments (and, for h == 0, its stage) are free
       keep(prev);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       if (h == 0 && kt > 0) {
+        // the address computed outside the lane-0 branch, in uniform registers
+        const uint32_t released = empty_bar + 8 * ((kt - 1) % S);
         if (p.thread_release) {
-          mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
+          mbar_arrive(released);
         } else {
           __syncwarp();
-          if (lane == 0) mbar_arrive(empty_bar + 8 * ((kt - 1) % S));
+          if (lane == 0) mbar_arrive(released);
         }
       }
     };
@@ -484,12 +563,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Cfg = Tile<ROWS, BT>;
   constexpr int S = Cfg::kStages;
   constexpr int B = Cfg::kBlocks;
-  extern __shared__ uint8_t smem_raw[];
-  __shared__ float s_qmap[256];
-  // aligned by an offset from the shared array itself, so that the compiler keeps seeing shared
-  // addresses (ld.shared, not generic loads)
-  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  extern __shared__ __align__(1024) uint8_t smem[];
+  float* s_qmap = reinterpret_cast<float*>(smem + Cfg::kQmapOff);
   const uint32_t smem_base = smem_addr(smem);
+  // The lookups take the pair table's window offset as an immediate (build_fragments); the
+  // launcher checks that the device reserves 1 KB, so this holds unless the layout rules change.
+  if (smem_base != skinny::kTableWindowOffset + Cfg::kPairOff) __trap();
   const uint32_t full_bar = smem_base + Cfg::kBarOff;  // + 8 s
   const uint32_t empty_bar = full_bar + 8 * S;
 
@@ -569,7 +648,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (lane * 4, byte t of a code word, 0, 0): the pair of byte t in this lane's column of the table
     const uint32_t sel = 0x5504u | (uint32_t(t) << 4);
     const uint32_t lane4 = uint32_t(lane) * 4u;
-    const uint32_t pair_table = smem_base + Cfg::kPairOff;
+    const uint32_t swap = (uint32_t(g) >> 2) & 1u;  // load_codes
     const uint64_t desc0 = swizzle128_desc(smem_base + Cfg::kXOff);
     skinny::build_pair_table<T>(reinterpret_cast<uint32_t*>(smem + Cfg::kPairOff), p.values, threadIdx.x - 128, 256);
     asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers' part of the table is written
@@ -582,28 +661,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < BT / 2; ++i) acc[h][i] = 0.0f;
 
-    // One wgmma group = one k step (iteration i) of one 64-row block h: dequantize into `cur`
-    // while the previous group (reading `prev`) is in flight, issue this group, wait for the
-    // previous one; the first group of an iteration gives the previous iteration's stage back
-    // (every group of it is done). wgmma reads its A registers asynchronously, after the issuing
-    // instruction, and the compiler does not know that: it reused the registers of an in-flight
-    // group's fragments for the next group's (wrong sums on the H100 whenever K > 64). `keep`
-    // makes `prev` live until its group is known to be done, so the two groups' fragments sit in
-    // different registers.
+    // One wgmma group = one k step (iteration i) of one 64-row block h: build the fragments into
+    // `cur` from the codes read one group ahead, issue this group, read the next group's codes
+    // (the ring's stages run on across segments), wait for the previous group (reading `prev`);
+    // the first group of an iteration gives the previous iteration's stage back (every group of
+    // it is done). wgmma reads its A registers asynchronously, after the issuing instruction, and
+    // the compiler does not know that: it reused the registers of an in-flight group's fragments
+    // for the next group's (wrong sums on the H100 whenever K > 64). `keep` makes `prev` live
+    // until its group is known to be done, so the two groups' fragments sit in different
+    // registers.
     // `first`: a segment's first k step, whose first product overwrites the accumulators. With
     // 256-row tiles it is a compile-time constant (std::true_type / std::false_type, the first
     // step peeled out of the loop): computed at run time, the predicate kept the iteration
     // counter in vector registers, an R2UR pair before every wgmma to move its descriptor to
     // uniform registers. 128-row tiles pass a bool: peeled, the 128 x 256 kernel spilled 20 bytes.
+    GroupCodes codes;
+    mbar_wait(full_bar, 0);  // the first group's codes
+    load_codes<Cfg>(smem, 0, 64 * (cw * B) + r_in_block, swap, codes);
     auto group = [&](int i, int h, auto first, uint32_t(&cur)[4][4], uint32_t(&prev)[4][4]) {
-      const int s = i % S;
-      if (h == 0) mbar_wait(full_bar + 8 * s, (i / S) & 1);
-      const int r_lo = 64 * (cw * B + h) + r_in_block;
-      const int r_hi = r_lo + 8;
-      stage_fragments<T, Cfg>(smem, pair_table, s, r_lo, r_hi, lane4, sel, cur);
+      build_fragments<T>(codes, lane4, sel, cur);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       wgmma_fence();
+      const int s = i % S;  // the stage index in uniform registers (as is i)
       const uint64_t desc = desc0 + uint64_t((s * Cfg::kXBytes) >> 4);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -611,16 +691,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
+      // the next group's codes: block h + 1 of this iteration, or block 0 of the next one
+      if (h + 1 < B) {
+        load_codes<Cfg>(smem, s, 64 * (cw * B + h + 1) + r_in_block, swap, codes);
+      } else if (i + 1 < n_iter) {
+        const int next = (i + 1) % S;
+        mbar_wait(full_bar + 8 * next, ((i + 1) / S) & 1);
+        load_codes<Cfg>(smem, next, 64 * (cw * B) + r_in_block, swap, codes);
+      }
       wgmma_wait<1>();  // the previous group is done: its fragments (and, for h == 0, its stage) are free
       keep(prev);
 #pragma unroll
       for (int hh = 0; hh < B; ++hh) fence_registers(acc[hh]);
       if (h == 0 && i > 0) {
+        // the address computed outside the lane-0 branch, in uniform registers
+        const uint32_t released = empty_bar + 8 * ((i - 1) % S);
         if (p.thread_release) {
-          mbar_arrive(empty_bar + 8 * ((i - 1) % S));
+          mbar_arrive(released);
         } else {
           __syncwarp();
-          if (lane == 0) mbar_arrive(empty_bar + 8 * ((i - 1) % S));
+          if (lane == 0) mbar_arrive(released);
         }
       }
     };
@@ -791,7 +881,7 @@ const char* launch_tile(const Gemm4bitParams& p, const KernelArgs& args, cudaStr
   const cuuint64_t code_strides[1] = {cuuint64_t(p.k / 2)};
   const cuuint32_t code_box[2] = {kCodeRowBytes, ROWS};
   if (encode(&code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(p.packed), code_dims, code_strides,
-             code_box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+             code_box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_32B,  // load_codes
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return "cuTensorMapEncodeTiled rejected the codes' tensor map";
 

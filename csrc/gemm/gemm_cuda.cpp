@@ -32,6 +32,7 @@ const char* skinny_refusal(const at::Tensor& x, const Weight4bit& w, int64_t m) 
 struct DeviceFacts {
   int major = 0;
   int sms = 0;
+  int reserved_smem = 0;  // shared memory per block the system reserves (where a CTA's window starts)
 };
 const DeviceFacts& device_facts(int index) {
   static DeviceFacts cached[64];
@@ -40,6 +41,7 @@ const DeviceFacts& device_facts(int index) {
   if (f.sms == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, index));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.reserved_smem, cudaDevAttrReservedSharedMemoryPerBlock, index));
   }
   return f;
 }
@@ -48,6 +50,9 @@ bool is_hopper(const at::Device& device) { return device_facts(device.index()).m
 // Why the wgmma kernel cannot take this call, or nullptr when it can.
 const char* wgmma_refusal(const at::Tensor& x, const Weight4bit& w) {
   if (!is_hopper(x.device())) return "it runs on compute capability 9.0 (Hopper) only";
+  if (device_facts(x.device().index()).reserved_smem != kWgmmaReservedSmem)
+    return "it addresses its lookup table at the shared-window offset of 1 KB reserved per block, and this "
+           "device reserves another amount";
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)
     return "it takes float16 or bfloat16 x (float32 x goes through dequantize + matmul)";
   if (w.in_features % kWgmmaTileK != 0) return "it needs in_features to be a multiple of 64";

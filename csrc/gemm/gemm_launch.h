@@ -66,6 +66,11 @@ void launch_gemm_4bit_skinny_grad_x(const Gemm4bitGradParams& p, const SkinnyGra
 // (one 128-byte swizzle row per k step), blocksize >= 64, N % 8 == 0 (16-byte stores of y), x
 // and the packed codes 16-byte aligned (TMA). Returns nullptr, or why it could not launch.
 constexpr int kWgmmaTileK = 64;
+// The kernel has no static shared arrays and expects its dynamic shared memory, whose first 64 KB
+// are the pair table, to start after this much reserved per block (sm_90: 1 KB), because its
+// lookups take the table's window offset as an immediate (it traps otherwise); the dispatch
+// checks cudaDevAttrReservedSharedMemoryPerBlock.
+constexpr int kWgmmaReservedSmem = 1024;
 // Tokens per CTA by M (the wgmma's N): 64, 128, or 256. Above M = 128 the widest tile wins: each
 // dequantized weight fragment feeds 256 tokens, so the lookups per multiply-add are halved
 // (28672 x 8192, M = 2048: 1459 us against 2049 us for 256 rows x 128 tokens, same run).
