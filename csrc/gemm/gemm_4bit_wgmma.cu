@@ -42,8 +42,8 @@
 //   lookups take the table's window offset as an immediate (no IADD per lookup), the codes tile
 //   comes in the 32-byte swizzle (conflict-free 16-byte loads), each group's codes are read one
 //   group ahead by volatile loads placed after the previous group's wgmma, and the stage index
-//   stays in uniform registers (a and b alone: 250 -> 208 instructions per consumer warp and k step at 256 x 128
-//   tiles). Same-run A/B against the kernel before, graph-timed, us: 14336 x 4096 M = 17 / 64 / 128
+//   stays in uniform registers (the first two alone: 250 -> 208 instructions per consumer warp and
+//   k step at 256 x 128 tiles). Same-run A/B against the kernel before, graph-timed, us: 14336 x 4096 M = 17 / 64 / 128
 //   / 256 26.1 / 24.8 / 31.0 / 52.3 against 27.9-30.1 / 27.5-27.8 / 32.5-32.9 / 56.4-59.3; 28672 x
 //   8192 M = 128 / 256 122.6-129.9 / 216-224 against 130.2-132.0 / 227-233, M = 17 / 64 unchanged
 //   (88-94); 4096 x 14336 M = 128 / 256 49.4 / 65.2 against 50.6-51.0 / 68.8-69.5
