@@ -38,7 +38,7 @@
 //   its register A operand asynchronously, so the two steps' fragments are kept apart (`keep`).
 // - The consumer loop is latency-bound, not memory-bound (ncu, 28672 x 8192, M = 128, also at
 //   boost clocks: the consumers almost never wait on a full stage, the producer mostly waits for
-//   free ones; 2 consumer warps per scheduler issue once every ~6-8 cycles). So (2026-11-26) the
+//   free ones; 2 consumer warps per scheduler issue once every ~6-8 cycles). So (2026-11-25) the
 //   lookups take the table's window offset as an immediate (no IADD per lookup), the codes tile
 //   comes in the 32-byte swizzle (conflict-free 16-byte loads), each group's codes are read one
 //   group ahead by volatile loads placed after the previous group's wgmma, and the stage index
@@ -47,7 +47,7 @@
 //   / 256 26.1 / 24.8 / 31.0 / 52.3 against 27.9-30.1 / 27.5-27.8 / 32.5-32.9 / 56.4-59.3; 28672 x
 //   8192 M = 128 / 256 122.6-129.9 / 216-224 against 130.2-132.0 / 227-233, M = 17 / 64 unchanged
 //   (88-94); 4096 x 14336 M = 128 / 256 49.4 / 65.2 against 50.6-51.0 / 68.8-69.5
-//   (benchmarks/results/experiments/wgmma_latency_2026-11-26.txt).
+//   (benchmarks/results/experiments/wgmma_latency_2026-11-25.txt).
 // - Earlier findings that still shape it (the byte-permute kernel, 28672 x 8192): 256-row CTAs
 //   read each x tile for twice the rows (M = 17 / 64: 112.6 / 114.3 us against ~124 for 128
 //   rows); 256-token tiles win above M = 128 because each fragment feeds 256 tokens (M = 2048:
@@ -237,7 +237,7 @@ __device__ __forceinline__ uint32_t scale_pair(uint32_t pair, uint2 scale) {
 // 32 code bytes of its rows lo and hi = lo + 8 and their absmax multipliers.
 // Read one group ahead of their use (load_codes after the previous group's fragments are built,
 // before its wgmma wait), so that the shared loads' latency hides behind that wait: the profile
-// of 2026-11-26 (28672 x 8192, M = 128) had the first byte permute of each group waiting on its
+// of 2026-11-25 (28672 x 8192, M = 128) had the first byte permute of each group waiting on its
 // code loads in ~6% of the consumers' samples.
 struct GroupCodes {
   uint4 lo_a, lo_b, hi_a, hi_b;
@@ -330,7 +330,7 @@ __device__ __forceinline__ void issue_copies(uint32_t smem_base, int s, uint32_t
 // One producer step, the same in the per-tile and the stream-K kernel: the absmax words of
 // thread r's rows (r + 128 b) from the step's absmax (codes c[b][0], scales f[b][0]), written once
 // stage s (of the CTA's step `step`) is free; thread 0 issues the stage's copies, then every
-// thread arrives. Tried on 2026-11-26 and slower at M <= 64 (28672 x 8192 M = 17, same run): the
+// thread arrives. Tried on 2026-11-25 and slower at M <= 64 (28672 x 8192 M = 17, same run): the
 // copies issued before the absmax decode, the decode after the wait for the free stage (96.7
 // against 89.4 us); the first kStages stages' copies all issued at the kernel's start (91.8
 // against 87.8).
